@@ -1,0 +1,383 @@
+//! The plugin interface: what a destination kind in `destinations/` implements.
+//!
+//! A plugin turns a batch of events into one vendor request and classifies the vendor's answer.
+//! It never touches the database, the scheduler or the HTTP server: batching, rate limits,
+//! retries, timeouts, leases and dead letters are the engine's. Most kinds only map events to
+//! an [`HttpRequest`] ([`HttpDestination`]); a kind that is not HTTP (the `postgres` warehouse)
+//! implements [`Destination::deliver`] itself.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use reqwest::header::HeaderMap;
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+use url::Url;
+
+/// One stored event as a plugin sees it: the enriched Segment message, exactly as committed.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub message_id: String,
+    pub payload: Box<RawValue>,
+}
+
+impl Event {
+    /// The message parsed into a JSON value, for kinds that map fields.
+    pub fn json(&self) -> serde_json::Value {
+        // The payload was produced by the ingest serializer, so it always parses.
+        serde_json::from_str(self.payload.get()).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// What became of one event of a delivery attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The vendor accepted it.
+    Delivered,
+    /// Try again later: 408, 429, 5xx, timeouts and connection errors.
+    Retry {
+        status: Option<u16>,
+        /// The vendor's `Retry-After`, when it gave one.
+        retry_after: Option<Duration>,
+        /// The vendor said "slow down" (429, or a 503 with `Retry-After`): counts for backoff.
+        throttled: bool,
+        message: String,
+    },
+    /// Never going to work: dead-letter it now, keeping what the vendor said.
+    Failed {
+        status: Option<u16>,
+        message: String,
+    },
+}
+
+impl Outcome {
+    pub fn retry(message: impl Into<String>) -> Outcome {
+        Outcome::Retry {
+            status: None,
+            retry_after: None,
+            throttled: false,
+            message: message.into(),
+        }
+    }
+
+    pub fn failed(message: impl Into<String>) -> Outcome {
+        Outcome::Failed {
+            status: None,
+            message: message.into(),
+        }
+    }
+}
+
+/// The outcome of a whole request: one verdict for every event, or one per event (vendors such
+/// as Amplitude reject single events of a batch and ingest the rest).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    All(Outcome),
+    PerEvent(Vec<Outcome>),
+}
+
+/// A request a plugin wants sent. The engine sends it with the destination's timeout, never
+/// follows redirects, and refuses addresses the security settings forbid.
+#[derive(Debug, Clone)]
+pub struct HttpRequest {
+    pub method: Method,
+    pub url: Url,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl HttpRequest {
+    /// A JSON `POST`.
+    pub fn post_json(url: Url, body: impl Into<Bytes>) -> HttpRequest {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            reqwest::header::CONTENT_TYPE,
+            reqwest::header::HeaderValue::from_static("application/json"),
+        );
+        HttpRequest {
+            method: Method::POST,
+            url,
+            headers,
+            body: body.into(),
+        }
+    }
+}
+
+/// The vendor's answer.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl HttpResponse {
+    /// The `Retry-After` header as a duration (delta seconds or an HTTP date).
+    pub fn retry_after(&self) -> Option<Duration> {
+        let value = self.headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+        parse_retry_after(value, std::time::SystemTime::now())
+    }
+
+    /// The body as text, cut to a size worth keeping in a dead letter.
+    pub fn body_excerpt(&self) -> String {
+        const KEEP: usize = 1024;
+        let text = String::from_utf8_lossy(&self.body);
+        match text.char_indices().nth(KEEP) {
+            Some((cut, _)) => format!("{}…", &text[..cut]),
+            None => text.into_owned(),
+        }
+    }
+}
+
+/// Parses `Retry-After`: delta seconds, or an HTTP date relative to `now`.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The classification every HTTP vendor shares unless it documents otherwise: 2xx delivered;
+/// 408, 429 and 5xx retried (honoring `Retry-After`); every other answer, 3xx included, is
+/// permanent.
+pub fn classify_status(response: &HttpResponse) -> Outcome {
+    let status = response.status;
+    match status {
+        200..=299 => Outcome::Delivered,
+        408 | 429 | 500..=599 => Outcome::Retry {
+            status: Some(status),
+            retry_after: response.retry_after(),
+            throttled: status == 429 || (status == 503 && response.retry_after().is_some()),
+            message: format!("HTTP {status}: {}", response.body_excerpt()),
+        },
+        _ => Outcome::Failed {
+            status: Some(status),
+            message: format!("HTTP {status}: {}", response.body_excerpt()),
+        },
+    }
+}
+
+/// Sends a plugin's HTTP request; implemented by the engine (timeouts, address policy).
+pub trait HttpSender: Send + Sync {
+    fn send(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse, Outcome>>;
+}
+
+/// What a delivery attempt has at hand besides its events.
+pub struct DeliveryContext<'a> {
+    pub http: &'a dyn HttpSender,
+}
+
+/// A destination kind, configured. One instance serves every delivery of one destination and
+/// may be called concurrently.
+pub trait Destination: Send + Sync + 'static {
+    /// Delivers one batch (at most the destination's batch size) and says how it went.
+    fn deliver<'a>(
+        &'a self,
+        ctx: &'a DeliveryContext<'a>,
+        events: &'a [Event],
+    ) -> BoxFuture<'a, Verdict>;
+}
+
+/// The common shape of HTTP vendors: map a batch to one request, classify the answer.
+pub trait HttpDestination: Send + Sync + 'static {
+    /// Maps the batch to the vendor's request. An error fails the whole batch permanently
+    /// (an event the vendor can never accept).
+    fn request(&self, events: &[Event]) -> Result<HttpRequest, String>;
+
+    /// Classifies the vendor's answer; the default is [`classify_status`] for every event.
+    fn classify(&self, response: &HttpResponse, _events: &[Event]) -> Verdict {
+        Verdict::All(classify_status(response))
+    }
+}
+
+impl<T: HttpDestination> Destination for T {
+    fn deliver<'a>(
+        &'a self,
+        ctx: &'a DeliveryContext<'a>,
+        events: &'a [Event],
+    ) -> BoxFuture<'a, Verdict> {
+        Box::pin(async move {
+            let request = match self.request(events) {
+                Ok(request) => request,
+                Err(message) => return Verdict::All(Outcome::failed(message)),
+            };
+            match ctx.http.send(request).await {
+                Ok(response) => self.classify(&response, events),
+                Err(outcome) => Verdict::All(outcome),
+            }
+        })
+    }
+}
+
+/// A problem with one of a kind's own keys (`key: None` is about the table as a whole).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SettingError {
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl SettingError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> SettingError {
+        SettingError {
+            key: Some(key.into()),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for SettingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "`{key}`: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// What a kind is given to build a destination.
+pub struct Settings<'a> {
+    /// The destination's name (for messages).
+    pub name: &'a str,
+    /// The kind's own keys: the destination table minus the keys every destination takes.
+    pub table: &'a toml::Table,
+    /// `endpoint`: base URL override (tests point vendor kinds at a local mock).
+    pub endpoint: Option<&'a Url>,
+}
+
+impl Settings<'_> {
+    /// Deserializes the kind's own keys into its config struct, pushing every bad key onto
+    /// `errors`: an unknown or ill-typed key is reported and left out, and the rest is tried
+    /// again, so the kind can go on to check the values that did parse.
+    pub fn parse<T: DeserializeOwned>(&self, errors: &mut Vec<SettingError>) -> Option<T> {
+        let mut table = self.table.clone();
+        loop {
+            let value = toml::Value::Table(table.clone());
+            match serde_path_to_error::deserialize::<_, T>(value) {
+                Ok(parsed) => return Some(parsed),
+                Err(error) => {
+                    let message = error.inner().to_string();
+                    let key = error_key(&error, &message).filter(|k| table.contains_key(k));
+                    match key {
+                        Some(key) => {
+                            table.remove(&key);
+                            errors.push(SettingError {
+                                key: Some(key),
+                                message: clean_serde_message(&message),
+                            });
+                        }
+                        None => {
+                            errors.push(SettingError {
+                                key: None,
+                                message: clean_serde_message(&message),
+                            });
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn error_key(error: &serde_path_to_error::Error<toml::de::Error>, message: &str) -> Option<String> {
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        return rest.split('`').next().map(str::to_owned);
+    }
+    error
+        .path()
+        .iter()
+        .next()
+        .and_then(|segment| match segment {
+            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+            _ => None,
+        })
+}
+
+fn clean_serde_message(message: &str) -> String {
+    message.trim().replace('\n', " ")
+}
+
+/// A destination kind: its name in the config and how to build it from its own keys.
+pub struct Kind {
+    pub name: &'static str,
+    /// The kind's defaults, which the config may lower but not raise (batch size) or override.
+    pub defaults: KindDefaults,
+    pub build: fn(&Settings) -> Result<Built, Vec<SettingError>>,
+}
+
+/// A built destination plus what the engine needs to know about it.
+pub struct Built {
+    pub plugin: Arc<dyn Destination>,
+    /// The credential that identifies the vendor account, for the default `rate_limit_key`
+    /// (two destinations with one API key share the vendor's per-key limit).
+    pub credential: Option<String>,
+}
+
+/// Vendor limits a kind documents: they are its defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct KindDefaults {
+    pub batch_size: usize,
+    /// The vendor's maximum events per request: `batch_size` is capped at it.
+    pub max_batch_size: usize,
+    /// The vendor's documented request rate per credential, as (requests, per).
+    pub rate_limit: Option<(u32, Duration)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Sample {
+        url: String,
+        count: Option<u32>,
+    }
+
+    fn settings(table: &toml::Table) -> Settings<'_> {
+        Settings {
+            name: "t",
+            table,
+            endpoint: None,
+        }
+    }
+
+    #[test]
+    fn parse_reports_every_bad_key() {
+        let table: toml::Table = toml::from_str("url = 'x'\ncount = 'many'\nbogus = 1").unwrap();
+        let mut errors = Vec::new();
+        let parsed = settings(&table).parse::<Sample>(&mut errors);
+        assert!(parsed.is_some(), "what is left parses");
+        let keys: Vec<_> = errors.iter().map(|e| e.key.clone()).collect();
+        assert_eq!(keys.len(), 2, "{errors:?}");
+        assert!(keys.contains(&Some("count".into())), "{errors:?}");
+        assert!(keys.contains(&Some("bogus".into())), "{errors:?}");
+    }
+
+    #[test]
+    fn parse_reports_missing_key_on_the_table() {
+        let table: toml::Table = toml::from_str("count = 3").unwrap();
+        let mut errors = Vec::new();
+        assert!(settings(&table).parse::<Sample>(&mut errors).is_none());
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].key, None);
+        assert!(errors[0].message.contains("url"), "{errors:?}");
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates() {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

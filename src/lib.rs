@@ -1,0 +1,20 @@
+//! Switchyard: a Segment-compatible event router in one process.
+//!
+//! Data flows one way through these stages:
+//! - [`ingest`] parses, validates and enriches Segment calls (`/v1/*`);
+//! - [`store`] commits them to Postgres in group commits and owns every SQL statement: events,
+//!   the delivery queue (claimed with `FOR UPDATE SKIP LOCKED` under a lease), dead letters,
+//!   and the time partitions that are dropped once their work is finished;
+//! - [`scheduler`] claims due deliveries fairly across destinations and hands them to the one
+//!   shared worker pool, which runs the plugins in `destinations/` through the small trait in
+//!   [`destination`] and records each outcome (delivered, retried, dead-lettered);
+//! - [`server`] is the HTTP surface (ingest, health, metrics, admin) and [`serve`] wires the
+//!   stages together with graceful shutdown.
+//!
+//! [`config`] reads the TOML file every stage is driven by.
+
+pub mod bootstrap;
+pub mod config;
+pub mod destination;
+#[path = "../destinations/mod.rs"]
+pub mod destinations;
