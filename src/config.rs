@@ -3,12 +3,18 @@
 //! Loading parses the TOML once for values and once (with `toml_edit`) for positions, so that
 //! `switchyard check` can print each problem as `file:line:col: message`.
 
+use std::collections::HashSet;
+use std::fmt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use toml_edit::{ImDocument, Item, Key, TableLike};
 use url::Url;
 
-use crate::destination::Destination;
+use crate::destination::{Built, Destination, Kind, SettingError, Settings};
+use crate::destinations;
+use crate::destinations::webhook::parse_http_url;
 
 /// A whole, valid config.
 #[derive(Clone, Default)]
@@ -111,4 +117,946 @@ impl Default for LimitsConfig {
 pub struct SecurityConfig {
     /// Refuse loopback and private addresses too (link-local and metadata always are).
     pub deny_private_networks: bool,
+}
+
+/// One problem in the file, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based.
+    pub line: usize,
+    /// 1-based, in characters.
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.col, self.message
+        )
+    }
+}
+
+/// Every problem found in a file (never empty), in the order they appear in it.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and checks the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text, &file),
+        Err(error) => Err(ConfigErrors(vec![ConfigError {
+            file,
+            line: 1,
+            col: 1,
+            message: format!("cannot read the config file: {error}"),
+        }])),
+    }
+}
+
+/// Checks the text of a config file; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+    let mut reader = Reader {
+        file,
+        text,
+        errors: Vec::new(),
+    };
+    let config = match parse_toml(text) {
+        Ok((values, document)) => {
+            let root = Section {
+                values: &values,
+                place: Place {
+                    table: Some(document.as_table()),
+                    start: 0,
+                },
+                path: None,
+            };
+            reader.config(root)
+        }
+        Err((at, message)) => {
+            reader.error(at, message);
+            Config::default()
+        }
+    };
+    if reader.errors.is_empty() {
+        return Ok(config);
+    }
+    // Stable, so problems found at one place keep the order they were found in.
+    reader.errors.sort_by_key(|error| (error.line, error.col));
+    Err(ConfigErrors(reader.errors))
+}
+
+/// Parses `"N/s"`, `"N/m"` or `"N/h"`, N a positive integer.
+pub fn parse_rate(s: &str) -> Result<RateLimit, String> {
+    let expected = || format!("bad rate `{s}`: expected \"N/s\", \"N/m\" or \"N/h\"");
+    let (count, unit) = s.split_once('/').ok_or_else(expected)?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(expected()),
+    };
+    if count.is_empty() || !count.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(expected());
+    }
+    let requests = count
+        .parse::<u32>()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("bad rate `{s}`: N must be from 1 to {}", u32::MAX))?;
+    Ok(RateLimit {
+        requests,
+        per: Duration::from_secs(seconds),
+    })
+}
+
+/// Parses a duration such as `"10s"`, `"500ms"`, `"10m"` or `"4h"`; zero is refused.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(s).map_err(|e| format!("bad duration `{s}`: {e}"))?;
+    if duration.is_zero() {
+        return Err(format!("bad duration `{s}`: must be longer than zero"));
+    }
+    Ok(duration)
+}
+
+const TOP_LEVEL_KEYS: &[&str] = &["sources", "destinations", "limits", "security"];
+const SOURCE_KEYS: &[&str] = &["name", "write_key"];
+/// The keys every destination takes; the rest of its table belongs to its kind.
+const DESTINATION_KEYS: &[&str] = &[
+    "name",
+    "kind",
+    "sources",
+    "events",
+    "rate_limit",
+    "rate_limit_key",
+    "max_in_flight",
+    "batch_size",
+    "timeout",
+    "retry",
+    "ordering",
+    "endpoint",
+    "enabled",
+];
+const RETRY_KEYS: &[&str] = &["max_attempts", "max_age", "initial_backoff", "max_backoff"];
+const LIMITS_KEYS: &[&str] = &[
+    "max_queued",
+    "max_queued_per_source",
+    "max_concurrent_deliveries",
+];
+const SECURITY_KEYS: &[&str] = &["deny_private_networks"];
+
+const DEFAULT_MAX_IN_FLIGHT: usize = 32;
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+const A_DURATION: &str = "a duration such as \"10s\"";
+
+/// The file's values, and the same file parsed with positions; or the syntax error, located.
+fn parse_toml(text: &str) -> Result<(toml::Table, ImDocument<&str>), (usize, String)> {
+    let syntax = |span: Option<std::ops::Range<usize>>, message: &str| {
+        let message = message.trim().replace('\n', "; ");
+        (span.map_or(0, |span| span.start), message)
+    };
+    let values = toml::from_str::<toml::Table>(text).map_err(|e| syntax(e.span(), e.message()))?;
+    let document = ImDocument::parse(text).map_err(|e| syntax(e.span(), e.message()))?;
+    Ok((values, document))
+}
+
+/// 1-based line and character column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+    let line = before.matches('\n').count() + 1;
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// Where one table sits in the file, to locate its problems.
+#[derive(Clone, Copy)]
+struct Place<'d> {
+    /// The table as parsed with positions; `None` if it is not one there (every problem is then
+    /// reported at `start`).
+    table: Option<&'d dyn TableLike>,
+    /// Where the table starts (its `[header]`, or its key when dotted or inline); a missing key
+    /// is reported here.
+    start: usize,
+}
+
+impl<'d> Place<'d> {
+    fn item(&self, key: &str) -> Option<&'d Item> {
+        self.table?.get(key)
+    }
+
+    fn key(&self, key: &str) -> usize {
+        self.table
+            .and_then(|table| table.key(key))
+            .and_then(Key::span)
+            .map_or(self.start, |span| span.start)
+    }
+
+    fn value(&self, key: &str) -> usize {
+        self.item(key)
+            .and_then(Item::span)
+            .map_or_else(|| self.key(key), |span| span.start)
+    }
+
+    fn table(&self, key: &str) -> Place<'d> {
+        Place {
+            table: self.item(key).and_then(Item::as_table_like),
+            start: self.value(key),
+        }
+    }
+
+    /// Element `index` of the array (of tables, or of values) at `key`.
+    fn element(&self, key: &str, index: usize) -> Place<'d> {
+        let element = match self.item(key) {
+            Some(Item::ArrayOfTables(tables)) => tables
+                .get(index)
+                .map(|table| (Some(table as &dyn TableLike), table.span())),
+            Some(Item::Value(toml_edit::Value::Array(array))) => array.get(index).map(|value| {
+                let table = value.as_inline_table().map(|t| t as &dyn TableLike);
+                (table, value.span())
+            }),
+            _ => None,
+        };
+        let (table, span) = element.unwrap_or((None, None));
+        Place {
+            table,
+            start: span.map_or_else(|| self.value(key), |span| span.start),
+        }
+    }
+}
+
+/// One table of the file: its values, where it sits, and the name of its keys in messages.
+#[derive(Clone, Copy)]
+struct Section<'v, 'd> {
+    values: &'v toml::Table,
+    place: Place<'d>,
+    /// The key of a nested table (`retry`, `limits`), which prefixes its keys in messages.
+    path: Option<&'static str>,
+}
+
+impl Section<'_, '_> {
+    fn name(&self, key: &str) -> String {
+        match self.path {
+            Some(path) => format!("{path}.{key}"),
+            None => key.to_owned(),
+        }
+    }
+}
+
+/// Reads a parsed file into a [`Config`], collecting every problem on the way.
+struct Reader<'a> {
+    file: &'a str,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Reader<'_> {
+    fn error(&mut self, at: usize, message: impl Into<String>) {
+        let (line, col) = line_col(self.text, at);
+        self.errors.push(ConfigError {
+            file: self.file.to_owned(),
+            line,
+            col,
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, root: Section) -> Config {
+        self.unknown_keys(root, TOP_LEVEL_KEYS);
+        let mut source_names = HashSet::new();
+        let sources = self.sources(root, &mut source_names);
+        let mut destination_names = HashSet::new();
+        let destinations = self
+            .tables(root, "destinations")
+            .into_iter()
+            .filter_map(|table| self.destination(table, &source_names, &mut destination_names))
+            .collect();
+        Config {
+            sources,
+            destinations,
+            limits: self.limits(root),
+            security: self.security(root),
+        }
+    }
+
+    /// The `[[sources]]`; `names` gets the name of every one that has one.
+    fn sources<'v>(
+        &mut self,
+        root: Section<'v, '_>,
+        names: &mut HashSet<&'v str>,
+    ) -> Vec<SourceConfig> {
+        let mut write_keys = HashSet::new();
+        let mut sources = Vec::new();
+        for table in self.tables(root, "sources") {
+            self.unknown_keys(table, SOURCE_KEYS);
+            let name = self.required_text(table, "name");
+            let write_key = self.required_text(table, "write_key");
+            if let Some(name) = name {
+                if !names.insert(name) {
+                    let message = format!("duplicate source name `{name}`");
+                    self.error(table.place.value("name"), message);
+                }
+            }
+            if let Some(write_key) = write_key {
+                if !write_keys.insert(write_key) {
+                    // The key itself is a secret: the position says which one it is.
+                    let message = "duplicate write_key: another source uses it".to_owned();
+                    self.error(table.place.value("write_key"), message);
+                }
+            }
+            if let (Some(name), Some(write_key)) = (name, write_key) {
+                sources.push(SourceConfig {
+                    name: name.to_owned(),
+                    write_key: write_key.to_owned(),
+                });
+            }
+        }
+        sources
+    }
+
+    /// One `[[destinations]]` table; `None` when it has problems (they are recorded).
+    fn destination<'v>(
+        &mut self,
+        table: Section<'v, '_>,
+        source_names: &HashSet<&str>,
+        names: &mut HashSet<&'v str>,
+    ) -> Option<DestinationConfig> {
+        let name = self.required_text(table, "name");
+        if let Some(name) = name {
+            if !names.insert(name) {
+                let message = format!("duplicate destination name `{name}`");
+                self.error(table.place.value("name"), message);
+            }
+        }
+        let kind = self
+            .required_text(table, "kind")
+            .and_then(|kind| self.known_kind(table, kind));
+        let sources = self.strings(table, "sources");
+        for (index, source) in sources.iter().flatten().enumerate() {
+            if !source_names.contains(source.as_str()) {
+                let at = table.place.element("sources", index).start;
+                self.error(at, format!("unknown source `{source}`"));
+            }
+        }
+        let events = self.strings(table, "events");
+        let rate_limit = self.parsed(table, "rate_limit", "a rate such as \"10/s\"", parse_rate);
+        let rate_limit_key = self.text(table, "rate_limit_key");
+        let max_in_flight = self.positive(table, "max_in_flight");
+        let batch_size = self.positive::<usize>(table, "batch_size");
+        let timeout = self.parsed(table, "timeout", A_DURATION, parse_duration);
+        let retry = self.retry(table);
+        let ordering = self.get(
+            table,
+            "ordering",
+            "\"none\" or \"per_user\"",
+            |value| match value.as_str()? {
+                "none" => Some(Ordering::None),
+                "per_user" => Some(Ordering::PerUser),
+                _ => None,
+            },
+        );
+        let endpoint = self.parsed(table, "endpoint", "a URL", parse_http_url);
+        let enabled = self.get(table, "enabled", "a boolean", toml::Value::as_bool);
+
+        let kind = kind?;
+        let built = self.build(table, kind, name.unwrap_or_default(), endpoint.as_ref())?;
+        let name = name?;
+        let rate_limit_key = match (rate_limit_key, built.credential) {
+            (Some(key), _) => key.to_owned(),
+            (None, Some(credential)) => format!("{}:{credential}", kind.name),
+            (None, None) => name.to_owned(),
+        };
+        let defaults = kind.defaults;
+        Some(DestinationConfig {
+            name: name.to_owned(),
+            kind: kind.name.to_owned(),
+            sources,
+            events,
+            rate_limit: rate_limit.or_else(|| {
+                let (requests, per) = defaults.rate_limit?;
+                Some(RateLimit { requests, per })
+            }),
+            rate_limit_key,
+            max_in_flight: max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
+            batch_size: batch_size
+                .unwrap_or(defaults.batch_size)
+                .min(defaults.max_batch_size),
+            timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
+            retry,
+            ordering: ordering.unwrap_or_default(),
+            endpoint,
+            enabled: enabled.unwrap_or(true),
+            plugin: built.plugin,
+        })
+    }
+
+    fn known_kind(&mut self, table: Section, name: &str) -> Option<&'static Kind> {
+        let kind = destinations::kind(name);
+        if kind.is_none() {
+            let known: Vec<&str> = destinations::KINDS.iter().map(|kind| kind.name).collect();
+            let message = format!("unknown kind `{name}` (known: {})", known.join(", "));
+            self.error(table.place.value("kind"), message);
+        }
+        kind
+    }
+
+    /// Builds the destination's plugin from the keys that belong to its kind.
+    fn build(
+        &mut self,
+        table: Section,
+        kind: &Kind,
+        name: &str,
+        endpoint: Option<&Url>,
+    ) -> Option<Built> {
+        let own: toml::Table = table
+            .values
+            .iter()
+            .filter(|(key, _)| !DESTINATION_KEYS.contains(&key.as_str()))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        let settings = Settings {
+            name,
+            table: &own,
+            endpoint,
+        };
+        let errors = match (kind.build)(&settings) {
+            Ok(built) => return Some(built),
+            Err(errors) => errors,
+        };
+        for error in errors {
+            let at = match &error.key {
+                Some(key) => table.place.key(key),
+                None => table.place.start,
+            };
+            self.error(at, kind_message(kind, &error));
+        }
+        None
+    }
+
+    fn retry(&mut self, destination: Section) -> RetryPolicy {
+        let defaults = RetryPolicy::default();
+        let Some(table) = self.table(destination, "retry") else {
+            return defaults;
+        };
+        self.unknown_keys(table, RETRY_KEYS);
+        let duration =
+            |reader: &mut Self, key| reader.parsed(table, key, A_DURATION, parse_duration);
+        let policy = RetryPolicy {
+            max_attempts: self
+                .positive(table, "max_attempts")
+                .unwrap_or(defaults.max_attempts),
+            max_age: duration(self, "max_age").unwrap_or(defaults.max_age),
+            initial_backoff: duration(self, "initial_backoff").unwrap_or(defaults.initial_backoff),
+            max_backoff: duration(self, "max_backoff").unwrap_or(defaults.max_backoff),
+        };
+        if policy.initial_backoff > policy.max_backoff {
+            let key = if table.values.contains_key("initial_backoff") {
+                "initial_backoff"
+            } else {
+                "max_backoff"
+            };
+            let message = format!(
+                "`retry.initial_backoff` ({}) is longer than `retry.max_backoff` ({})",
+                humantime::format_duration(policy.initial_backoff),
+                humantime::format_duration(policy.max_backoff),
+            );
+            self.error(table.place.value(key), message);
+        }
+        policy
+    }
+
+    fn limits(&mut self, root: Section) -> LimitsConfig {
+        let defaults = LimitsConfig::default();
+        let Some(table) = self.table(root, "limits") else {
+            return defaults;
+        };
+        self.unknown_keys(table, LIMITS_KEYS);
+        LimitsConfig {
+            max_queued: self.positive(table, "max_queued"),
+            max_queued_per_source: self.positive(table, "max_queued_per_source"),
+            max_concurrent_deliveries: self
+                .positive(table, "max_concurrent_deliveries")
+                .unwrap_or(defaults.max_concurrent_deliveries),
+        }
+    }
+
+    fn security(&mut self, root: Section) -> SecurityConfig {
+        let defaults = SecurityConfig::default();
+        let Some(table) = self.table(root, "security") else {
+            return defaults;
+        };
+        self.unknown_keys(table, SECURITY_KEYS);
+        SecurityConfig {
+            deny_private_networks: self
+                .get(
+                    table,
+                    "deny_private_networks",
+                    "a boolean",
+                    toml::Value::as_bool,
+                )
+                .unwrap_or(defaults.deny_private_networks),
+        }
+    }
+
+    fn unknown_keys(&mut self, table: Section, allowed: &[&str]) {
+        for key in table.values.keys() {
+            if !allowed.contains(&key.as_str()) {
+                let message = format!(
+                    "unknown key `{}` (allowed: {})",
+                    table.name(key),
+                    allowed.join(", ")
+                );
+                self.error(table.place.key(key), message);
+            }
+        }
+    }
+
+    /// The value at `key` converted by `convert`; a value it refuses is reported as not being
+    /// `expected`. `None` also when the key is absent.
+    fn get<'v, T>(
+        &mut self,
+        table: Section<'v, '_>,
+        key: &str,
+        expected: &str,
+        convert: impl FnOnce(&'v toml::Value) -> Option<T>,
+    ) -> Option<T> {
+        let converted = convert(table.values.get(key)?);
+        if converted.is_none() {
+            let message = format!("`{}` must be {expected}", table.name(key));
+            self.error(table.place.value(key), message);
+        }
+        converted
+    }
+
+    /// A string read by `parse`, whose message is reported at the value.
+    fn parsed<T>(
+        &mut self,
+        table: Section,
+        key: &str,
+        expected: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let text = self.get(table, key, expected, toml::Value::as_str)?;
+        parse(text)
+            .map_err(|message| self.error(table.place.value(key), message))
+            .ok()
+    }
+
+    /// A non-empty string.
+    fn text<'v>(&mut self, table: Section<'v, '_>, key: &str) -> Option<&'v str> {
+        let text = self.get(table, key, "a string", toml::Value::as_str)?;
+        if text.is_empty() {
+            let message = format!("`{}` must not be empty", table.name(key));
+            self.error(table.place.value(key), message);
+            return None;
+        }
+        Some(text)
+    }
+
+    fn required_text<'v>(&mut self, table: Section<'v, '_>, key: &str) -> Option<&'v str> {
+        if !table.values.contains_key(key) {
+            let message = format!("missing key `{}`", table.name(key));
+            self.error(table.place.start, message);
+        }
+        self.text(table, key)
+    }
+
+    fn strings(&mut self, table: Section, key: &str) -> Option<Vec<String>> {
+        self.get(table, key, "an array of strings", |value| {
+            value
+                .as_array()?
+                .iter()
+                .map(|item| item.as_str().map(str::to_owned))
+                .collect()
+        })
+    }
+
+    /// An integer of at least 1 that fits `T`.
+    fn positive<T: TryFrom<i64>>(&mut self, table: Section, key: &str) -> Option<T> {
+        let number = self.get(table, key, "an integer", toml::Value::as_integer)?;
+        let checked = if number < 1 {
+            Err("must be at least 1")
+        } else {
+            T::try_from(number).map_err(|_| "is too large")
+        };
+        checked
+            .map_err(|problem| {
+                let message = format!("`{}` {problem}", table.name(key));
+                self.error(table.place.value(key), message);
+            })
+            .ok()
+    }
+
+    /// The table at `key`, its keys named `key.*` in messages.
+    fn table<'v, 'd>(
+        &mut self,
+        parent: Section<'v, 'd>,
+        key: &'static str,
+    ) -> Option<Section<'v, 'd>> {
+        let values = self.get(parent, key, "a table", toml::Value::as_table)?;
+        Some(Section {
+            values,
+            place: parent.place.table(key),
+            path: Some(key),
+        })
+    }
+
+    /// The tables of the array of tables (`[[key]]`) at `key`.
+    fn tables<'v, 'd>(&mut self, parent: Section<'v, 'd>, key: &str) -> Vec<Section<'v, 'd>> {
+        let expected = format!("an array of tables ([[{key}]])");
+        let Some(array) = self.get(parent, key, &expected, toml::Value::as_array) else {
+            return Vec::new();
+        };
+        let mut tables = Vec::new();
+        for (index, value) in array.iter().enumerate() {
+            let place = parent.place.element(key, index);
+            match value.as_table() {
+                Some(values) => tables.push(Section {
+                    values,
+                    place,
+                    path: None,
+                }),
+                None => self.error(place.start, format!("each of `{key}` must be a table")),
+            }
+        }
+        tables
+    }
+}
+
+/// A kind's complaint as a user should read it. An unknown key is called that, since it may as
+/// well be a misspelt key every destination takes as one of the kind's own.
+fn kind_message(kind: &Kind, error: &SettingError) -> String {
+    let unknown = error.key.as_deref().and_then(|key| {
+        let expected = error
+            .message
+            .strip_prefix(&format!("unknown field `{key}`, "))?;
+        Some((key, expected))
+    });
+    match unknown {
+        Some((key, expected)) => format!(
+            "unknown key `{key}` for a `{}` destination ({expected}, or a key every destination takes)",
+            kind.name
+        ),
+        None => error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        match parse(text, "switchyard.toml") {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn destination(text: &str) -> DestinationConfig {
+        let config = parse(text, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        config
+            .destinations
+            .into_iter()
+            .next()
+            .expect("one destination")
+    }
+
+    #[test]
+    fn the_smallest_file_gets_the_documented_defaults() {
+        let text = r#"
+[[sources]]
+name = "web"
+write_key = "wk_web_123"
+
+[[destinations]]
+name = "orders"
+kind = "webhook"
+url = "http://127.0.0.1:9000/in"
+"#;
+        let config = parse(text, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.sources.len(), 1);
+        assert_eq!(config.sources[0].name, "web");
+        assert_eq!(config.sources[0].write_key, "wk_web_123");
+        let [orders] = &config.destinations[..] else {
+            panic!("one destination expected");
+        };
+        assert_eq!(orders.name, "orders");
+        assert_eq!(orders.kind, "webhook");
+        assert_eq!(orders.sources, None);
+        assert_eq!(orders.events, None);
+        assert_eq!(orders.rate_limit, None);
+        assert_eq!(orders.rate_limit_key, "orders");
+        assert_eq!(orders.max_in_flight, 32);
+        assert_eq!(orders.batch_size, 1);
+        assert_eq!(orders.timeout, Duration::from_secs(10));
+        assert_eq!(orders.retry, RetryPolicy::default());
+        assert_eq!(orders.ordering, Ordering::None);
+        assert_eq!(orders.endpoint, None);
+        assert!(orders.enabled);
+        assert_eq!(config.limits, LimitsConfig::default());
+        assert_eq!(config.limits.max_concurrent_deliveries, 512);
+        assert_eq!(config.security, SecurityConfig::default());
+    }
+
+    #[test]
+    fn an_empty_file_is_an_empty_config() {
+        let config = parse("", "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.sources.is_empty() && config.destinations.is_empty());
+    }
+
+    #[test]
+    fn every_error_is_reported_where_it_is() {
+        let text = r#"colour = "blue"
+
+[[sources]]
+name = "web"
+write_key = "wk_web"
+
+[[destinations]]
+name = "orders"
+kind = "webhook"
+url = "ftp://example.com/in"
+retries = 3
+rate_limit = "5 per s"
+sources = ["web", "app"]
+
+[[destinations]]
+name = "orders"
+kind = "carrier-pigeon"
+timeout = "soon"
+"#;
+        assert_eq!(
+            errors(text),
+            [
+                "switchyard.toml:1:1: unknown key `colour` \
+                 (allowed: sources, destinations, limits, security)",
+                "switchyard.toml:10:1: `url`: `ftp://example.com/in` must be an http:// or https:// URL",
+                "switchyard.toml:11:1: unknown key `retries` for a `webhook` destination \
+                 (expected one of `url`, `urls`, `secret`, `headers`, \
+                 or a key every destination takes)",
+                "switchyard.toml:12:14: bad rate `5 per s`: expected \"N/s\", \"N/m\" or \"N/h\"",
+                "switchyard.toml:13:19: unknown source `app`",
+                "switchyard.toml:16:8: duplicate destination name `orders`",
+                "switchyard.toml:17:8: unknown kind `carrier-pigeon` (known: webhook)",
+                "switchyard.toml:18:11: bad duration `soon`: expected number at 0",
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_and_ill_typed_keys_are_located() {
+        let text = r#"[[sources]]
+write_key = "wk"
+
+[[sources]]
+name = "app"
+write_key = "wk"
+
+[[destinations]]
+kind = "webhook"
+url = "http://localhost/in"
+max_in_flight = "many"
+batch_size = 0
+retry = { max_attempts = 3, jitter = true }
+
+[limits]
+max_queued = -1
+
+[security]
+deny_private_networks = "yes"
+"#;
+        assert_eq!(
+            errors(text),
+            [
+                "switchyard.toml:1:1: missing key `name`",
+                "switchyard.toml:6:13: duplicate write_key: another source uses it",
+                "switchyard.toml:8:1: missing key `name`",
+                "switchyard.toml:11:17: `max_in_flight` must be an integer",
+                "switchyard.toml:12:14: `batch_size` must be at least 1",
+                "switchyard.toml:13:29: unknown key `retry.jitter` \
+                 (allowed: max_attempts, max_age, initial_backoff, max_backoff)",
+                "switchyard.toml:16:14: `limits.max_queued` must be at least 1",
+                "switchyard.toml:19:25: `security.deny_private_networks` must be a boolean",
+            ]
+        );
+    }
+
+    #[test]
+    fn dotted_retry_keys_are_the_retry_table() {
+        let orders = destination(
+            r#"
+[[destinations]]
+name = "orders"
+kind = "webhook"
+url = "http://localhost/in"
+retry.max_attempts = 3
+retry.max_backoff = "30s"
+"#,
+        );
+        let expected = RetryPolicy {
+            max_attempts: 3,
+            max_backoff: Duration::from_secs(30),
+            ..RetryPolicy::default()
+        };
+        assert_eq!(orders.retry, expected);
+
+        let text = "[[destinations]]\nname = \"o\"\nkind = \"webhook\"\nurl = \"http://x/\"\n\
+                    retry.max_attempts = 0\nretry.tries = 2\nretry.initial_backoff = \"1h\"\n";
+        assert_eq!(
+            errors(text),
+            [
+                "switchyard.toml:5:22: `retry.max_attempts` must be at least 1",
+                "switchyard.toml:6:7: unknown key `retry.tries` \
+                 (allowed: max_attempts, max_age, initial_backoff, max_backoff)",
+                "switchyard.toml:7:25: `retry.initial_backoff` (1h) is longer than \
+                 `retry.max_backoff` (10m)",
+            ]
+        );
+    }
+
+    #[test]
+    fn batch_size_is_capped_at_the_kind_maximum() {
+        let orders = destination(
+            r#"
+[[destinations]]
+name = "orders"
+kind = "webhook"
+url = "http://localhost/in"
+batch_size = 5000
+"#,
+        );
+        assert_eq!(orders.batch_size, 1000, "webhook's max_batch_size");
+    }
+
+    #[test]
+    fn common_keys_are_read() {
+        let orders = destination(
+            r#"
+[[sources]]
+name = "web"
+write_key = "wk"
+
+[[destinations]]
+name = "orders"
+kind = "webhook"
+url = "http://localhost/in"
+sources = ["web"]
+events = ["Order Completed", "identify"]
+rate_limit = "100/m"
+rate_limit_key = "shared"
+max_in_flight = 4
+timeout = "500ms"
+ordering = "per_user"
+endpoint = "https://api.example.com"
+enabled = false
+"#,
+        );
+        assert_eq!(orders.sources, Some(vec!["web".to_owned()]));
+        assert_eq!(
+            orders.events,
+            Some(vec!["Order Completed".to_owned(), "identify".to_owned()])
+        );
+        let per_minute = RateLimit {
+            requests: 100,
+            per: Duration::from_secs(60),
+        };
+        assert_eq!(orders.rate_limit, Some(per_minute));
+        assert_eq!(orders.rate_limit_key, "shared");
+        assert_eq!(orders.max_in_flight, 4);
+        assert_eq!(orders.timeout, Duration::from_millis(500));
+        assert_eq!(orders.ordering, Ordering::PerUser);
+        assert_eq!(
+            orders.endpoint.as_ref().map(Url::as_str),
+            Some("https://api.example.com/")
+        );
+        assert!(!orders.enabled);
+    }
+
+    #[test]
+    fn a_syntax_error_is_located() {
+        let text = "[[sources]]\nname = \"web\nwrite_key = \"wk\"\n";
+        assert_eq!(errors(text), ["switchyard.toml:2:12: invalid basic string"]);
+    }
+
+    #[test]
+    fn columns_count_characters() {
+        let text = "[[sources]]\nname = \"wéb\"\nwrite_key = \"wk\"\nbogus = 1 # «x»\n\
+                    [[sources]]\nname = \"wéb\"\n   write_key = \"k2\"";
+        assert_eq!(
+            errors(text),
+            [
+                "switchyard.toml:4:1: unknown key `bogus` (allowed: name, write_key)",
+                "switchyard.toml:6:8: duplicate source name `wéb`",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unreadable_file_is_one_error() {
+        let path = Path::new("/nonexistent/switchyard.toml");
+        let errors = load(path).err().expect("an error");
+        assert_eq!(errors.0.len(), 1);
+        assert_eq!((errors.0[0].line, errors.0[0].col), (1, 1));
+        assert!(errors.0[0]
+            .message
+            .starts_with("cannot read the config file"));
+    }
+
+    #[test]
+    fn rates() {
+        let rate = |requests, seconds| RateLimit {
+            requests,
+            per: Duration::from_secs(seconds),
+        };
+        assert_eq!(parse_rate("10/s"), Ok(rate(10, 1)));
+        assert_eq!(parse_rate("600/m"), Ok(rate(600, 60)));
+        assert_eq!(parse_rate("1/h"), Ok(rate(1, 3600)));
+        for bad in [
+            "", "10", "10/d", "/s", "+5/s", "5 /s", "5/sec", "-1/s", "1.5/s",
+        ] {
+            assert_eq!(
+                parse_rate(bad),
+                Err(format!(
+                    "bad rate `{bad}`: expected \"N/s\", \"N/m\" or \"N/h\""
+                ))
+            );
+        }
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("99999999999/s").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("4h"), Ok(Duration::from_secs(4 * 3600)));
+        assert_eq!(
+            parse_duration("0s"),
+            Err("bad duration `0s`: must be longer than zero".to_owned())
+        );
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
 }
