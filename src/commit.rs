@@ -1,0 +1,127 @@
+//! Group commit: requests that arrive together are written together.
+//!
+//! Each ingest request hands its messages to a channel and waits. A few writer tasks take turns
+//! draining whatever has piled up into one multi-row statement, so a burst of single-event
+//! requests costs one round trip and one fsync per group, not per request. A request is
+//! answered only after the statement that holds its messages has committed.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::task::JoinSet;
+
+use crate::store::{Committed, NewEvent, Store, StoreError};
+
+/// Messages per statement at most; more waiting requests go to the next group.
+const MAX_GROUP_ROWS: usize = 5000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("the database did not take the write: {0}")]
+    Store(String),
+    #[error("shutting down")]
+    Closed,
+}
+
+struct Pending {
+    events: Vec<NewEvent>,
+    done: oneshot::Sender<Result<Committed, CommitError>>,
+}
+
+/// The ingest side's handle.
+#[derive(Clone)]
+pub struct GroupCommit {
+    queue: mpsc::Sender<Pending>,
+}
+
+impl GroupCommit {
+    /// Starts `writers` writer tasks. They stop once every handle is dropped and the queue is
+    /// drained.
+    pub fn start(store: Store, writers: usize) -> (GroupCommit, JoinSet<()>) {
+        let (queue, receiver) = mpsc::channel(4096);
+        let receiver = Arc::new(Mutex::new(receiver));
+        let mut tasks = JoinSet::new();
+        for _ in 0..writers.max(1) {
+            tasks.spawn(write_groups(store.clone(), receiver.clone()));
+        }
+        (GroupCommit { queue }, tasks)
+    }
+
+    /// Commits `events`; returns once they are durable.
+    pub async fn commit(&self, events: Vec<NewEvent>) -> Result<Committed, CommitError> {
+        let (done, answer) = oneshot::channel();
+        self.queue
+            .send(Pending { events, done })
+            .await
+            .map_err(|_| CommitError::Closed)?;
+        answer.await.map_err(|_| CommitError::Closed)?
+    }
+}
+
+async fn write_groups(store: Store, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>) {
+    loop {
+        let group = {
+            let mut receiver = receiver.lock().await;
+            let Some(first) = receiver.recv().await else {
+                return;
+            };
+            let mut rows = first.events.len();
+            let mut group = vec![first];
+            while rows < MAX_GROUP_ROWS {
+                match receiver.try_recv() {
+                    Ok(next) => {
+                        rows += next.events.len();
+                        group.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            group
+        };
+        write_group(&store, group).await;
+    }
+}
+
+async fn write_group(store: &Store, group: Vec<Pending>) {
+    // A messageId repeated inside one group is written once; the SQL dedups against the past.
+    let mut seen = HashSet::new();
+    let rows: Vec<NewEvent> = group
+        .iter()
+        .flat_map(|pending| pending.events.iter())
+        .filter(|event| seen.insert((event.source_id, event.message_id.as_str())))
+        .cloned()
+        .collect();
+    let result = match insert(store, &rows).await {
+        Ok(committed) => Ok(committed),
+        Err(error) => {
+            tracing::warn!(%error, messages = rows.len(), "group commit failed");
+            Err(error.to_string())
+        }
+    };
+    for pending in group {
+        let answer = match &result {
+            Ok(committed) => Ok(*committed),
+            Err(message) => Err(CommitError::Store(message.clone())),
+        };
+        let _ = pending.done.send(answer);
+    }
+}
+
+/// Inserts, creating a missing time partition once if the clock crossed into a window the
+/// maintenance task has not prepared yet.
+async fn insert(store: &Store, rows: &[NewEvent]) -> Result<Committed, StoreError> {
+    match store.insert_events(rows).await {
+        Err(StoreError::Database(error)) if is_missing_partition(&error) => {
+            store.maintain_partitions().await?;
+            store.insert_events(rows).await
+        }
+        other => other,
+    }
+}
+
+fn is_missing_partition(error: &sqlx::Error) -> bool {
+    // 23514: check_violation, which Postgres raises for "no partition of relation found".
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("23514")
+        && db.message().contains("partition"))
+}
