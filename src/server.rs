@@ -1,0 +1,352 @@
+//! The HTTP surface: Segment's ingest API, health, metrics and the admin API.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+
+use crate::commit::{CommitError, GroupCommit};
+use crate::error::ApiError;
+use crate::ingest::{self, CallType, Endpoint, Routes, SourceDirectory};
+use crate::scheduler::Lane;
+use crate::store::{NewEvent, Store};
+
+/// Which parts of the API a process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub ingest: bool,
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub store: Store,
+    pub sources: SourceDirectory,
+    pub routes: Routes,
+    pub commit: GroupCommit,
+    pub lanes: Vec<Arc<Lane>>,
+    pub admin_token: Option<String>,
+    pub metrics: PrometheusHandle,
+    /// Set once shutdown begins: intake stops and `/readyz` answers 503.
+    pub draining: AtomicBool,
+    /// How long an ingest request waits for its commit before answering 503.
+    pub commit_timeout: Duration,
+}
+
+pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
+    let admin = Router::new()
+        .route("/admin/v1/destinations", get(destinations))
+        .route("/admin/v1/dead-letters", get(dead_letters))
+        .route("/admin/v1/dead-letters/replay", post(replay))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    let mut app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(admin);
+    if roles.ingest {
+        app = app
+            .route("/v1/batch", post(batch))
+            .route("/v1/import", post(batch))
+            .route("/v1/{call}", post(single));
+    }
+    app.fallback(not_found).with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.draining.load(Ordering::Acquire) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response();
+    }
+    if !state.store.ready().await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "database unavailable"})),
+        )
+            .into_response();
+    }
+    Json(json!({"status": "ready"})).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+async fn single(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(call): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let call = CallType::parse(&call).ok_or_else(|| ApiError::not_found("no such endpoint"))?;
+    ingest(&state, Endpoint::Single(call), &headers, body).await
+}
+
+async fn batch(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    ingest(&state, Endpoint::Batch, &headers, body).await
+}
+
+/// The ingest path: authenticate, decode, validate, route, commit, answer.
+async fn ingest(
+    state: &AppState,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if state.draining.load(Ordering::Acquire) {
+        return Err(ApiError::unavailable(
+            "shutting down; retry against another instance",
+        ));
+    }
+    let basic_key = basic_write_key(headers)?;
+    if let Some(key) = &basic_key {
+        if state.sources.find(key).is_none() {
+            return Err(reject_unknown_key());
+        }
+    }
+    let raw = axum::body::to_bytes(body, ingest::MAX_REQUEST_BYTES)
+        .await
+        .map_err(|error| {
+            if std::error::Error::source(&error)
+                .is_some_and(|e| e.is::<http_body_util::LengthLimitError>())
+            {
+                ingest::request_too_large()
+            } else {
+                ApiError::bad_request("invalid_body", format!("reading the body failed: {error}"))
+            }
+        })?;
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok());
+    let body = ingest::decode_body(encoding, &raw)?;
+    let received_at = OffsetDateTime::now_utc();
+    let parsed = ingest::parse(endpoint, &body, received_at)?;
+    let key = basic_key.or(parsed.write_key).ok_or_else(|| {
+        ApiError::unauthorized(
+            "no write key: send it as the HTTP Basic username or as `writeKey` in the body",
+        )
+    })?;
+    let source = state
+        .sources
+        .find(&key)
+        .ok_or_else(reject_unknown_key)?
+        .clone();
+
+    for rejection in &parsed.rejected {
+        metrics::counter!("switchyard_rejected_events_total", "source" => source.name.clone(), "code" => rejection.code)
+            .increment(1);
+    }
+    if parsed.messages.is_empty() && !parsed.rejected.is_empty() {
+        let mut error = ApiError::bad_request("invalid_batch", "no message in the batch was valid");
+        error.rejected = parsed.rejected;
+        return Err(error);
+    }
+    let accepted = parsed.messages.len();
+    let events: Vec<NewEvent> = parsed
+        .messages
+        .into_iter()
+        .map(|(_, message)| NewEvent {
+            source_id: source.id,
+            destinations: state.routes.destinations(source.id, &message),
+            message_id: message.message_id,
+            received_at,
+            payload: message.payload,
+        })
+        .collect();
+    if !events.is_empty() {
+        match tokio::time::timeout(state.commit_timeout, state.commit.commit(events)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(CommitError::Closed)) => {
+                return Err(ApiError::unavailable("shutting down; retry shortly"))
+            }
+            Ok(Err(CommitError::Store(_))) => {
+                return Err(ApiError::unavailable(
+                    "the database is unavailable; nothing was stored, retry shortly",
+                ))
+            }
+            Err(_) => {
+                return Err(ApiError::unavailable(
+                    "the database did not answer in time; retry shortly",
+                ))
+            }
+        }
+    }
+    metrics::counter!("switchyard_ingested_events_total", "source" => source.name.clone())
+        .increment(accepted as u64);
+    let mut answer = json!({"success": true});
+    if !parsed.rejected.is_empty() {
+        answer["rejected"] = serde_json::to_value(&parsed.rejected).unwrap_or_default();
+    }
+    Ok(Json(answer).into_response())
+}
+
+fn reject_unknown_key() -> ApiError {
+    metrics::counter!("switchyard_rejected_events_total", "source" => "unknown", "code" => "unauthorized")
+        .increment(1);
+    ApiError::unauthorized("unknown write key")
+}
+
+/// The write key from `Authorization: Basic base64(key:)`, if the request has one.
+fn basic_write_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let malformed =
+        || ApiError::unauthorized("the Authorization header must be Basic base64(writeKey:)");
+    let text = value.to_str().map_err(|_| malformed())?;
+    let Some(encoded) = text
+        .strip_prefix("Basic ")
+        .or_else(|| text.strip_prefix("basic "))
+    else {
+        return Err(malformed());
+    };
+    let decoded = BASE64.decode(encoded.trim()).map_err(|_| malformed())?;
+    let decoded = String::from_utf8(decoded).map_err(|_| malformed())?;
+    let user = decoded.split(':').next().unwrap_or_default();
+    if user.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(user.to_owned()))
+}
+
+/// Every `/admin` route: a bearer token compared in constant time.
+async fn require_admin(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let Some(token) = &state.admin_token else {
+        return Err(ApiError::unauthorized(
+            "the admin API is off: set SWITCHYARD_ADMIN_TOKEN to enable it",
+        ));
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        return Err(ApiError::unauthorized(
+            "send the admin token as `Authorization: Bearer <token>`",
+        ));
+    }
+    Ok(next.run(request).await)
+}
+
+async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let queued = state
+        .store
+        .queued_per_destination()
+        .await
+        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+    let list: Vec<Value> = state
+        .lanes
+        .iter()
+        .map(|lane| {
+            let config = &lane.config;
+            json!({
+                "name": config.name,
+                "kind": config.kind,
+                "queued": queued.get(&lane.id).copied().unwrap_or(0),
+                "in_flight": lane.in_flight(),
+                "rate_limit": config.rate_limit.map(|r| format!("{}/{}s", r.requests, r.per.as_secs())),
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(list)))
+}
+
+#[derive(Deserialize)]
+struct DeadLetterQuery {
+    destination: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn dead_letters(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<DeadLetterQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let letters = state
+        .store
+        .dead_letters(query.destination.as_deref(), limit)
+        .await
+        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+    let items: Vec<Value> = letters
+        .into_iter()
+        .map(|letter| {
+            json!({
+                "id": letter.id,
+                "message_id": letter.message_id,
+                "destination": letter.destination,
+                "attempts": letter.attempts,
+                "last_status": letter.last_status,
+                "last_error": letter.last_error,
+                "failed_at": ingest::format_time(letter.failed_at),
+                "event": serde_json::from_slice::<Value>(&letter.payload).unwrap_or(Value::Null),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+#[derive(Deserialize)]
+struct ReplayRequest {
+    destination: String,
+    ids: Option<Vec<i64>>,
+}
+
+async fn replay(
+    State(state): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let request: ReplayRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("expected {{\"destination\", \"ids\"?}}: {e}"),
+        )
+    })?;
+    let lane = state
+        .lanes
+        .iter()
+        .find(|lane| lane.config.name == request.destination)
+        .ok_or_else(|| ApiError::not_found(format!("no destination `{}`", request.destination)))?;
+    let requeued = state
+        .store
+        .replay(lane.id, request.ids.as_deref())
+        .await
+        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+    Ok(Json(json!({ "requeued": requeued })))
+}
