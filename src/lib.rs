@@ -14,7 +14,16 @@
 //! [`config`] reads the TOML file every stage is driven by.
 
 pub mod bootstrap;
+pub mod commit;
 pub mod config;
 pub mod destination;
 #[path = "../destinations/mod.rs"]
 pub mod destinations;
+pub mod error;
+pub mod ingest;
+pub mod scheduler;
+pub mod sender;
+pub mod serve;
+pub mod server;
+pub mod store;
+pub mod testkit;

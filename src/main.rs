@@ -1,1 +1,181 @@
-fn main() {}
+//! The `switchyard` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use switchyard::config::{self, Config};
+use switchyard::serve::{self, Role};
+use switchyard::{bootstrap, store::Store};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "A Segment-compatible event router"
+)]
+struct Cli {
+    /// The config file (default: ./switchyard.toml if it exists).
+    #[arg(long, env = "SWITCHYARD_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Ingest API, worker pool, admin API and metrics in one process.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Postgres URL (the database is created if missing).
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+        /// Which stages to run.
+        #[arg(long, env = "SWITCHYARD_ROLE", value_enum, default_value_t = Role::All)]
+        role: Role,
+    },
+    /// Apply migrations and exit.
+    Migrate {
+        /// Postgres URL (the database is created if missing).
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+    },
+    /// Validate a config file: exit 0, or print every error as file:line:col: message and exit 2.
+    Check,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("switchyard: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("switchyard: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config_path = cli.config.clone().or_else(|| {
+        let default = PathBuf::from("switchyard.toml");
+        default.exists().then_some(default)
+    });
+    match cli.command {
+        Command::Check => {
+            let path = config_path.unwrap_or_else(|| PathBuf::from("switchyard.toml"));
+            match config::load(&path) {
+                Ok(config) => {
+                    println!(
+                        "{}: ok ({} sources, {} destinations)",
+                        path.display(),
+                        config.sources.len(),
+                        config.destinations.len()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(errors) => {
+                    print!("{errors}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+        Command::Migrate { database_url } => {
+            let database = bootstrap::resolve(database_url).await?;
+            bootstrap::create_database_if_missing(&database.url).await?;
+            let store = Store::connect(&database.url, 2).await?;
+            store.migrate().await?;
+            store.maintain_partitions().await?;
+            println!("migrations applied");
+            if let Some(private) = database.private {
+                private.stop().await;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve {
+            listen,
+            database_url,
+            role,
+        } => {
+            let config = load_config(config_path.as_deref())?;
+            let running = serve::start(serve::Settings {
+                listen,
+                database_url,
+                config,
+                config_path,
+                role,
+                admin_token: std::env::var("SWITCHYARD_ADMIN_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty()),
+                grace: Duration::from_secs(10),
+            })
+            .await?;
+            let stop = running.stopper();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                stop.cancel();
+            });
+            running.wait().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    match path {
+        Some(path) => {
+            config::load(path).map_err(|errors| anyhow::anyhow!("the config has errors:\n{errors}"))
+        }
+        None => {
+            tracing::warn!(
+                "no config file (./switchyard.toml or --config): no sources, no destinations"
+            );
+            Ok(Config::default())
+        }
+    }
+    .context("loading the config")
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

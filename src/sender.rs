@@ -1,0 +1,100 @@
+//! Sends plugins' HTTP requests: one shared connection pool, a timeout on every request, no
+//! redirects followed, and a bounded read of the answer.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+
+use crate::destination::{HttpRequest, HttpResponse, HttpSender, Outcome};
+
+/// Bytes of a vendor's answer kept at most (enough for any error body worth reading).
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// The process-wide HTTP client.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(256)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("the HTTP client's settings are valid")
+}
+
+/// A sender bound to one destination's timeout.
+pub struct Sender {
+    pub client: reqwest::Client,
+    pub timeout: Duration,
+}
+
+impl HttpSender for Sender {
+    fn send(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse, Outcome>> {
+        Box::pin(async move {
+            let timeout = self.timeout;
+            let exchange = async {
+                let response = self
+                    .client
+                    .request(request.method, request.url)
+                    .headers(request.headers)
+                    .body(request.body)
+                    .send()
+                    .await?;
+                let status = response.status().as_u16();
+                let headers = response.headers().clone();
+                let body = read_limited(response).await?;
+                Ok::<_, reqwest::Error>(HttpResponse {
+                    status,
+                    headers,
+                    body,
+                })
+            };
+            match tokio::time::timeout(timeout, exchange).await {
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(error)) => Err(Outcome::retry(describe(&error))),
+                Err(_) => Err(Outcome::retry(format!(
+                    "timed out after {}",
+                    humantime::format_duration(timeout)
+                ))),
+            }
+        })
+    }
+}
+
+async fn read_limited(mut response: reqwest::Response) -> Result<Bytes, reqwest::Error> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = MAX_RESPONSE_BYTES - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= MAX_RESPONSE_BYTES {
+            break;
+        }
+    }
+    Ok(body.freeze())
+}
+
+/// A transport error in a sentence, without the URL's query (it may hold credentials).
+fn describe(error: &reqwest::Error) -> String {
+    let what = if error.is_connect() {
+        "connection failed"
+    } else if error.is_timeout() {
+        "timed out"
+    } else if error.is_body() || error.is_decode() {
+        "reading the answer failed"
+    } else {
+        "request failed"
+    };
+    let mut cause = std::error::Error::source(error);
+    let mut detail = String::new();
+    while let Some(inner) = cause {
+        detail = inner.to_string();
+        cause = inner.source();
+    }
+    if detail.is_empty() {
+        what.to_owned()
+    } else {
+        format!("{what}: {detail}")
+    }
+}

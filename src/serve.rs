@@ -1,0 +1,272 @@
+//! `switchyard serve`: wires the stages together and shuts them down in order.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::bootstrap;
+use crate::commit::GroupCommit;
+use crate::config::Config;
+use crate::ingest::{Route, Routes, Source, SourceDirectory};
+use crate::scheduler::{Lane, Pool};
+use crate::server::{self, AppState, Roles};
+use crate::store::{NameTable, Store};
+
+/// Which stages this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Ingest and delivery.
+    All,
+    /// `/v1/*` only; delivers nothing.
+    Ingest,
+    /// Delivery only; serves no `/v1/*`.
+    Worker,
+}
+
+/// What `serve` needs to start.
+pub struct Settings {
+    pub listen: String,
+    /// `DATABASE_URL` or `--database-url`, when given.
+    pub database_url: Option<String>,
+    pub config: Config,
+    /// Where the config came from (for log lines).
+    pub config_path: Option<PathBuf>,
+    pub role: Role,
+    pub admin_token: Option<String>,
+    /// How long in-flight deliveries may take to finish at shutdown.
+    pub grace: Duration,
+}
+
+/// A started Switchyard.
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Stops intake, lets deliveries finish, releases every claim, and waits for the end.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.done.await.context("the server task failed")?
+    }
+
+    /// Waits until the server stops on its own (after a signal).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.done.await.context("the server task failed")?
+    }
+
+    /// The token that stops it (hand it to a signal handler).
+    pub fn stopper(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+}
+
+/// The process-wide metrics recorder (installed once; every server in the process shares it).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let latency = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("switchyard_delivery_latency_seconds".into()),
+                    &latency,
+                )
+                .expect("buckets are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::debug!("a metrics recorder was already installed");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Connects, migrates, and starts every stage; returns once the listener is bound.
+pub async fn start(settings: Settings) -> anyhow::Result<Running> {
+    let database = bootstrap::resolve(settings.database_url.clone()).await?;
+    bootstrap::create_database_if_missing(&database.url).await?;
+    let store = Store::connect(&database.url, 32)
+        .await
+        .context("connecting to the database")?;
+    store.migrate().await.context("applying migrations")?;
+    store.maintain_partitions().await?;
+
+    let config = &settings.config;
+    let source_names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
+    let source_ids = store.name_ids(NameTable::Sources, &source_names).await?;
+    let destination_names: Vec<String> =
+        config.destinations.iter().map(|d| d.name.clone()).collect();
+    let destination_ids = store
+        .name_ids(NameTable::Destinations, &destination_names)
+        .await?;
+
+    let sources = SourceDirectory::new(config.sources.iter().map(|source| {
+        let entry = Source {
+            id: source_ids[&source.name],
+            name: source.name.clone(),
+        };
+        (source.write_key.clone(), Arc::new(entry))
+    }));
+    let routes = Routes::new(
+        config
+            .destinations
+            .iter()
+            .filter(|d| d.enabled)
+            .map(|d| Route {
+                destination_id: destination_ids[&d.name],
+                name: d.name.clone(),
+                kind: d.kind.clone(),
+                sources: d.sources.as_ref().map(|names| {
+                    names
+                        .iter()
+                        .filter_map(|n| source_ids.get(n).copied())
+                        .collect()
+                }),
+                events: d.events.clone(),
+            })
+            .collect(),
+    );
+    let client = crate::sender::client();
+    let lanes: Vec<Arc<Lane>> = config
+        .destinations
+        .iter()
+        .filter(|d| d.enabled)
+        .map(|d| {
+            Arc::new(Lane::new(
+                destination_ids[&d.name],
+                d.clone(),
+                client.clone(),
+            ))
+        })
+        .collect();
+
+    let (commit, writers) = GroupCommit::start(store.clone(), 4);
+    let state = Arc::new(AppState {
+        store: store.clone(),
+        sources,
+        routes,
+        commit,
+        lanes: lanes.clone(),
+        admin_token: settings.admin_token.clone(),
+        metrics: metrics_handle(),
+        draining: Default::default(),
+        commit_timeout: Duration::from_secs(10),
+    });
+    let roles = Roles {
+        ingest: settings.role != Role::Worker,
+    };
+    let delivers = settings.role != Role::Ingest;
+
+    let instance = store
+        .register_instance(&database.url)
+        .await
+        .context("registering this process")?;
+    let pool = delivers.then(|| {
+        Pool::start(
+            store.clone(),
+            lanes.clone(),
+            config.limits.max_concurrent_deliveries,
+            instance.id,
+        )
+    });
+
+    let listener = TcpListener::bind(&settings.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        %addr,
+        role = ?settings.role,
+        sources = config.sources.len(),
+        destinations = lanes.len(),
+        config = ?settings.config_path,
+        "switchyard is serving"
+    );
+
+    let stop = CancellationToken::new();
+    let maintenance = tokio::spawn(maintain(store.clone(), lanes.clone(), stop.clone()));
+    let app = server::router(state.clone(), roles);
+    let grace = settings.grace;
+    let done = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let http_stop = CancellationToken::new();
+            let server = tokio::spawn({
+                let http_stop = http_stop.clone();
+                async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(http_stop.cancelled_owned())
+                        .await
+                }
+            });
+            stop.cancelled().await;
+            tracing::info!("shutting down: intake stopped, finishing deliveries");
+            state.draining.store(true, Ordering::Release);
+            // Requests already inside finish their commits; new ones get 503 meanwhile.
+            http_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
+            drop(state);
+            let mut writers = writers;
+            let drain = async { while writers.join_next().await.is_some() {} };
+            let _ = tokio::time::timeout(Duration::from_secs(15), drain).await;
+            if let Some(pool) = pool {
+                pool.shutdown(grace).await;
+            }
+            maintenance.abort();
+            match store.release_owned(instance.id).await {
+                Ok(0) => {}
+                Ok(released) => tracing::info!(released, "released unfinished claims"),
+                Err(error) => {
+                    tracing::warn!(%error, "releasing claims failed; their leases will expire")
+                }
+            }
+            if let Err(error) = instance.close().await {
+                tracing::debug!(%error, "deregistering failed");
+            }
+            store.pool().close().await;
+            if let Some(private) = database.private {
+                private.stop().await;
+            }
+            tracing::info!("stopped");
+            Ok(())
+        }
+    });
+    Ok(Running { addr, stop, done })
+}
+
+/// Periodic upkeep: partitions, and the queue-depth gauges.
+async fn maintain(store: Store, lanes: Vec<Arc<Lane>>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match store.maintain_partitions().await {
+            Ok(report) if report.dropped_windows + report.dropped_days > 0 => {
+                tracing::info!(?report, "dropped finished partitions")
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "partition maintenance failed"),
+        }
+        if let Ok(queued) = store.queued_per_destination().await {
+            for lane in &lanes {
+                let depth = queued.get(&lane.id).copied().unwrap_or(0);
+                metrics::gauge!("switchyard_queue_depth", "destination" => lane.config.name.clone())
+                    .set(depth as f64);
+            }
+        }
+    }
+}
