@@ -118,7 +118,11 @@ pub struct HttpResponse {
 impl HttpResponse {
     /// The `Retry-After` header as a duration (delta seconds or an HTTP date).
     pub fn retry_after(&self) -> Option<Duration> {
-        let value = self.headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+        let value = self
+            .headers
+            .get(reqwest::header::RETRY_AFTER)?
+            .to_str()
+            .ok()?;
         parse_retry_after(value, std::time::SystemTime::now())
     }
 
@@ -377,7 +381,10 @@ mod tests {
         let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
         assert_eq!(parse_retry_after("soon", now), None);
     }
 }
