@@ -418,3 +418,134 @@ pub async fn start_switchyard_as(config_toml: &str, database_url: &str, role: Ro
 
 /// The admin token [`start_switchyard`] uses.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// Switchyard as a child process (`switchyard serve`), for tests that kill or signal it.
+pub struct Process {
+    pub addr: SocketAddr,
+    child: std::process::Child,
+    binary: std::path::PathBuf,
+    config_path: std::path::PathBuf,
+    database_url: String,
+    log_path: std::path::PathBuf,
+}
+
+impl Process {
+    /// Writes `config_toml` next to a log file in a temp dir and starts `binary serve`.
+    pub async fn spawn(binary: &str, config_toml: &str, database_url: &str) -> Process {
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("a temp dir");
+        let config_path = dir.join("switchyard.toml");
+        std::fs::write(&config_path, config_toml).expect("writing the config");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let addr = listener.local_addr().expect("an address");
+        drop(listener);
+        let mut process = Process {
+            addr,
+            child: Process::launch(
+                binary.as_ref(),
+                &config_path,
+                database_url,
+                addr,
+                &dir.join("switchyard.log"),
+            ),
+            binary: binary.into(),
+            config_path,
+            database_url: database_url.into(),
+            log_path: dir.join("switchyard.log"),
+        };
+        process.wait_ready().await;
+        process
+    }
+
+    fn launch(
+        binary: &std::path::Path,
+        config: &std::path::Path,
+        database_url: &str,
+        addr: SocketAddr,
+        log: &std::path::Path,
+    ) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("a log file");
+        std::process::Command::new(binary)
+            .arg("serve")
+            .env("SWITCHYARD_CONFIG", config)
+            .env("SWITCHYARD_LISTEN", addr.to_string())
+            .env("DATABASE_URL", database_url)
+            .env("SWITCHYARD_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("RUST_LOG", "info,sqlx=warn")
+            .stdout(log.try_clone().expect("a log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("switchyard starts")
+    }
+
+    async fn wait_ready(&mut self) {
+        let url = format!("http://{}/readyz", self.addr);
+        let client = reqwest::Client::new();
+        for _ in 0..300 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("switchyard exited with {status}:\n{}", self.log());
+            }
+            if let Ok(response) = client.get(&url).send().await {
+                if response.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("switchyard was not ready in 30 s:\n{}", self.log());
+    }
+
+    /// Starts it again (same config, database and port) after it stopped.
+    pub async fn restart(&mut self) {
+        self.child = Process::launch(
+            &self.binary,
+            &self.config_path,
+            &self.database_url,
+            self.addr,
+            &self.log_path,
+        );
+        self.wait_ready().await;
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `limit` for the exit; returns the exit code.
+    pub async fn terminate(&mut self, limit: Duration) -> Option<i32> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
