@@ -11,7 +11,25 @@ pub mod webhook;
 /// Every kind the config may name.
 pub static KINDS: &[&Kind] = &[&webhook::KIND];
 
+/// Kinds added at run time (an embedding program's own, or a test's).
+static REGISTERED: std::sync::RwLock<Vec<&'static Kind>> = std::sync::RwLock::new(Vec::new());
+
+/// Adds a kind the config may name, beside the built-in ones.
+pub fn register(kind: &'static Kind) {
+    let mut registered = REGISTERED.write().unwrap_or_else(|e| e.into_inner());
+    if !registered.iter().any(|known| known.name == kind.name) {
+        registered.push(kind);
+    }
+}
+
 /// The kind called `name`.
 pub fn kind(name: &str) -> Option<&'static Kind> {
-    KINDS.iter().copied().find(|kind| kind.name == name)
+    KINDS
+        .iter()
+        .copied()
+        .find(|kind| kind.name == name)
+        .or_else(|| {
+            let registered = REGISTERED.read().unwrap_or_else(|e| e.into_inner());
+            registered.iter().copied().find(|kind| kind.name == name)
+        })
 }

@@ -40,6 +40,9 @@ CREATE TABLE jobs (
     id             bigserial NOT NULL,
     event_id       bigint NOT NULL,
     destination_id int NOT NULL,
+    source_id      int NOT NULL,
+    -- userId (or anonymousId) for destinations with ordering = "per_user", else NULL.
+    order_key      text,
     run_at         timestamptz NOT NULL,
     enqueued_at    timestamptz NOT NULL,
     attempts       int NOT NULL DEFAULT 0,
@@ -51,6 +54,8 @@ CREATE TABLE jobs (
 
 CREATE INDEX jobs_due ON jobs (destination_id, run_at);
 CREATE INDEX jobs_owner ON jobs (owner) WHERE owner IS NOT NULL;
+-- Per-user ordering: only a user's oldest job of a destination may be claimed.
+CREATE INDEX jobs_order ON jobs (destination_id, order_key, id) WHERE order_key IS NOT NULL;
 
 -- messageIds seen per source, by UTC day: a repeat within the same or the previous day is
 -- acknowledged and not delivered again. Days older than that are dropped.
@@ -76,3 +81,11 @@ CREATE TABLE dead_letters (
 );
 
 CREATE INDEX dead_letters_by_destination ON dead_letters (destination_id, id);
+
+-- Rate-limit keys leased to one process at a time, so each key's bucket lives in exactly one
+-- place and a limit holds in total however many processes deliver.
+CREATE TABLE key_leases (
+    key        text PRIMARY KEY,
+    owner      int NOT NULL,
+    expires_at timestamptz NOT NULL
+);

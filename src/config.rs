@@ -228,6 +228,20 @@ pub fn parse_rate(s: &str) -> Result<RateLimit, String> {
     })
 }
 
+/// Writes a rate the way the config does (`"N/s"`, `"N/m"`, `"N/h"`).
+pub fn format_rate(rate: &RateLimit) -> String {
+    match rate.per.as_secs() {
+        1 => format!("{}/s", rate.requests),
+        60 => format!("{}/m", rate.requests),
+        3600 => format!("{}/h", rate.requests),
+        _ => format!(
+            "{} per {}",
+            rate.requests,
+            humantime::format_duration(rate.per)
+        ),
+    }
+}
+
 /// Parses a duration such as `"10s"`, `"500ms"`, `"10m"` or `"4h"`; zero is refused.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(s).map_err(|e| format!("bad duration `{s}`: {e}"))?;

@@ -18,6 +18,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::error::{ApiError, Rejection};
+use crate::store::Target;
 
 /// Segment's limits: 32 KB a message, 500 KB a request, 2,500 messages a batch.
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
@@ -112,6 +113,8 @@ pub struct Route {
     pub sources: Option<Vec<i32>>,
     /// Event names or call types (`None`: all).
     pub events: Option<Vec<String>>,
+    /// `ordering = "per_user"`.
+    pub ordered: bool,
 }
 
 impl Route {
@@ -157,6 +160,8 @@ fn integrations_allow(integrations: Option<&Map<String, Value>>, name: &str, kin
 pub struct Message {
     pub call: CallType,
     pub message_id: String,
+    /// userId, else anonymousId: whose event this is (per-user ordering).
+    pub user_key: String,
     /// `event` of a track call.
     pub event: Option<String>,
     pub integrations: Option<Map<String, Value>>,
@@ -441,6 +446,7 @@ fn enrich(
     Ok(Message {
         call,
         message_id,
+        user_key: user_id.or(anonymous_id).unwrap_or_default(),
         event,
         integrations,
         payload,
@@ -559,12 +565,15 @@ impl Routes {
         Routes { routes }
     }
 
-    /// The destination ids that get `message` from `source_id`.
-    pub fn destinations(&self, source_id: i32, message: &Message) -> Vec<i32> {
+    /// The destinations that get `message` from `source_id`.
+    pub fn targets(&self, source_id: i32, message: &Message) -> Vec<Target> {
         self.routes
             .iter()
             .filter(|route| route.accepts(source_id, message))
-            .map(|route| route.destination_id)
+            .map(|route| Target {
+                destination_id: route.destination_id,
+                ordered: route.ordered,
+            })
             .collect()
     }
 }

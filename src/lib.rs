@@ -13,6 +13,7 @@
 //!
 //! [`config`] reads the TOML file every stage is driven by.
 
+pub mod backpressure;
 pub mod bootstrap;
 pub mod commit;
 pub mod config;
@@ -27,3 +28,4 @@ pub mod serve;
 pub mod server;
 pub mod store;
 pub mod testkit;
+pub mod traffic;

@@ -2,17 +2,20 @@
 //! plugins, and records every outcome.
 //!
 //! One scheduling loop visits destinations with due work in round robin. For each it claims
-//! only as many jobs as it can start right away (the destination's free `max_in_flight` slots,
-//! bounded by the pool's free permits), so claimed work never waits in memory and a slow
-//! destination's backlog stays in Postgres where it delays no one. Each request runs in its own
-//! task under a timeout, with panics caught. Outcomes flow to a completer that writes them in
-//! batches. Idle, the loop sleeps until `NOTIFY` says work arrived, a slot frees up, or the
-//! periodic check finds retries that came due.
+//! only as many jobs as it can start right away: the destination's free in-flight slots (its
+//! adaptive limit, at most `max_in_flight`), bounded by the pool's free permits and by the
+//! tokens its rate-limit key grants. So claimed work never waits in memory, and a slow or
+//! rate-limited destination's backlog stays in Postgres where it delays no one: a key out of
+//! tokens is set aside until the instant its bucket refills, holding no worker. Each request
+//! runs in its own task under a timeout, with panics caught. Outcomes flow to a completer that
+//! writes them in batches, and back to the key and the destination (Retry-After pauses, AIMD).
+//! Idle, the loop sleeps until `NOTIFY` says work arrived, a slot frees up, a timer fires, or
+//! the periodic check finds retries that came due.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -23,10 +26,11 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{DestinationConfig, RetryPolicy};
+use crate::config::{self, DestinationConfig, RetryPolicy};
 use crate::destination::{DeliveryContext, Event, Outcome, Verdict};
 use crate::sender::Sender;
 use crate::store::{self, ClaimedJob, DeadJob, JobKey, RetryJob, Store};
+use crate::traffic::{Closed, Concurrency, KeyGate};
 
 /// Rows claimed in one statement at most.
 const MAX_CLAIM: usize = 1000;
@@ -37,32 +41,56 @@ const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// Outcomes written in one transaction at most, and the longest one waits for company.
 const MAX_FINISH_BATCH: usize = 1000;
 const FINISH_LINGER: Duration = Duration::from_millis(5);
+/// How often rate-limit key leases are renewed, and how long one lasts unrenewed.
+const LEASE_EVERY: Duration = Duration::from_secs(3);
+const LEASE_TTL: Duration = Duration::from_secs(15);
 
 /// One destination's live state.
 pub struct Lane {
     pub id: i32,
     pub config: DestinationConfig,
+    /// Its rate-limit key (shared with the destinations that name the same key).
+    pub gate: Arc<KeyGate>,
+    concurrency: Concurrency,
     in_flight: AtomicUsize,
     sender: Sender,
+    pub stats: LaneStats,
+}
+
+/// Counters the admin API shows, since this process started.
+#[derive(Default)]
+pub struct LaneStats {
+    pub delivered: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
 }
 
 impl Lane {
-    pub fn new(id: i32, config: DestinationConfig, client: reqwest::Client) -> Lane {
+    pub fn new(
+        id: i32,
+        config: DestinationConfig,
+        gate: Arc<KeyGate>,
+        client: reqwest::Client,
+    ) -> Lane {
         let sender = Sender {
             client,
             timeout: config.timeout,
         };
         Lane {
             id,
+            concurrency: Concurrency::new(config.max_in_flight),
             config,
+            gate,
             in_flight: AtomicUsize::new(0),
             sender,
+            stats: LaneStats::default(),
         }
     }
 
     fn free_slots(&self) -> usize {
-        self.config
-            .max_in_flight
+        self.concurrency
+            .limit()
             .saturating_sub(self.in_flight.load(Ordering::Acquire))
     }
 
@@ -70,10 +98,73 @@ impl Lane {
         self.in_flight.load(Ordering::Acquire)
     }
 
+    /// The in-flight limit in force (adaptive, at most `max_in_flight`).
+    pub fn concurrency_limit(&self) -> usize {
+        self.concurrency.limit()
+    }
+
     /// A claim's lease: the request's timeout plus room for the outcome to be written.
     fn lease(&self) -> Duration {
         self.config.timeout + Duration::from_secs(30)
     }
+
+    fn note_error(&self, message: &str) {
+        *self.stats.last_error.lock().expect("stats lock") = Some(message.to_owned());
+    }
+
+    /// What one request's outcomes say about the vendor: pauses and AIMD.
+    fn learn(&self, outcomes: &[Outcome]) {
+        let now = Instant::now();
+        let mut slow_down = false;
+        let mut pause: Option<Duration> = None;
+        let mut delivered = false;
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Delivered => delivered = true,
+                Outcome::Retry {
+                    throttled,
+                    retry_after,
+                    ..
+                } => {
+                    slow_down |= *throttled;
+                    if let Some(after) = retry_after {
+                        pause = Some(pause.map_or(*after, |p| p.max(*after)));
+                    }
+                }
+                Outcome::Failed { .. } => {}
+            }
+        }
+        if let Some(after) = pause {
+            self.gate.pause(now + after);
+        }
+        if slow_down {
+            self.concurrency.decrease(now);
+            self.gate.slow_down(now);
+        } else if delivered {
+            self.concurrency.increase();
+            self.gate.speed_up();
+        }
+    }
+}
+
+/// One gate per rate-limit key, with the strictest limit among the destinations that share it.
+pub fn gates(destinations: &[DestinationConfig]) -> HashMap<String, Arc<KeyGate>> {
+    let mut limits: HashMap<&str, Option<config::RateLimit>> = HashMap::new();
+    for destination in destinations {
+        let entry = limits
+            .entry(destination.rate_limit_key.as_str())
+            .or_insert(destination.rate_limit);
+        if let Some(limit) = destination.rate_limit {
+            let per_second = |l: config::RateLimit| l.requests as f64 / l.per.as_secs_f64();
+            if entry.is_none_or(|current| per_second(limit) < per_second(current)) {
+                *entry = Some(limit);
+            }
+        }
+    }
+    limits
+        .into_iter()
+        .map(|(key, limit)| (key.to_owned(), Arc::new(KeyGate::new(key, limit))))
+        .collect()
 }
 
 /// What wakes the scheduling loop.
@@ -122,8 +213,20 @@ impl Pool {
         };
         tasks.spawn(scheduler.run());
         let drained = CancellationToken::new();
-        tasks.spawn(complete(store.clone(), outcomes, drained.clone()));
+        tasks.spawn(complete(
+            store.clone(),
+            outcomes,
+            wake.clone(),
+            drained.clone(),
+        ));
         tasks.spawn(listen(store.clone(), wake.clone(), stop.clone()));
+        tasks.spawn(lease_keys(
+            store.clone(),
+            lanes.clone(),
+            instance,
+            wake.clone(),
+            stop.clone(),
+        ));
         tasks.spawn(sweep(store, instance, wake.clone(), stop.clone()));
         Pool {
             wake,
@@ -169,9 +272,11 @@ impl Scheduler {
     async fn run(mut self) {
         let mut ready: VecDeque<i32> = self.order.iter().copied().collect();
         let mut queued: HashSet<i32> = ready.iter().copied().collect();
+        let mut timers: BTreeMap<Instant, Vec<i32>> = BTreeMap::new();
         let mut poll = tokio::time::interval(POLL_EVERY);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.stop.is_cancelled() {
+            fire_timers(&mut timers, &mut ready, &mut queued);
             let mut progressed = false;
             for _ in 0..ready.len() {
                 let Some(id) = ready.pop_front() else { break };
@@ -190,7 +295,13 @@ impl Scheduler {
                     }
                     // Busy: it stays ready and is looked at again when a slot frees up.
                     Visit::Busy => ready.push_back(id),
-                    Visit::Empty => {
+                    // Out of tokens or paused: set aside until then, holding nothing.
+                    Visit::WaitUntil(until) => {
+                        queued.remove(&id);
+                        timers.entry(until).or_default().push(id);
+                    }
+                    // Empty, or its key is leased elsewhere: woken by new work or the lease.
+                    Visit::Idle => {
                         queued.remove(&id);
                     }
                     Visit::Failed => {
@@ -202,10 +313,18 @@ impl Scheduler {
             if progressed {
                 continue;
             }
+            let next_timer = timers.keys().next().copied();
+            let timer = async {
+                match next_timer {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             let wake = tokio::select! {
                 _ = self.stop.cancelled() => break,
                 wake = self.woken.recv() => wake,
                 _ = poll.tick() => Some(Wake::All),
+                _ = timer => continue,
             };
             let mut wakes: Vec<Wake> = wake.into_iter().collect();
             while let Ok(more) = self.woken.try_recv() {
@@ -246,10 +365,23 @@ impl Scheduler {
             return Visit::Busy;
         }
         let batch = lane.config.batch_size.max(1);
-        let want = (slots * batch).min(MAX_CLAIM);
+        let requests = match lane
+            .gate
+            .take(slots.min(MAX_CLAIM / batch).max(1), Instant::now())
+        {
+            Ok(granted) => granted,
+            Err(Closed::NotOwned) => return Visit::Idle,
+            Err(Closed::Until(until)) => {
+                metrics::counter!("switchyard_rate_limited_total", "destination" => lane.config.name.clone())
+                    .increment(1);
+                return Visit::WaitUntil(until);
+            }
+        };
+        let want = (requests * batch).min(MAX_CLAIM);
+        let ordered = lane.config.ordering == config::Ordering::PerUser;
         let jobs = match self
             .store
-            .claim(lane.id, want, lane.lease(), self.instance)
+            .claim(lane.id, want, lane.lease(), self.instance, ordered)
             .await
         {
             Ok(jobs) => jobs,
@@ -259,7 +391,7 @@ impl Scheduler {
             }
         };
         if jobs.is_empty() {
-            return Visit::Empty;
+            return Visit::Idle;
         }
         let more = jobs.len() == want;
         let mut jobs = jobs.into_iter().peekable();
@@ -288,8 +420,28 @@ impl Scheduler {
 enum Visit {
     Dispatched { more: bool },
     Busy,
-    Empty,
+    WaitUntil(Instant),
+    Idle,
     Failed,
+}
+
+/// Moves destinations whose timers have come to the ready queue.
+fn fire_timers(
+    timers: &mut BTreeMap<Instant, Vec<i32>>,
+    ready: &mut VecDeque<i32>,
+    queued: &mut HashSet<i32>,
+) {
+    let now = Instant::now();
+    while let Some(entry) = timers.first_entry() {
+        if *entry.key() > now {
+            break;
+        }
+        for id in entry.remove() {
+            if queued.insert(id) {
+                ready.push_back(id);
+            }
+        }
+    }
 }
 
 /// Outcomes of one request, ready to write.
@@ -298,6 +450,8 @@ struct Finished {
     delivered: Vec<JobKey>,
     retried: Vec<RetryJob>,
     dead: Vec<DeadJob>,
+    /// Destinations with an ordered queue whose head moves once these are written.
+    ordered: Vec<i32>,
 }
 
 /// Runs one request: the plugin under a timeout with panics caught, then each event's fate.
@@ -341,9 +495,13 @@ async fn deliver(lane: &Lane, jobs: Vec<ClaimedJob>) -> Finished {
             jobs.len()
         ],
     };
+    lane.learn(&outcomes);
     let name = lane.config.name.clone();
     let now = OffsetDateTime::now_utc();
     let mut finished = Finished::default();
+    if lane.config.ordering == config::Ordering::PerUser {
+        finished.ordered.push(lane.id);
+    }
     for (job, outcome) in jobs.iter().zip(outcomes) {
         match outcome {
             Outcome::Delivered => {
@@ -352,6 +510,7 @@ async fn deliver(lane: &Lane, jobs: Vec<ClaimedJob>) -> Finished {
                     .record(latency);
                 metrics::counter!("switchyard_deliveries_total", "destination" => name.clone(), "outcome" => "delivered")
                     .increment(1);
+                lane.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 finished.delivered.push(job.key);
             }
             Outcome::Retry {
@@ -360,9 +519,11 @@ async fn deliver(lane: &Lane, jobs: Vec<ClaimedJob>) -> Finished {
                 message,
                 ..
             } => {
+                lane.note_error(&message);
                 let age = (now - job.enqueued_at).unsigned_abs();
                 match retry_delay(&lane.config.retry, job.attempts, age, retry_after) {
                     Some(delay) => {
+                        lane.stats.retried.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("switchyard_deliveries_total", "destination" => name.clone(), "outcome" => "retried")
                             .increment(1);
                         finished.retried.push(RetryJob {
@@ -373,6 +534,7 @@ async fn deliver(lane: &Lane, jobs: Vec<ClaimedJob>) -> Finished {
                         });
                     }
                     None => {
+                        lane.stats.dead.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("switchyard_deliveries_total", "destination" => name.clone(), "outcome" => "dead")
                             .increment(1);
                         finished.dead.push(DeadJob {
@@ -384,6 +546,8 @@ async fn deliver(lane: &Lane, jobs: Vec<ClaimedJob>) -> Finished {
                 }
             }
             Outcome::Failed { status, message } => {
+                lane.note_error(&message);
+                lane.stats.dead.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("switchyard_deliveries_total", "destination" => name.clone(), "outcome" => "dead")
                     .increment(1);
                 finished.dead.push(DeadJob {
@@ -454,6 +618,7 @@ pub fn retry_delay(
 async fn complete(
     store: Store,
     mut outcomes: mpsc::UnboundedReceiver<Finished>,
+    wake: mpsc::UnboundedSender<Wake>,
     drained: CancellationToken,
 ) {
     let mut pending = Finished::default();
@@ -480,7 +645,11 @@ async fn complete(
                 _ = &mut linger => break,
             }
         }
+        let ordered = std::mem::take(&mut pending.ordered);
         flush(&store, &mut pending).await;
+        if !ordered.is_empty() {
+            let _ = wake.send(Wake::Destinations(ordered));
+        }
     }
     flush(&store, &mut pending).await;
 }
@@ -489,6 +658,11 @@ fn absorb(into: &mut Finished, from: Finished) {
     into.delivered.extend(from.delivered);
     into.retried.extend(from.retried);
     into.dead.extend(from.dead);
+    for id in from.ordered {
+        if !into.ordered.contains(&id) {
+            into.ordered.push(id);
+        }
+    }
 }
 
 fn size(finished: &Finished) -> usize {
@@ -563,6 +737,106 @@ async fn listen(store: Store, wake: mpsc::UnboundedSender<Wake>, stop: Cancellat
     }
 }
 
+/// Holds the leases of rate-limit keys: renews the ones this process has, and takes free ones
+/// up to its fair share (keys / processes), giving back any above it so a process that joins
+/// gets its part. A key's destinations are woken when this process gains it.
+async fn lease_keys(
+    store: Store,
+    lanes: Vec<Arc<Lane>>,
+    instance: i32,
+    wake: mpsc::UnboundedSender<Wake>,
+    stop: CancellationToken,
+) {
+    let mut gates: HashMap<String, (Arc<KeyGate>, Vec<i32>)> = HashMap::new();
+    for lane in lanes.iter().filter(|lane| lane.gate.is_limited()) {
+        gates
+            .entry(lane.gate.digest.clone())
+            .or_insert_with(|| (lane.gate.clone(), Vec::new()))
+            .1
+            .push(lane.id);
+    }
+    if gates.is_empty() {
+        return;
+    }
+    let mut every = tokio::time::interval(LEASE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                if let Err(error) = store.release_keys(instance).await {
+                    tracing::debug!(%error, "releasing key leases failed; they expire");
+                }
+                return;
+            }
+            _ = every.tick() => {}
+        }
+        match rebalance(&store, &gates, instance).await {
+            Ok(gained) => {
+                if !gained.is_empty() && wake.send(Wake::Destinations(gained)).is_err() {
+                    return;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "renewing rate-limit key leases failed");
+                // Without a renewed lease another process may take the key: stop using it.
+                for (gate, _) in gates.values() {
+                    gate.set_owned(false);
+                }
+            }
+        }
+    }
+}
+
+/// One lease round; returns the destinations whose key this process just gained.
+async fn rebalance(
+    store: &Store,
+    gates: &HashMap<String, (Arc<KeyGate>, Vec<i32>)>,
+    instance: i32,
+) -> store::Result<Vec<i32>> {
+    let processes = store.instance_count().await?.max(1) as usize;
+    let share = gates.len().div_ceil(processes);
+    let mine: Vec<String> = gates
+        .iter()
+        .filter(|(_, (gate, _))| gate.owned())
+        .map(|(digest, _)| digest.clone())
+        .take(share)
+        .collect();
+    let elsewhere: HashSet<String> = store
+        .keys_held_elsewhere(instance)
+        .await?
+        .into_iter()
+        .collect();
+    let mut wanted = mine.clone();
+    for digest in gates.keys() {
+        if wanted.len() >= share {
+            break;
+        }
+        if !mine.contains(digest) && !elsewhere.contains(digest) {
+            wanted.push(digest.clone());
+        }
+    }
+    let held: HashSet<String> = store
+        .lease_keys(&wanted, instance, LEASE_TTL)
+        .await?
+        .into_iter()
+        .collect();
+    let surplus: Vec<String> = gates
+        .iter()
+        .filter(|(digest, (gate, _))| gate.owned() && !held.contains(*digest))
+        .map(|(digest, _)| digest.clone())
+        .collect();
+    if !surplus.is_empty() {
+        store.release_key_leases(&surplus, instance).await?;
+    }
+    let mut gained = Vec::new();
+    for (digest, (gate, lanes)) in gates {
+        let owned = held.contains(digest);
+        if gate.set_owned(owned) && owned {
+            gained.extend(lanes.iter().copied());
+        }
+    }
+    Ok(gained)
+}
+
 /// Releases the claims of processes that died, so their work is retried at once instead of
 /// when the leases run out.
 async fn sweep(
@@ -608,7 +882,7 @@ mod tests {
         let asked = retry_delay(&policy, 1, Duration::ZERO, Some(Duration::from_secs(30)));
         assert_eq!(asked, Some(Duration::from_secs(30)));
         assert_eq!(
-            retry_delay(&policy, 1, Duration::from_secs(3599), None),
+            retry_delay(&policy, 1, Duration::from_millis(3_599_600), None),
             None,
             "past max_age"
         );

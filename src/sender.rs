@@ -53,13 +53,21 @@ impl HttpSender for Sender {
             };
             match tokio::time::timeout(timeout, exchange).await {
                 Ok(Ok(response)) => Ok(response),
+                Ok(Err(error)) if error.is_timeout() => Err(timed_out(timeout)),
                 Ok(Err(error)) => Err(Outcome::retry(describe(&error))),
-                Err(_) => Err(Outcome::retry(format!(
-                    "timed out after {}",
-                    humantime::format_duration(timeout)
-                ))),
+                Err(_) => Err(timed_out(timeout)),
             }
         })
+    }
+}
+
+/// A timeout is the vendor saying "slow down": it counts against the destination (AIMD).
+fn timed_out(timeout: Duration) -> Outcome {
+    Outcome::Retry {
+        status: None,
+        retry_after: None,
+        throttled: true,
+        message: format!("timed out after {}", humantime::format_duration(timeout)),
     }
 }
 

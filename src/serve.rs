@@ -11,11 +11,12 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::backpressure::QueueDepth;
 use crate::bootstrap;
 use crate::commit::GroupCommit;
 use crate::config::Config;
 use crate::ingest::{Route, Routes, Source, SourceDirectory};
-use crate::scheduler::{Lane, Pool};
+use crate::scheduler::{self, Lane, Pool};
 use crate::server::{self, AppState, Roles};
 use crate::store::{NameTable, Store};
 
@@ -135,22 +136,29 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
                         .collect()
                 }),
                 events: d.events.clone(),
+                ordered: d.ordering == crate::config::Ordering::PerUser,
             })
             .collect(),
     );
     let client = crate::sender::client();
-    let lanes: Vec<Arc<Lane>> = config
+    let enabled: Vec<_> = config
         .destinations
         .iter()
         .filter(|d| d.enabled)
+        .cloned()
+        .collect();
+    let gates = scheduler::gates(&enabled);
+    let lanes: Vec<Arc<Lane>> = enabled
+        .into_iter()
         .map(|d| {
-            Arc::new(Lane::new(
-                destination_ids[&d.name],
-                d.clone(),
-                client.clone(),
-            ))
+            let gate = gates[&d.rate_limit_key].clone();
+            Arc::new(Lane::new(destination_ids[&d.name], d, gate, client.clone()))
         })
         .collect();
+    let depth = Arc::new(QueueDepth::default());
+    if let Err(error) = depth.sample(&store).await {
+        tracing::warn!(%error, "counting the queue failed");
+    }
 
     let (commit, writers) = GroupCommit::start(store.clone(), 4);
     let state = Arc::new(AppState {
@@ -162,7 +170,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         admin_token: settings.admin_token.clone(),
         metrics: metrics_handle(),
         draining: Default::default(),
-        commit_timeout: Duration::from_secs(10),
+        commit_timeout: Duration::from_secs(5),
+        depth: depth.clone(),
+        limits: config.limits.clone(),
     });
     let roles = Roles {
         ingest: settings.role != Role::Worker,
@@ -196,7 +206,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     );
 
     let stop = CancellationToken::new();
-    let maintenance = tokio::spawn(maintain(store.clone(), lanes.clone(), stop.clone()));
+    let maintenance = tokio::spawn(maintain(store.clone(), stop.clone()));
+    let counting = tokio::spawn(count_queue(
+        store.clone(),
+        depth,
+        lanes.clone(),
+        stop.clone(),
+    ));
     let app = server::router(state.clone(), roles);
     let grace = settings.grace;
     let done = tokio::spawn({
@@ -225,6 +241,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
                 pool.shutdown(grace).await;
             }
             maintenance.abort();
+            counting.abort();
             match store.release_owned(instance.id).await {
                 Ok(0) => {}
                 Ok(released) => tracing::info!(released, "released unfinished claims"),
@@ -246,8 +263,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     Ok(Running { addr, stop, done })
 }
 
-/// Periodic upkeep: partitions, and the queue-depth gauges.
-async fn maintain(store: Store, lanes: Vec<Arc<Lane>>, stop: CancellationToken) {
+/// Periodic upkeep: time partitions.
+async fn maintain(store: Store, stop: CancellationToken) {
     let mut every = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
@@ -261,12 +278,35 @@ async fn maintain(store: Store, lanes: Vec<Arc<Lane>>, stop: CancellationToken) 
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "partition maintenance failed"),
         }
-        if let Ok(queued) = store.queued_per_destination().await {
-            for lane in &lanes {
-                let depth = queued.get(&lane.id).copied().unwrap_or(0);
-                metrics::gauge!("switchyard_queue_depth", "destination" => lane.config.name.clone())
-                    .set(depth as f64);
+    }
+}
+
+/// Counts the queue every second, or less often when counting is slow (a deep backlog), so
+/// counting never takes more than a tenth of the database's time; feeds backpressure and the
+/// `switchyard_queue_depth` gauges.
+async fn count_queue(
+    store: Store,
+    depth: Arc<QueueDepth>,
+    lanes: Vec<Arc<Lane>>,
+    stop: CancellationToken,
+) {
+    let mut pause = Duration::from_secs(1);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        match depth.sample(&store).await {
+            Ok(took) => pause = (took * 10).clamp(Duration::from_secs(1), Duration::from_secs(30)),
+            Err(error) => {
+                tracing::debug!(%error, "counting the queue failed");
+                continue;
             }
+        }
+        for lane in &lanes {
+            let (queued, _) = depth.destination(lane.id);
+            metrics::gauge!("switchyard_queue_depth", "destination" => lane.config.name.clone())
+                .set(queued as f64);
         }
     }
 }

@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
+use crate::backpressure::QueueDepth;
 use crate::commit::{CommitError, GroupCommit};
+use crate::config::LimitsConfig;
 use crate::error::ApiError;
 use crate::ingest::{self, CallType, Endpoint, Routes, SourceDirectory};
 use crate::scheduler::Lane;
@@ -44,6 +46,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// How long an ingest request waits for its commit before answering 503.
     pub commit_timeout: Duration,
+    pub depth: Arc<QueueDepth>,
+    pub limits: LimitsConfig,
 }
 
 pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
@@ -178,15 +182,18 @@ async fn ingest(
         .into_iter()
         .map(|(_, message)| NewEvent {
             source_id: source.id,
-            destinations: state.routes.destinations(source.id, &message),
+            targets: state.routes.targets(source.id, &message),
             message_id: message.message_id,
+            user_key: message.user_key,
             received_at,
             payload: message.payload,
         })
         .collect();
+    let jobs: usize = events.iter().map(|e| e.targets.len()).sum();
+    state.depth.admit(&state.limits, source.id, jobs)?;
     if !events.is_empty() {
         match tokio::time::timeout(state.commit_timeout, state.commit.commit(events)).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => state.depth.queued(source.id, jobs as u64),
             Ok(Err(CommitError::Closed)) => {
                 return Err(ApiError::unavailable("shutting down; retry shortly"))
             }
@@ -266,9 +273,9 @@ async fn require_admin(
 }
 
 async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    let queued = state
+    let dead = state
         .store
-        .queued_per_destination()
+        .dead_counts()
         .await
         .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
     let list: Vec<Value> = state
@@ -276,12 +283,25 @@ async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>,
         .iter()
         .map(|lane| {
             let config = &lane.config;
+            let (queued, retrying) = state.depth.destination(lane.id);
+            let last_error = lane
+                .stats
+                .last_error
+                .lock()
+                .map(|e| e.clone())
+                .unwrap_or_default();
             json!({
                 "name": config.name,
                 "kind": config.kind,
-                "queued": queued.get(&lane.id).copied().unwrap_or(0),
+                "queued": queued,
                 "in_flight": lane.in_flight(),
-                "rate_limit": config.rate_limit.map(|r| format!("{}/{}s", r.requests, r.per.as_secs())),
+                "delivered": lane.stats.delivered.load(Ordering::Relaxed),
+                "retrying": retrying,
+                "dead": dead.get(&lane.id).copied().unwrap_or(0),
+                "rate_limit": config.rate_limit.map(|r| crate::config::format_rate(&r)),
+                "concurrency_limit": lane.concurrency_limit(),
+                "rate_factor": lane.gate.rate_factor(),
+                "last_error": last_error,
             })
         })
         .collect();
@@ -345,7 +365,11 @@ async fn replay(
         .ok_or_else(|| ApiError::not_found(format!("no destination `{}`", request.destination)))?;
     let requeued = state
         .store
-        .replay(lane.id, request.ids.as_deref())
+        .replay(
+            lane.id,
+            request.ids.as_deref(),
+            lane.config.ordering == crate::config::Ordering::PerUser,
+        )
         .await
         .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
     Ok(Json(json!({ "requeued": requeued })))

@@ -44,10 +44,20 @@ pub struct NewEvent {
     pub source_id: i32,
     pub message_id: String,
     pub received_at: OffsetDateTime,
+    /// userId, else anonymousId: the key of per-user ordering.
+    pub user_key: String,
     /// The enriched message, serialized.
     pub payload: Vec<u8>,
     /// Destinations that get a delivery of it.
-    pub destinations: Vec<i32>,
+    pub targets: Vec<Target>,
+}
+
+/// One destination an event is queued for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub destination_id: i32,
+    /// Deliver this user's events to it one at a time, in ingest order.
+    pub ordered: bool,
 }
 
 /// What a group commit wrote.
@@ -126,8 +136,8 @@ impl Instance {
 const INSERT_EVENTS: &str = r#"
 WITH input AS (
     SELECT *
-    FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::bytea[], $5::bool[])
-        WITH ORDINALITY AS t(source_id, message_id, received_at, payload, wanted, idx)
+    FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::bytea[], $5::bool[], $11::text[])
+        WITH ORDINALITY AS t(source_id, message_id, received_at, payload, wanted, user_key, idx)
 ), fresh AS (
     INSERT INTO message_ids (day, source_id, message_id)
     SELECT floor(extract(epoch FROM now()) / 86400)::int, i.source_id, i.message_id
@@ -144,13 +154,18 @@ WITH input AS (
            i.received_at, i.payload
     FROM input i JOIN fresh f USING (source_id, message_id)
     WHERE i.wanted
+    ORDER BY i.idx
     RETURNING part, id, source_id, message_id
 ), queued AS (
-    INSERT INTO jobs (part, event_id, destination_id, run_at, enqueued_at)
-    SELECT ins.part, ins.id, t.destination_id, now(), now()
+    -- Ordered by position so that ids (and so per-user order) follow ingest order.
+    INSERT INTO jobs (part, event_id, destination_id, source_id, order_key, run_at, enqueued_at)
+    SELECT ins.part, ins.id, t.destination_id, ins.source_id,
+           CASE WHEN t.ordered THEN i.user_key END, now(), now()
     FROM inserted ins
     JOIN input i USING (source_id, message_id)
-    JOIN unnest($6::int[], $7::int[]) AS t(idx, destination_id) ON t.idx = i.idx
+    JOIN unnest($6::int[], $7::int[], $12::bool[]) AS t(idx, destination_id, ordered)
+        ON t.idx = i.idx
+    ORDER BY i.idx, t.destination_id
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM fresh) AS fresh,
@@ -163,6 +178,33 @@ WITH due AS (
     SELECT part, id FROM jobs
     WHERE destination_id = $1 AND run_at <= now()
     ORDER BY run_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE jobs j
+    SET run_at = now() + make_interval(secs => $3), attempts = j.attempts + 1, owner = $4
+    FROM due
+    WHERE j.part = due.part AND j.id = due.id
+    RETURNING j.part, j.id, j.event_id, j.attempts, j.enqueued_at
+)
+SELECT c.part, c.id, c.attempts, c.enqueued_at, e.message_id, e.payload
+FROM claimed c
+JOIN events e ON e.part = c.part AND e.id = c.event_id
+ORDER BY c.id
+"#;
+
+/// Per-user ordering: only the oldest job of each user is claimable, so while it is in flight
+/// or waiting to be retried, that user's later jobs wait and other users' do not.
+const CLAIM_ORDERED: &str = r#"
+WITH due AS (
+    SELECT j.part, j.id FROM jobs j
+    WHERE j.destination_id = $1 AND j.run_at <= now()
+      AND NOT EXISTS (
+          SELECT 1 FROM jobs earlier
+          WHERE earlier.destination_id = j.destination_id
+            AND earlier.order_key = j.order_key
+            AND earlier.id < j.id)
+    ORDER BY j.id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
@@ -222,12 +264,19 @@ WITH picked AS (
     RETURNING source_id, message_id, received_at, payload
 ), inserted AS (
     INSERT INTO events (part, source_id, message_id, received_at, payload)
-    SELECT floor(extract(epoch FROM now()) / $3::int)::int, source_id, message_id, received_at, payload
+    SELECT floor(extract(epoch FROM now()) / $3::int)::int, source_id, message_id, received_at,
+           payload
     FROM picked
-    RETURNING part, id
+    ORDER BY received_at
+    RETURNING part, id, source_id, payload
 ), queued AS (
-    INSERT INTO jobs (part, event_id, destination_id, run_at, enqueued_at)
-    SELECT part, id, $1, now(), now() FROM inserted
+    INSERT INTO jobs (part, event_id, destination_id, source_id, order_key, run_at, enqueued_at)
+    SELECT part, id, $1, source_id,
+           CASE WHEN $5 THEN coalesce(convert_from(payload, 'UTF8')::jsonb ->> 'userId',
+                                      convert_from(payload, 'UTF8')::jsonb ->> 'anonymousId') END,
+           now(), now()
+    FROM inserted
+    ORDER BY id
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM queued) AS queued, pg_notify($4, $1::text)
@@ -241,6 +290,14 @@ JOIN destinations dest ON dest.id = d.destination_id
 WHERE ($1::text IS NULL OR dest.name = $1)
 ORDER BY d.id
 LIMIT $2
+"#;
+
+const LEASE_KEYS: &str = r#"
+INSERT INTO key_leases (key, owner, expires_at)
+SELECT k, $2, now() + make_interval(secs => $3) FROM unnest($1::text[]) AS k
+ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+WHERE key_leases.owner = EXCLUDED.owner OR key_leases.expires_at < now()
+RETURNING key
 "#;
 
 const DUE_DESTINATIONS: &str = r#"
@@ -317,20 +374,24 @@ impl Store {
         let mut received = Vec::with_capacity(events.len());
         let mut payloads = Vec::with_capacity(events.len());
         let mut wanted = Vec::with_capacity(events.len());
+        let mut user_keys = Vec::with_capacity(events.len());
         let mut job_index = Vec::new();
         let mut job_destination = Vec::new();
+        let mut job_ordered = Vec::new();
         let mut woken: Vec<i32> = Vec::new();
         for (i, event) in events.iter().enumerate() {
             source_ids.push(event.source_id);
             message_ids.push(event.message_id.as_str());
             received.push(event.received_at);
             payloads.push(event.payload.as_slice());
-            wanted.push(!event.destinations.is_empty());
-            for &destination in &event.destinations {
+            wanted.push(!event.targets.is_empty());
+            user_keys.push(event.user_key.as_str());
+            for target in &event.targets {
                 job_index.push(i as i32 + 1);
-                job_destination.push(destination);
-                if !woken.contains(&destination) {
-                    woken.push(destination);
+                job_destination.push(target.destination_id);
+                job_ordered.push(target.ordered);
+                if !woken.contains(&target.destination_id) {
+                    woken.push(target.destination_id);
                 }
             }
         }
@@ -346,6 +407,8 @@ impl Store {
             .bind(PART_SECONDS as i32)
             .bind(&notice)
             .bind(JOBS_CHANNEL)
+            .bind(&user_keys)
+            .bind(&job_ordered)
             .fetch_one(&self.pool)
             .await?;
         Ok(Committed {
@@ -354,15 +417,18 @@ impl Store {
         })
     }
 
-    /// Claims up to `limit` due jobs of one destination for `lease`, oldest first.
+    /// Claims up to `limit` due jobs of one destination for `lease`, oldest first; with
+    /// `ordered`, only each user's oldest job.
     pub async fn claim(
         &self,
         destination_id: i32,
         limit: usize,
         lease: Duration,
         owner: i32,
+        ordered: bool,
     ) -> Result<Vec<ClaimedJob>> {
-        let rows = sqlx::query(CLAIM)
+        let sql = if ordered { CLAIM_ORDERED } else { CLAIM };
+        let rows = sqlx::query(sql)
             .bind(destination_id)
             .bind(limit as i64)
             .bind(lease.as_secs_f64())
@@ -491,6 +557,10 @@ impl Store {
                 .execute(&mut *conn)
                 .await?
                 .rows_affected();
+            sqlx::query("DELETE FROM key_leases WHERE owner = $1")
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
             sqlx::query("DELETE FROM instances WHERE id = $1")
                 .bind(id)
                 .execute(&mut *conn)
@@ -633,24 +703,95 @@ impl Store {
     }
 
     /// Queues dead letters of one destination again, with a fresh retry budget.
-    pub async fn replay(&self, destination_id: i32, ids: Option<&[i64]>) -> Result<u64> {
+    pub async fn replay(
+        &self,
+        destination_id: i32,
+        ids: Option<&[i64]>,
+        ordered: bool,
+    ) -> Result<u64> {
         let count: i64 = sqlx::query_scalar(REPLAY)
             .bind(destination_id)
             .bind(ids)
             .bind(PART_SECONDS as i32)
             .bind(JOBS_CHANNEL)
+            .bind(ordered)
             .fetch_one(&self.pool)
             .await?;
         Ok(count as u64)
     }
 
-    /// Queued jobs per destination id (a full count: for start-up and occasional resync).
-    pub async fn queued_per_destination(&self) -> Result<HashMap<i32, i64>> {
-        let rows: Vec<(i32, i64)> =
-            sqlx::query_as("SELECT destination_id, count(*) FROM jobs GROUP BY destination_id")
-                .fetch_all(&self.pool)
-                .await?;
+    /// Queued jobs per (destination id, source id), and how many of them are waiting for a
+    /// retry. A full count: callers sample it now and then rather than per request.
+    pub async fn queued(&self) -> Result<Vec<(i32, i32, i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT destination_id, source_id, count(*), \
+                    count(*) FILTER (WHERE last_error IS NOT NULL) \
+             FROM jobs GROUP BY 1, 2",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Dead letters per destination id.
+    pub async fn dead_counts(&self) -> Result<HashMap<i32, i64>> {
+        let rows: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT destination_id, count(*) FROM dead_letters GROUP BY destination_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.into_iter().collect())
+    }
+
+    /// Takes or renews leases on rate-limit keys (by digest) for `ttl`; returns the keys this
+    /// process holds afterwards. A key held by another live process is left alone.
+    pub async fn lease_keys(
+        &self,
+        keys: &[String],
+        owner: i32,
+        ttl: Duration,
+    ) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(LEASE_KEYS)
+            .bind(keys)
+            .bind(owner)
+            .bind(ttl.as_secs_f64())
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// The rate-limit keys (digests) another live process holds.
+    pub async fn keys_held_elsewhere(&self, owner: i32) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT key FROM key_leases WHERE owner <> $1 AND expires_at > now()",
+        )
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// How many processes are registered.
+    pub async fn instance_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM instances")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Gives up some key leases of `owner`, for another process to take.
+    pub async fn release_key_leases(&self, keys: &[String], owner: i32) -> Result<()> {
+        sqlx::query("DELETE FROM key_leases WHERE owner = $1 AND key = ANY($2)")
+            .bind(owner)
+            .bind(keys)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Gives up every key lease of `owner` (at shutdown).
+    pub async fn release_keys(&self, owner: i32) -> Result<()> {
+        sqlx::query("DELETE FROM key_leases WHERE owner = $1")
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }
 

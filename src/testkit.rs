@@ -549,3 +549,97 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// A PostgreSQL server of the test's own (initdb into a temp dir, a free port), for tests that
+/// stop the database under a running Switchyard. Runs as the `postgres` user when root.
+pub struct PrivateCluster {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+}
+
+impl PrivateCluster {
+    /// Initializes and starts a cluster.
+    pub fn start() -> PrivateCluster {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql")
+            .filter_map(|entry| entry.ok().map(|e| e.path().join("bin")))
+            .filter(|bin| bin.join("initdb").exists())
+            .max()
+            .expect("an initdb");
+        let dir = std::env::temp_dir().join(format!("sy-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("a data dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let cluster = PrivateCluster { port, dir, bin };
+        cluster.shell("chown postgres: {dir}", true);
+        cluster.shell(
+            "{bin}/initdb -D {dir}/data -A trust -U postgres -E UTF8 --no-locale >/dev/null",
+            false,
+        );
+        cluster.resume();
+        cluster
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Stops the server (fast shutdown: connections are cut).
+    pub fn pause(&self) {
+        self.shell(
+            "{bin}/pg_ctl -D {dir}/data -m fast -w stop >/dev/null",
+            false,
+        );
+    }
+
+    /// Starts it (again).
+    pub fn resume(&self) {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {}",
+            self.port,
+            self.dir.display()
+        );
+        self.shell(
+            &format!(
+                "{{bin}}/pg_ctl -D {{dir}}/data -l {{dir}}/log -w -o '{options}' start >/dev/null"
+            ),
+            false,
+        );
+    }
+
+    fn shell(&self, template: &str, as_root: bool) {
+        let command = template
+            .replace("{bin}", &self.bin.display().to_string())
+            .replace("{dir}", &self.dir.display().to_string());
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.starts_with(b"0"))
+            .unwrap_or(false);
+        let status = if root && !as_root {
+            std::process::Command::new("su")
+                .args(["postgres", "-s", "/bin/sh", "-c", &command])
+                .status()
+        } else if root || !as_root {
+            std::process::Command::new("sh")
+                .args(["-c", &command])
+                .status()
+        } else {
+            return;
+        };
+        assert!(status.is_ok_and(|s| s.success()), "`{command}` failed");
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        self.shell(
+            "{bin}/pg_ctl -D {dir}/data -m immediate -w stop >/dev/null 2>&1 || true",
+            false,
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
