@@ -860,6 +860,11 @@ name = "orders"
 kind = "carrier-pigeon"
 timeout = "soon"
 "#;
+        let known: Vec<&str> = destinations::KINDS.iter().map(|k| k.name).collect();
+        let unknown_kind = format!(
+            "switchyard.toml:17:8: unknown kind `carrier-pigeon` (known: {})",
+            known.join(", ")
+        );
         assert_eq!(
             errors(text),
             [
@@ -872,7 +877,7 @@ timeout = "soon"
                 "switchyard.toml:12:14: bad rate `5 per s`: expected \"N/s\", \"N/m\" or \"N/h\"",
                 "switchyard.toml:13:19: unknown source `app`",
                 "switchyard.toml:16:8: duplicate destination name `orders`",
-                "switchyard.toml:17:8: unknown kind `carrier-pigeon` (known: webhook)",
+                &unknown_kind,
                 "switchyard.toml:18:11: bad duration `soon`: expected number at 0",
             ]
         );

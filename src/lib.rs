@@ -22,6 +22,7 @@ pub mod destination;
 pub mod destinations;
 pub mod error;
 pub mod ingest;
+pub mod pipeline;
 pub mod scheduler;
 pub mod sender;
 pub mod serve;

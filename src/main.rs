@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::config::{self, Config};
 use switchyard::serve::{self, Role};
 use switchyard::{bootstrap, store::Store};
+use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
 #[command(
@@ -137,6 +138,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 wait_for_signal().await;
                 stop.cancel();
             });
+            let reloader = running.reloader.clone();
+            tokio::spawn(async move {
+                let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+                    return;
+                };
+                while hangups.recv().await.is_some() {
+                    if let Err(error) = reloader.reload().await {
+                        tracing::error!("SIGHUP reload rejected: {error}");
+                    }
+                }
+            });
             running.wait().await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -159,7 +171,6 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 }
 
 async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     tokio::select! {

@@ -54,8 +54,12 @@ pub struct Lane {
     concurrency: Concurrency,
     in_flight: AtomicUsize,
     sender: Sender,
-    pub stats: LaneStats,
+    /// Shared with the lane that replaces this one at a reload.
+    pub stats: Arc<LaneStats>,
 }
+
+/// The lanes in force; a reload swaps the set.
+pub type LaneSet = Arc<arc_swap::ArcSwap<Vec<Arc<Lane>>>>;
 
 /// Counters the admin API shows, since this process started.
 #[derive(Default)]
@@ -84,8 +88,16 @@ impl Lane {
             gate,
             in_flight: AtomicUsize::new(0),
             sender,
-            stats: LaneStats::default(),
+            stats: Arc::default(),
         }
+    }
+
+    /// Carries the counters of the lane this one replaces.
+    pub fn with_stats(mut self, stats: Option<Arc<LaneStats>>) -> Lane {
+        if let Some(stats) = stats {
+            self.stats = stats;
+        }
+        self
     }
 
     fn free_slots(&self) -> usize {
@@ -188,12 +200,7 @@ pub struct Pool {
 
 impl Pool {
     /// Starts the scheduling loop, the completer, the `LISTEN` task and the sweeper.
-    pub fn start(
-        store: Store,
-        lanes: Vec<Arc<Lane>>,
-        max_concurrent: usize,
-        instance: i32,
-    ) -> Pool {
+    pub fn start(store: Store, lanes: LaneSet, max_concurrent: usize, instance: i32) -> Pool {
         let (wake, woken) = mpsc::unbounded_channel();
         let (finished, outcomes) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
@@ -201,8 +208,10 @@ impl Pool {
         let mut tasks = tokio::task::JoinSet::new();
         let scheduler = Scheduler {
             store: store.clone(),
-            lanes: lanes.iter().map(|lane| (lane.id, lane.clone())).collect(),
-            order: lanes.iter().map(|lane| lane.id).collect(),
+            lane_set: lanes.clone(),
+            seen: Arc::new(Vec::new()),
+            lanes: HashMap::new(),
+            order: Vec::new(),
             permits: Arc::new(Semaphore::new(max_concurrent)),
             instance,
             woken,
@@ -256,6 +265,9 @@ impl Pool {
 
 struct Scheduler {
     store: Store,
+    lane_set: LaneSet,
+    /// The lane set `lanes` and `order` were built from.
+    seen: Arc<Vec<Arc<Lane>>>,
     lanes: HashMap<i32, Arc<Lane>>,
     /// Round-robin order of every destination.
     order: Vec<i32>,
@@ -270,12 +282,13 @@ struct Scheduler {
 
 impl Scheduler {
     async fn run(mut self) {
-        let mut ready: VecDeque<i32> = self.order.iter().copied().collect();
-        let mut queued: HashSet<i32> = ready.iter().copied().collect();
+        let mut ready: VecDeque<i32> = VecDeque::new();
+        let mut queued: HashSet<i32> = HashSet::new();
         let mut timers: BTreeMap<Instant, Vec<i32>> = BTreeMap::new();
         let mut poll = tokio::time::interval(POLL_EVERY);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.stop.is_cancelled() {
+            self.follow_reloads(&mut ready, &mut queued);
             fire_timers(&mut timers, &mut ready, &mut queued);
             let mut progressed = false;
             for _ in 0..ready.len() {
@@ -356,6 +369,22 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// Picks up a new lane set after a reload; new and changed destinations are looked at.
+    fn follow_reloads(&mut self, ready: &mut VecDeque<i32>, queued: &mut HashSet<i32>) {
+        let current = self.lane_set.load_full();
+        if Arc::ptr_eq(&current, &self.seen) {
+            return;
+        }
+        self.lanes = current.iter().map(|lane| (lane.id, lane.clone())).collect();
+        self.order = current.iter().map(|lane| lane.id).collect();
+        for &id in &self.order {
+            if queued.insert(id) {
+                ready.push_back(id);
+            }
+        }
+        self.seen = current;
     }
 
     /// Claims and starts what one destination can take now.
@@ -742,22 +771,11 @@ async fn listen(store: Store, wake: mpsc::UnboundedSender<Wake>, stop: Cancellat
 /// gets its part. A key's destinations are woken when this process gains it.
 async fn lease_keys(
     store: Store,
-    lanes: Vec<Arc<Lane>>,
+    lanes: LaneSet,
     instance: i32,
     wake: mpsc::UnboundedSender<Wake>,
     stop: CancellationToken,
 ) {
-    let mut gates: HashMap<String, (Arc<KeyGate>, Vec<i32>)> = HashMap::new();
-    for lane in lanes.iter().filter(|lane| lane.gate.is_limited()) {
-        gates
-            .entry(lane.gate.digest.clone())
-            .or_insert_with(|| (lane.gate.clone(), Vec::new()))
-            .1
-            .push(lane.id);
-    }
-    if gates.is_empty() {
-        return;
-    }
     let mut every = tokio::time::interval(LEASE_EVERY);
     loop {
         tokio::select! {
@@ -768,6 +786,17 @@ async fn lease_keys(
                 return;
             }
             _ = every.tick() => {}
+        }
+        let mut gates: HashMap<String, (Arc<KeyGate>, Vec<i32>)> = HashMap::new();
+        for lane in lanes.load().iter().filter(|lane| lane.gate.is_limited()) {
+            gates
+                .entry(lane.gate.digest.clone())
+                .or_insert_with(|| (lane.gate.clone(), Vec::new()))
+                .1
+                .push(lane.id);
+        }
+        if gates.is_empty() {
+            continue;
         }
         match rebalance(&store, &gates, instance).await {
             Ok(gained) => {

@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -15,10 +16,10 @@ use crate::backpressure::QueueDepth;
 use crate::bootstrap;
 use crate::commit::GroupCommit;
 use crate::config::Config;
-use crate::ingest::{Route, Routes, Source, SourceDirectory};
-use crate::scheduler::{self, Lane, Pool};
+use crate::pipeline::{Pipeline, Reloader};
+use crate::scheduler::{LaneSet, Pool};
 use crate::server::{self, AppState, Roles};
-use crate::store::{NameTable, Store};
+use crate::store::Store;
 
 /// Which stages this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -48,6 +49,8 @@ pub struct Settings {
 /// A started Switchyard.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Reloads the config file (SIGHUP, `POST /admin/v1/reload`).
+    pub reloader: Arc<Reloader>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -105,56 +108,18 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     store.maintain_partitions().await?;
 
     let config = &settings.config;
-    let source_names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
-    let source_ids = store.name_ids(NameTable::Sources, &source_names).await?;
-    let destination_names: Vec<String> =
-        config.destinations.iter().map(|d| d.name.clone()).collect();
-    let destination_ids = store
-        .name_ids(NameTable::Destinations, &destination_names)
-        .await?;
-
-    let sources = SourceDirectory::new(config.sources.iter().map(|source| {
-        let entry = Source {
-            id: source_ids[&source.name],
-            name: source.name.clone(),
-        };
-        (source.write_key.clone(), Arc::new(entry))
-    }));
-    let routes = Routes::new(
-        config
-            .destinations
-            .iter()
-            .filter(|d| d.enabled)
-            .map(|d| Route {
-                destination_id: destination_ids[&d.name],
-                name: d.name.clone(),
-                kind: d.kind.clone(),
-                sources: d.sources.as_ref().map(|names| {
-                    names
-                        .iter()
-                        .filter_map(|n| source_ids.get(n).copied())
-                        .collect()
-                }),
-                events: d.events.clone(),
-                ordered: d.ordering == crate::config::Ordering::PerUser,
-            })
-            .collect(),
-    );
     let client = crate::sender::client();
-    let enabled: Vec<_> = config
-        .destinations
-        .iter()
-        .filter(|d| d.enabled)
-        .cloned()
-        .collect();
-    let gates = scheduler::gates(&enabled);
-    let lanes: Vec<Arc<Lane>> = enabled
-        .into_iter()
-        .map(|d| {
-            let gate = gates[&d.rate_limit_key].clone();
-            Arc::new(Lane::new(destination_ids[&d.name], d, gate, client.clone()))
-        })
-        .collect();
+    let pipeline = Pipeline::build(&store, config, &client, None).await?;
+    let lanes: LaneSet = Arc::new(ArcSwap::from_pointee(pipeline.lanes.clone()));
+    let pipeline = Arc::new(ArcSwap::from_pointee(pipeline));
+    let reloader = Arc::new(Reloader {
+        path: settings.config_path.clone(),
+        store: store.clone(),
+        client,
+        pipeline: pipeline.clone(),
+        lanes: lanes.clone(),
+        lock: Default::default(),
+    });
     let depth = Arc::new(QueueDepth::default());
     if let Err(error) = depth.sample(&store).await {
         tracing::warn!(%error, "counting the queue failed");
@@ -163,16 +128,14 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let (commit, writers) = GroupCommit::start(store.clone(), 4);
     let state = Arc::new(AppState {
         store: store.clone(),
-        sources,
-        routes,
+        pipeline,
+        reloader: reloader.clone(),
         commit,
-        lanes: lanes.clone(),
         admin_token: settings.admin_token.clone(),
         metrics: metrics_handle(),
         draining: Default::default(),
         commit_timeout: Duration::from_secs(5),
         depth: depth.clone(),
-        limits: config.limits.clone(),
     });
     let roles = Roles {
         ingest: settings.role != Role::Worker,
@@ -200,7 +163,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         %addr,
         role = ?settings.role,
         sources = config.sources.len(),
-        destinations = lanes.len(),
+        destinations = lanes.load().len(),
         config = ?settings.config_path,
         "switchyard is serving"
     );
@@ -260,7 +223,12 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             Ok(())
         }
     });
-    Ok(Running { addr, stop, done })
+    Ok(Running {
+        addr,
+        reloader,
+        stop,
+        done,
+    })
 }
 
 /// Periodic upkeep: time partitions.
@@ -287,7 +255,7 @@ async fn maintain(store: Store, stop: CancellationToken) {
 async fn count_queue(
     store: Store,
     depth: Arc<QueueDepth>,
-    lanes: Vec<Arc<Lane>>,
+    lanes: LaneSet,
     stop: CancellationToken,
 ) {
     let mut pause = Duration::from_secs(1);
@@ -303,7 +271,7 @@ async fn count_queue(
                 continue;
             }
         }
-        for lane in &lanes {
+        for lane in lanes.load().iter() {
             let (queued, _) = depth.destination(lane.id);
             metrics::gauge!("switchyard_queue_depth", "destination" => lane.config.name.clone())
                 .set(queued as f64);

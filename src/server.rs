@@ -19,12 +19,13 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
+use arc_swap::ArcSwap;
+
 use crate::backpressure::QueueDepth;
 use crate::commit::{CommitError, GroupCommit};
-use crate::config::LimitsConfig;
 use crate::error::ApiError;
-use crate::ingest::{self, CallType, Endpoint, Routes, SourceDirectory};
-use crate::scheduler::Lane;
+use crate::ingest::{self, CallType, Endpoint};
+use crate::pipeline::{Pipeline, ReloadError, Reloader};
 use crate::store::{NewEvent, Store};
 
 /// Which parts of the API a process serves.
@@ -36,10 +37,10 @@ pub struct Roles {
 /// Everything the handlers share.
 pub struct AppState {
     pub store: Store,
-    pub sources: SourceDirectory,
-    pub routes: Routes,
+    /// The config in force; a reload swaps it.
+    pub pipeline: Arc<ArcSwap<Pipeline>>,
+    pub reloader: Arc<Reloader>,
     pub commit: GroupCommit,
-    pub lanes: Vec<Arc<Lane>>,
     pub admin_token: Option<String>,
     pub metrics: PrometheusHandle,
     /// Set once shutdown begins: intake stops and `/readyz` answers 503.
@@ -47,7 +48,6 @@ pub struct AppState {
     /// How long an ingest request waits for its commit before answering 503.
     pub commit_timeout: Duration,
     pub depth: Arc<QueueDepth>,
-    pub limits: LimitsConfig,
 }
 
 pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
@@ -55,6 +55,7 @@ pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
         .route("/admin/v1/destinations", get(destinations))
         .route("/admin/v1/dead-letters", get(dead_letters))
         .route("/admin/v1/dead-letters/replay", post(replay))
+        .route("/admin/v1/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     let mut app = Router::new()
         .route("/healthz", get(healthz))
@@ -133,9 +134,10 @@ async fn ingest(
             "shutting down; retry against another instance",
         ));
     }
+    let pipeline = state.pipeline.load_full();
     let basic_key = basic_write_key(headers)?;
     if let Some(key) = &basic_key {
-        if state.sources.find(key).is_none() {
+        if pipeline.sources.find(key).is_none() {
             return Err(reject_unknown_key());
         }
     }
@@ -161,7 +163,7 @@ async fn ingest(
             "no write key: send it as the HTTP Basic username or as `writeKey` in the body",
         )
     })?;
-    let source = state
+    let source = pipeline
         .sources
         .find(&key)
         .ok_or_else(reject_unknown_key)?
@@ -182,7 +184,7 @@ async fn ingest(
         .into_iter()
         .map(|(_, message)| NewEvent {
             source_id: source.id,
-            targets: state.routes.targets(source.id, &message),
+            targets: pipeline.routes.targets(source.id, &message),
             message_id: message.message_id,
             user_key: message.user_key,
             received_at,
@@ -190,7 +192,7 @@ async fn ingest(
         })
         .collect();
     let jobs: usize = events.iter().map(|e| e.targets.len()).sum();
-    state.depth.admit(&state.limits, source.id, jobs)?;
+    state.depth.admit(&pipeline.limits, source.id, jobs)?;
     if !events.is_empty() {
         match tokio::time::timeout(state.commit_timeout, state.commit.commit(events)).await {
             Ok(Ok(_)) => state.depth.queued(source.id, jobs as u64),
@@ -278,7 +280,8 @@ async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>,
         .dead_counts()
         .await
         .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
-    let list: Vec<Value> = state
+    let pipeline = state.pipeline.load();
+    let list: Vec<Value> = pipeline
         .lanes
         .iter()
         .map(|lane| {
@@ -358,7 +361,8 @@ async fn replay(
             format!("expected {{\"destination\", \"ids\"?}}: {e}"),
         )
     })?;
-    let lane = state
+    let pipeline = state.pipeline.load();
+    let lane = pipeline
         .lanes
         .iter()
         .find(|lane| lane.config.name == request.destination)
@@ -373,4 +377,24 @@ async fn replay(
         .await
         .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
     Ok(Json(json!({ "requeued": requeued })))
+}
+
+async fn reload(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    match state.reloader.reload().await {
+        Ok(report) => Ok(Json(json!({ "reloaded": true, "report": report }))),
+        Err(ReloadError::Invalid(errors)) => {
+            let mut error = ApiError::bad_request(
+                "invalid_config",
+                "the config file has errors; the running config stays",
+            );
+            error.message = format!("{}\n{errors}", error.message);
+            Err(error)
+        }
+        Err(ReloadError::NoFile) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_config_file",
+            "there is no config file to reload (start with --config or ./switchyard.toml)",
+        )),
+        Err(ReloadError::Database(_)) => Err(ApiError::unavailable("the database is unavailable")),
+    }
 }

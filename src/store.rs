@@ -252,6 +252,19 @@ FROM moved m
 JOIN events e ON e.part = m.part AND e.id = m.event_id
 "#;
 
+const DEAD_LETTER_DESTINATION: &str = r#"
+WITH moved AS (
+    DELETE FROM jobs WHERE destination_id = $1
+    RETURNING part, event_id, destination_id, attempts, last_status
+)
+INSERT INTO dead_letters
+    (destination_id, source_id, message_id, attempts, last_status, last_error, received_at, payload)
+SELECT m.destination_id, e.source_id, e.message_id, m.attempts, m.last_status, $2,
+       e.received_at, e.payload
+FROM moved m
+JOIN events e ON e.part = m.part AND e.id = m.event_id
+"#;
+
 const RELEASE_OWNED: &str = r#"
 UPDATE jobs SET run_at = now(), owner = NULL
 WHERE owner = $1 AND run_at > now()
@@ -523,6 +536,16 @@ impl Store {
             .execute(&mut connection)
             .await?;
         Ok(Instance { id, connection })
+    }
+
+    /// Moves every queued job of a destination to the dead letters with `reason`.
+    pub async fn dead_letter_destination(&self, destination_id: i32, reason: &str) -> Result<u64> {
+        let done = sqlx::query(DEAD_LETTER_DESTINATION)
+            .bind(destination_id)
+            .bind(reason)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     /// Makes the jobs claimed by `owner` due again now (shutdown, or a dead process).

@@ -416,6 +416,23 @@ pub async fn start_switchyard_as(config_toml: &str, database_url: &str, role: Ro
     .expect("switchyard starts")
 }
 
+/// Starts Switchyard in this process with its config read from `path` (so it can be reloaded).
+pub async fn start_switchyard_from(path: &std::path::Path, database_url: &str) -> Running {
+    let config = crate::config::load(path)
+        .unwrap_or_else(|errors| panic!("test config is invalid:\n{errors}"));
+    serve::start(serve::Settings {
+        listen: "127.0.0.1:0".into(),
+        database_url: Some(database_url.to_owned()),
+        config,
+        config_path: Some(path.to_owned()),
+        role: Role::All,
+        admin_token: Some(ADMIN_TOKEN.into()),
+        grace: Duration::from_secs(5),
+    })
+    .await
+    .expect("switchyard starts")
+}
+
 /// The admin token [`start_switchyard`] uses.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
@@ -498,6 +515,16 @@ impl Process {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("switchyard was not ready in 30 s:\n{}", self.log());
+    }
+
+    /// The process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The config file it reads (rewrite it, then SIGHUP or `POST /admin/v1/reload`).
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config_path
     }
 
     /// Starts it again (same config, database and port) after it stopped.

@@ -76,6 +76,11 @@ impl KeyGate {
         }
     }
 
+    /// The configured limit (before any adaptive slowdown).
+    pub fn limit(&self) -> Option<RateLimit> {
+        self.limit
+    }
+
     pub fn is_limited(&self) -> bool {
         self.limit.is_some()
     }

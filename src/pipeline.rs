@@ -1,0 +1,182 @@
+//! The running config: what a config file turns into (write keys, routes, one lane per
+//! destination), and how a reload swaps it without a restart and without losing queued work.
+//!
+//! Ids of sources and destinations come from the database and never change for a name, so
+//! jobs queued before a reload belong to the same destination after it. A destination that
+//! disappears from the config has its queued jobs moved to the dead letters (never dropped); a
+//! disabled one (`enabled = false`) keeps its queue, paused, until it is enabled again.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{self, Config, LimitsConfig, Ordering};
+use crate::ingest::{Route, Routes, Source, SourceDirectory};
+use crate::scheduler::{self, Lane, LaneSet};
+use crate::store::{NameTable, Store};
+
+/// The config in force, as ingest and the admin API use it.
+pub struct Pipeline {
+    pub sources: SourceDirectory,
+    pub routes: Routes,
+    /// One lane per enabled destination.
+    pub lanes: Vec<Arc<Lane>>,
+    pub limits: LimitsConfig,
+    /// Names and ids of every configured destination, enabled or not.
+    pub destination_ids: HashMap<String, i32>,
+}
+
+impl Pipeline {
+    /// Builds the pipeline for `config`. Lanes of `previous` keep their counters, and rate-limit
+    /// keys whose limit did not change keep their bucket and lease.
+    pub async fn build(
+        store: &Store,
+        config: &Config,
+        client: &reqwest::Client,
+        previous: Option<&Pipeline>,
+    ) -> anyhow::Result<Pipeline> {
+        let source_names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
+        let source_ids = store.name_ids(NameTable::Sources, &source_names).await?;
+        let destination_names: Vec<String> =
+            config.destinations.iter().map(|d| d.name.clone()).collect();
+        let destination_ids = store
+            .name_ids(NameTable::Destinations, &destination_names)
+            .await?;
+
+        let sources = SourceDirectory::new(config.sources.iter().map(|source| {
+            let entry = Source {
+                id: source_ids[&source.name],
+                name: source.name.clone(),
+            };
+            (source.write_key.clone(), Arc::new(entry))
+        }));
+        let enabled: Vec<_> = config
+            .destinations
+            .iter()
+            .filter(|d| d.enabled)
+            .cloned()
+            .collect();
+        let routes = Routes::new(
+            enabled
+                .iter()
+                .map(|d| Route {
+                    destination_id: destination_ids[&d.name],
+                    name: d.name.clone(),
+                    kind: d.kind.clone(),
+                    sources: d.sources.as_ref().map(|names| {
+                        names
+                            .iter()
+                            .filter_map(|n| source_ids.get(n).copied())
+                            .collect()
+                    }),
+                    events: d.events.clone(),
+                    ordered: d.ordering == Ordering::PerUser,
+                })
+                .collect(),
+        );
+        let mut gates = scheduler::gates(&enabled);
+        let old_lanes: HashMap<&str, &Arc<Lane>> = previous
+            .map(|p| {
+                p.lanes
+                    .iter()
+                    .map(|lane| (lane.config.name.as_str(), lane))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for old in old_lanes.values() {
+            let key = &old.config.rate_limit_key;
+            let same_limit = gates
+                .get(key)
+                .is_some_and(|gate| gate.limit() == old.gate.limit());
+            if same_limit {
+                gates.insert(key.clone(), old.gate.clone());
+            }
+        }
+        let lanes = enabled
+            .into_iter()
+            .map(|d| {
+                let gate = gates[&d.rate_limit_key].clone();
+                let stats = old_lanes.get(d.name.as_str()).map(|old| old.stats.clone());
+                let id = destination_ids[&d.name];
+                Arc::new(Lane::new(id, d, gate, client.clone()).with_stats(stats))
+            })
+            .collect();
+        Ok(Pipeline {
+            sources,
+            routes,
+            lanes,
+            limits: config.limits.clone(),
+            destination_ids,
+        })
+    }
+}
+
+/// Reloads the config file into the running pipeline and pool.
+pub struct Reloader {
+    pub path: Option<PathBuf>,
+    pub store: Store,
+    pub client: reqwest::Client,
+    pub pipeline: Arc<ArcSwap<Pipeline>>,
+    pub lanes: LaneSet,
+    /// One reload at a time.
+    pub lock: tokio::sync::Mutex<()>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ReloadReport {
+    pub sources: usize,
+    pub destinations: usize,
+    /// Destinations no longer in the config, whose queued jobs became dead letters.
+    pub removed: Vec<String>,
+    pub dead_lettered: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("there is no config file to reload (start with --config or ./switchyard.toml)")]
+    NoFile,
+    #[error("the config has errors; the running config stays:\n{0}")]
+    Invalid(config::ConfigErrors),
+    #[error("the database is unavailable: {0}")]
+    Database(#[from] anyhow::Error),
+}
+
+impl Reloader {
+    /// Reads the file again; a bad file changes nothing.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let _one_at_a_time = self.lock.lock().await;
+        let path = self.path.as_ref().ok_or(ReloadError::NoFile)?;
+        let config = config::load(path).map_err(ReloadError::Invalid)?;
+        let previous = self.pipeline.load_full();
+        let next = Pipeline::build(&self.store, &config, &self.client, Some(&previous)).await?;
+        let removed: Vec<(String, i32)> = previous
+            .destination_ids
+            .iter()
+            .filter(|(name, _)| !next.destination_ids.contains_key(*name))
+            .map(|(name, id)| (name.clone(), *id))
+            .collect();
+        let report_counts = (config.sources.len(), config.destinations.len());
+        self.lanes.store(Arc::new(next.lanes.clone()));
+        self.pipeline.store(Arc::new(next));
+        let mut dead_lettered = 0;
+        for (name, id) in &removed {
+            let reason = format!("destination `{name}` was removed from the config");
+            dead_lettered += self
+                .store
+                .dead_letter_destination(*id, &reason)
+                .await
+                .map_err(anyhow::Error::from)?;
+        }
+        let report = ReloadReport {
+            sources: report_counts.0,
+            destinations: report_counts.1,
+            removed: removed.into_iter().map(|(name, _)| name).collect(),
+            dead_lettered,
+        };
+        tracing::info!(?report, "config reloaded");
+        Ok(report)
+    }
+}
