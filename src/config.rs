@@ -117,6 +117,9 @@ impl Default for LimitsConfig {
 pub struct SecurityConfig {
     /// Refuse loopback and private addresses too (link-local and metadata always are).
     pub deny_private_networks: bool,
+    /// Networks deliveries may reach even when the rules above refuse them (`"10.1.0.0/16"`,
+    /// `"169.254.169.254"`).
+    pub allow_networks: Vec<ipnet::IpNet>,
 }
 
 /// One problem in the file, located.
@@ -275,7 +278,7 @@ const LIMITS_KEYS: &[&str] = &[
     "max_queued_per_source",
     "max_concurrent_deliveries",
 ];
-const SECURITY_KEYS: &[&str] = &["deny_private_networks"];
+const SECURITY_KEYS: &[&str] = &["deny_private_networks", "allow_networks"];
 
 const DEFAULT_MAX_IN_FLIGHT: usize = 32;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -630,7 +633,35 @@ impl Reader<'_> {
                     toml::Value::as_bool,
                 )
                 .unwrap_or(defaults.deny_private_networks),
+            allow_networks: self.networks(table, "allow_networks"),
         }
+    }
+
+    /// An array of networks (`"10.0.0.0/8"`) or single addresses.
+    fn networks(&mut self, table: Section, key: &str) -> Vec<ipnet::IpNet> {
+        let mut networks = Vec::new();
+        for (index, text) in self
+            .strings(table, key)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(network) => networks.push(network),
+                Err(_) => {
+                    let at = table.place.element(key, index).start;
+                    let message = format!(
+                        "`{}`: `{text}` is not a network (\"10.0.0.0/8\") or an address",
+                        table.name(key)
+                    );
+                    self.error(at, message);
+                }
+            }
+        }
+        networks
     }
 
     fn unknown_keys(&mut self, table: Section, allowed: &[&str]) {

@@ -20,6 +20,7 @@ pub mod config;
 pub mod destination;
 #[path = "../destinations/mod.rs"]
 pub mod destinations;
+pub mod egress;
 pub mod error;
 pub mod ingest;
 pub mod pipeline;

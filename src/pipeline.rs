@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use crate::config::{self, Config, LimitsConfig, Ordering};
 use crate::ingest::{Route, Routes, Source, SourceDirectory};
 use crate::scheduler::{self, Lane, LaneSet};
+use crate::sender::HttpClient;
 use crate::store::{NameTable, Store};
 
 /// The config in force, as ingest and the admin API use it.
@@ -34,7 +35,7 @@ impl Pipeline {
     pub async fn build(
         store: &Store,
         config: &Config,
-        client: &reqwest::Client,
+        client: &HttpClient,
         previous: Option<&Pipeline>,
     ) -> anyhow::Result<Pipeline> {
         let source_names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
@@ -117,7 +118,8 @@ impl Pipeline {
 pub struct Reloader {
     pub path: Option<PathBuf>,
     pub store: Store,
-    pub client: reqwest::Client,
+    /// The client of the config in force (a reload builds one for the new `[security]`).
+    pub client: arc_swap::ArcSwap<HttpClient>,
     pub pipeline: Arc<ArcSwap<Pipeline>>,
     pub lanes: LaneSet,
     /// One reload at a time.
@@ -151,7 +153,9 @@ impl Reloader {
         let path = self.path.as_ref().ok_or(ReloadError::NoFile)?;
         let config = config::load(path).map_err(ReloadError::Invalid)?;
         let previous = self.pipeline.load_full();
-        let next = Pipeline::build(&self.store, &config, &self.client, Some(&previous)).await?;
+        let client = HttpClient::new(&config.security);
+        let next = Pipeline::build(&self.store, &config, &client, Some(&previous)).await?;
+        self.client.store(Arc::new(client));
         let removed: Vec<(String, i32)> = previous
             .destination_ids
             .iter()

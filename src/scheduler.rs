@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{self, DestinationConfig, RetryPolicy};
 use crate::destination::{DeliveryContext, Event, Outcome, Verdict};
-use crate::sender::Sender;
+use crate::sender::{HttpClient, Sender};
 use crate::store::{self, ClaimedJob, DeadJob, JobKey, RetryJob, Store};
 use crate::traffic::{Closed, Concurrency, KeyGate};
 
@@ -71,14 +71,9 @@ pub struct LaneStats {
 }
 
 impl Lane {
-    pub fn new(
-        id: i32,
-        config: DestinationConfig,
-        gate: Arc<KeyGate>,
-        client: reqwest::Client,
-    ) -> Lane {
+    pub fn new(id: i32, config: DestinationConfig, gate: Arc<KeyGate>, http: HttpClient) -> Lane {
         let sender = Sender {
-            client,
+            http,
             timeout: config.timeout,
         };
         Lane {

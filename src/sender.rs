@@ -1,19 +1,42 @@
 //! Sends plugins' HTTP requests: one shared connection pool, a timeout on every request, no
 //! redirects followed, and a bounded read of the answer.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 
+use crate::config::SecurityConfig;
 use crate::destination::{HttpRequest, HttpResponse, HttpSender, Outcome};
+use crate::egress::{self, EgressPolicy, GuardedResolver};
 
 /// Bytes of a vendor's answer kept at most (enough for any error body worth reading).
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
-/// The process-wide HTTP client.
-pub fn client() -> reqwest::Client {
+/// The process-wide HTTP client and the address policy it enforces.
+#[derive(Clone)]
+pub struct HttpClient {
+    client: reqwest::Client,
+    policy: Arc<EgressPolicy>,
+}
+
+impl HttpClient {
+    pub fn new(security: &SecurityConfig) -> HttpClient {
+        let policy = Arc::new(EgressPolicy::new(security));
+        let resolver = Arc::new(GuardedResolver {
+            policy: policy.clone(),
+        });
+        HttpClient {
+            client: build(resolver),
+            policy,
+        }
+    }
+}
+
+fn build(resolver: Arc<GuardedResolver>) -> reqwest::Client {
     reqwest::Client::builder()
+        .dns_resolver(resolver)
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(5))
         .pool_max_idle_per_host(256)
@@ -26,7 +49,7 @@ pub fn client() -> reqwest::Client {
 
 /// A sender bound to one destination's timeout.
 pub struct Sender {
-    pub client: reqwest::Client,
+    pub http: HttpClient,
     pub timeout: Duration,
 }
 
@@ -34,8 +57,15 @@ impl HttpSender for Sender {
     fn send(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse, Outcome>> {
         Box::pin(async move {
             let timeout = self.timeout;
+            // A literal address never reaches the resolver: check it here.
+            if let Some(address) = literal_address(&request.url) {
+                if let Err(refused) = self.http.policy.check(address) {
+                    return Err(Outcome::failed(refused.to_string()));
+                }
+            }
             let exchange = async {
                 let response = self
+                    .http
                     .client
                     .request(request.method, request.url)
                     .headers(request.headers)
@@ -54,10 +84,22 @@ impl HttpSender for Sender {
             match tokio::time::timeout(timeout, exchange).await {
                 Ok(Ok(response)) => Ok(response),
                 Ok(Err(error)) if error.is_timeout() => Err(timed_out(timeout)),
+                Ok(Err(error)) if egress::refused_in(&error).is_some() => {
+                    let refused = egress::refused_in(&error).map(ToString::to_string);
+                    Err(Outcome::failed(refused.unwrap_or_default()))
+                }
                 Ok(Err(error)) => Err(Outcome::retry(describe(&error))),
                 Err(_) => Err(timed_out(timeout)),
             }
         })
+    }
+}
+
+fn literal_address(url: &url::Url) -> Option<std::net::IpAddr> {
+    match url.host()? {
+        url::Host::Ipv4(v4) => Some(v4.into()),
+        url::Host::Ipv6(v6) => Some(v6.into()),
+        url::Host::Domain(_) => None,
     }
 }
 

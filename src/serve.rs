@@ -108,14 +108,14 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     store.maintain_partitions().await?;
 
     let config = &settings.config;
-    let client = crate::sender::client();
+    let client = crate::sender::HttpClient::new(&config.security);
     let pipeline = Pipeline::build(&store, config, &client, None).await?;
     let lanes: LaneSet = Arc::new(ArcSwap::from_pointee(pipeline.lanes.clone()));
     let pipeline = Arc::new(ArcSwap::from_pointee(pipeline));
     let reloader = Arc::new(Reloader {
         path: settings.config_path.clone(),
         store: store.clone(),
-        client,
+        client: ArcSwap::from_pointee(client),
         pipeline: pipeline.clone(),
         lanes: lanes.clone(),
         lock: Default::default(),
