@@ -6,7 +6,9 @@
 //! answered only after the statement that holds its messages has committed.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinSet;
@@ -15,6 +17,9 @@ use crate::store::{Committed, NewEvent, Store, StoreError};
 
 /// Messages per statement at most; more waiting requests go to the next group.
 const MAX_GROUP_ROWS: usize = 5000;
+/// After the database proved unreachable, requests are refused at once for this long (one
+/// writer keeps probing), so clients get their 503 in milliseconds, not after a connect timeout.
+const UNREACHABLE_PAUSE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
@@ -33,6 +38,48 @@ struct Pending {
 #[derive(Clone)]
 pub struct GroupCommit {
     queue: mpsc::Sender<Pending>,
+    health: Arc<Health>,
+}
+
+/// Whether the database answered lately.
+#[derive(Default)]
+struct Health {
+    /// Milliseconds since the epoch until which the database counts as unreachable.
+    unreachable_until: AtomicU64,
+}
+
+impl Health {
+    fn reachable(&self) -> bool {
+        now_ms() >= self.unreachable_until.load(Ordering::Acquire)
+    }
+
+    fn note(&self, error: &StoreError) {
+        if is_unreachable(error) {
+            let until = now_ms() + UNREACHABLE_PAUSE.as_millis() as u64;
+            self.unreachable_until.store(until, Ordering::Release);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// Errors that mean "no database", as opposed to a statement that failed.
+fn is_unreachable(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::Database(
+            sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+        )
+    )
 }
 
 impl GroupCommit {
@@ -41,15 +88,23 @@ impl GroupCommit {
     pub fn start(store: Store, writers: usize) -> (GroupCommit, JoinSet<()>) {
         let (queue, receiver) = mpsc::channel(4096);
         let receiver = Arc::new(Mutex::new(receiver));
+        let health = Arc::new(Health::default());
         let mut tasks = JoinSet::new();
         for _ in 0..writers.max(1) {
-            tasks.spawn(write_groups(store.clone(), receiver.clone()));
+            tasks.spawn(write_groups(
+                store.clone(),
+                receiver.clone(),
+                health.clone(),
+            ));
         }
-        (GroupCommit { queue }, tasks)
+        (GroupCommit { queue, health }, tasks)
     }
 
     /// Commits `events`; returns once they are durable.
     pub async fn commit(&self, events: Vec<NewEvent>) -> Result<Committed, CommitError> {
+        if !self.health.reachable() {
+            return Err(CommitError::Store("the database is unreachable".into()));
+        }
         let (done, answer) = oneshot::channel();
         self.queue
             .send(Pending { events, done })
@@ -59,7 +114,11 @@ impl GroupCommit {
     }
 }
 
-async fn write_groups(store: Store, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>) {
+async fn write_groups(
+    store: Store,
+    receiver: Arc<Mutex<mpsc::Receiver<Pending>>>,
+    health: Arc<Health>,
+) {
     loop {
         let group = {
             let mut receiver = receiver.lock().await;
@@ -79,11 +138,11 @@ async fn write_groups(store: Store, receiver: Arc<Mutex<mpsc::Receiver<Pending>>
             }
             group
         };
-        write_group(&store, group).await;
+        write_group(&store, &health, group).await;
     }
 }
 
-async fn write_group(store: &Store, group: Vec<Pending>) {
+async fn write_group(store: &Store, health: &Health, group: Vec<Pending>) {
     // A messageId repeated inside one group is written once; the SQL dedups against the past.
     let mut seen = HashSet::new();
     let rows: Vec<NewEvent> = group
@@ -96,6 +155,7 @@ async fn write_group(store: &Store, group: Vec<Pending>) {
         Ok(committed) => Ok(committed),
         Err(error) => {
             tracing::warn!(%error, messages = rows.len(), "group commit failed");
+            health.note(&error);
             Err(error.to_string())
         }
     };

@@ -1,0 +1,511 @@
+//! Fault tests: whatever fails, an acknowledged event is delivered or dead-lettered, never lost.
+//!
+//! The short variants run in CI. `SWITCHYARD_LONG_FAULTS=1` runs the long ones (more kills, a
+//! minute-long destination outage, a longer slow-sink soak).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use switchyard::testkit::{
+    start_switchyard, MockServer, PrivateCluster, Process, Reply, TestDatabase, ADMIN_TOKEN,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+const KEY: &str = "wk_faults";
+
+fn long() -> bool {
+    std::env::var("SWITCHYARD_LONG_FAULTS").is_ok_and(|v| v == "1")
+}
+
+fn config(destinations: &str) -> String {
+    format!("[[sources]]\nname = \"web\"\nwrite_key = \"{KEY}\"\n{destinations}")
+}
+
+fn webhook(name: &str, url: &str, extra: &str) -> String {
+    format!("\n[[destinations]]\nname = \"{name}\"\nkind = \"webhook\"\nurl = \"{url}\"\n{extra}\n")
+}
+
+fn batch(prefix: &str, n: usize, size: usize) -> Vec<Value> {
+    (0..size)
+        .map(|i| {
+            json!({"type": "track", "event": "E", "userId": format!("u{}", i % 7),
+                   "messageId": format!("{prefix}-{n}-{i}")})
+        })
+        .collect()
+}
+
+/// What a loader saw: every answer by status, and the messageIds acknowledged with 200.
+#[derive(Default)]
+struct Ledger {
+    acknowledged: Mutex<Vec<String>>,
+    statuses: Mutex<Vec<u16>>,
+}
+
+/// Sends batches as an SDK does: until each one is acknowledged, retrying the same messageIds.
+async fn load(
+    base: String,
+    prefix: &'static str,
+    batches: usize,
+    ledger: Arc<Ledger>,
+    stop: Arc<AtomicBool>,
+) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    for n in 0..batches {
+        let events = batch(prefix, n, 10);
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let status = client
+                .post(format!("{base}/v1/batch"))
+                .basic_auth(KEY, Some(""))
+                .json(&json!({ "batch": events }))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0);
+            ledger.statuses.lock().unwrap().push(status);
+            if status == 200 {
+                let ids = events
+                    .iter()
+                    .map(|e| e["messageId"].as_str().unwrap().to_owned());
+                ledger.acknowledged.lock().unwrap().extend(ids);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn admin(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(ADMIN_TOKEN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn kill_9_at_random_moments_under_load_loses_nothing() {
+    let db = TestDatabase::create("kill_loop").await;
+    let sink = MockServer::scripted(|_, _| Reply::ok().after(Duration::from_millis(5))).await;
+    let mut sy = Process::spawn(
+        BIN,
+        &config(&webhook("hook", &sink.url("/in"), "")),
+        &db.url,
+    )
+    .await;
+    let ledger = Arc::new(Ledger::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let batches = if long() { 2000 } else { 400 };
+    let loader = tokio::spawn(load(sy.base(), "k", batches, ledger.clone(), stop.clone()));
+    let kills = if long() { 20 } else { 5 };
+    for _ in 0..kills {
+        let wait = 300 + rand::random::<u64>() % 900;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        sy.kill9();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sy.restart().await;
+    }
+    tokio::time::timeout(Duration::from_secs(120), loader)
+        .await
+        .expect("the loader finished")
+        .unwrap();
+    let acknowledged: HashSet<String> = ledger
+        .acknowledged
+        .lock()
+        .unwrap()
+        .iter()
+        .cloned()
+        .collect();
+    assert_eq!(acknowledged.len(), batches * 10);
+    let arrived = sink
+        .wait_until(Duration::from_secs(60), |s| {
+            let got: HashSet<String> = s.message_ids().into_iter().collect();
+            acknowledged.is_subset(&got)
+        })
+        .await;
+    let got: Vec<String> = sink.message_ids();
+    let unique: HashSet<&String> = got.iter().collect();
+    assert!(
+        arrived,
+        "lost: {}",
+        acknowledged.len()
+            - unique
+                .iter()
+                .filter(|id| acknowledged.contains(**id))
+                .count()
+    );
+    assert!(
+        got.iter().all(|id| acknowledged.contains(id)),
+        "only sent messageIds are ever delivered"
+    );
+    println!(
+        "kill -9 x{kills}: {} acknowledged, {} deliveries ({} redeliveries), 0 lost",
+        acknowledged.len(),
+        got.len(),
+        got.len() - unique.len()
+    );
+    assert_eq!(sy.terminate(Duration::from_secs(20)).await, Some(0));
+}
+
+#[tokio::test]
+async fn a_postgres_outage_under_load_answers_503_and_loses_nothing() {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(PrivateCluster::start)
+            .await
+            .unwrap(),
+    );
+    let sink = MockServer::start().await;
+    let sy = start_switchyard(
+        &config(&webhook("hook", &sink.url("/in"), "")),
+        &cluster.url("switchyard"),
+    )
+    .await;
+    let ledger = Arc::new(Ledger::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let loader = tokio::spawn(load(
+        format!("http://{}", sy.addr),
+        "pg",
+        600,
+        ledger.clone(),
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let acknowledged_before = ledger.acknowledged.lock().unwrap().len();
+    let down = cluster.clone();
+    tokio::task::spawn_blocking(move || down.pause())
+        .await
+        .unwrap();
+    let statuses_before = ledger.statuses.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during: Vec<u16> = ledger.statuses.lock().unwrap()[statuses_before..].to_vec();
+    let acknowledged_during = ledger.acknowledged.lock().unwrap().len();
+    let up = cluster.clone();
+    tokio::task::spawn_blocking(move || up.resume())
+        .await
+        .unwrap();
+    assert!(
+        during.len() >= 10,
+        "503s came quickly: {} answers in 10 s",
+        during.len()
+    );
+    // A request in flight when the server went down may have committed just before: at most
+    // one 200 right at the start; after that, only 503s.
+    assert!(
+        during.iter().skip(1).all(|&s| s == 503),
+        "while Postgres was down ingest answered {:?}",
+        during.iter().collect::<HashSet<_>>()
+    );
+    assert!(acknowledged_during <= acknowledged_before + 20);
+    tokio::time::timeout(Duration::from_secs(120), loader)
+        .await
+        .expect("the loader finished")
+        .unwrap();
+    let acknowledged: HashSet<String> = ledger
+        .acknowledged
+        .lock()
+        .unwrap()
+        .iter()
+        .cloned()
+        .collect();
+    assert_eq!(
+        acknowledged.len(),
+        6000,
+        "it reconnected by itself and took the rest"
+    );
+    assert!(
+        sink.wait_until(Duration::from_secs(60), |s| {
+            let got: HashSet<String> = s.message_ids().into_iter().collect();
+            acknowledged.is_subset(&got)
+        })
+        .await,
+        "acknowledged events were lost"
+    );
+    println!(
+        "postgres down 10 s: {} answers while down, all 503; 0 lost",
+        during.len()
+    );
+    sy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_destination_outage_is_retried_with_backoff_then_delivered() {
+    let db = TestDatabase::create("outage").await;
+    let down = Arc::new(AtomicBool::new(true));
+    let flag = down.clone();
+    let sink = MockServer::scripted(move |_, _| {
+        if flag.load(Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let extra =
+        "retry.initial_backoff = \"200ms\"\nretry.max_backoff = \"2s\"\nretry.max_attempts = 1000";
+    let sy = start_switchyard(&config(&webhook("hook", &sink.url("/in"), extra)), &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    let ledger = Arc::new(Ledger::default());
+    load(
+        base.clone(),
+        "out",
+        20,
+        ledger.clone(),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await;
+    let outage = if long() {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(10)
+    };
+    tokio::time::sleep(outage).await;
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let retried = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("switchyard_deliveries_total")
+                && l.contains("destination=\"hook\"")
+                && l.contains("outcome=\"retried\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        retried >= 200.0,
+        "retries are visible in the metrics ({retried})"
+    );
+    // Backoff: far fewer attempts than a tight loop would make over the outage.
+    let attempts = sink.received().len();
+    assert!(attempts < 200 * 12, "{attempts} attempts during the outage");
+    down.store(false, Ordering::SeqCst);
+    let acknowledged: HashSet<String> = ledger
+        .acknowledged
+        .lock()
+        .unwrap()
+        .iter()
+        .cloned()
+        .collect();
+    assert!(
+        sink.wait_until(Duration::from_secs(30), |s| {
+            let got: HashSet<String> = s.message_ids().into_iter().collect();
+            acknowledged.is_subset(&got)
+        })
+        .await
+    );
+    let dead = admin(&base, reqwest::Method::GET, "/admin/v1/dead-letters", None).await;
+    assert_eq!(dead["items"], json!([]));
+    sy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_outage_past_max_age_ends_in_dead_letters_and_replay_delivers_them() {
+    let db = TestDatabase::create("outage_dead").await;
+    let sink = MockServer::scripted(|_, _| Reply::status(503)).await;
+    let extra = "retry.initial_backoff = \"100ms\"\nretry.max_backoff = \"500ms\"\nretry.max_age = \"2s\"\nretry.max_attempts = 1000";
+    let sy = start_switchyard(&config(&webhook("hook", &sink.url("/in"), extra)), &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    let ledger = Arc::new(Ledger::default());
+    load(
+        base.clone(),
+        "age",
+        10,
+        ledger.clone(),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await;
+    let mut items = Vec::new();
+    for _ in 0..100 {
+        let dead = admin(
+            &base,
+            reqwest::Method::GET,
+            "/admin/v1/dead-letters?limit=1000",
+            None,
+        )
+        .await;
+        items = dead["items"].as_array().cloned().unwrap_or_default();
+        if items.len() == 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(items.len(), 100, "every event ended in the dead letters");
+    assert!(items.iter().all(|i| i["last_status"] == 503));
+    sink.script(|_, _| Reply::ok());
+    let replayed = admin(
+        &base,
+        reqwest::Method::POST,
+        "/admin/v1/dead-letters/replay",
+        Some(json!({"destination": "hook"})),
+    )
+    .await;
+    assert_eq!(replayed["requeued"], 100);
+    let acknowledged: HashSet<String> = ledger
+        .acknowledged
+        .lock()
+        .unwrap()
+        .iter()
+        .cloned()
+        .collect();
+    assert!(
+        sink.wait_until(Duration::from_secs(30), |s| {
+            let got: HashSet<String> = s.message_ids().into_iter().collect();
+            acknowledged.is_subset(&got)
+        })
+        .await
+    );
+    sy.shutdown().await.unwrap();
+}
+
+fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_sink_that_never_answers_leaks_nothing_and_delays_no_one() {
+    let db = TestDatabase::create("slow_sink").await;
+    let hang = MockServer::scripted(|_, _| Reply::Hang).await;
+    let good = MockServer::start().await;
+    let destinations = format!(
+        "{}{}",
+        webhook("hang", &hang.url("/in"), "timeout = \"300ms\"\nretry.initial_backoff = \"100ms\"\nretry.max_backoff = \"300ms\"\nretry.max_attempts = 1000"),
+        webhook("good", &good.url("/in"), "")
+    );
+    let sy = Process::spawn(BIN, &config(&destinations), &db.url).await;
+    let ledger = Arc::new(Ledger::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = if long() { 6 } else { 3 };
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        load(
+            sy.base(),
+            if round % 2 == 0 { "slow-a" } else { "slow-b" },
+            20,
+            ledger.clone(),
+            stop.clone(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        samples.push((
+            proc_status(sy.pid(), "VmRSS:"),
+            open_files(sy.pid()),
+            proc_status(sy.pid(), "Threads:"),
+        ));
+    }
+    let (first_rss, _, _) = samples[0];
+    let (last_rss, last_files, threads) = samples[samples.len() - 1];
+    assert!(
+        hang.received().len() > 100,
+        "the hanging sink was tried again and again"
+    );
+    assert!(last_files < 150, "open files stay bounded: {samples:?}");
+    assert!(threads < 64, "{samples:?}");
+    assert!(
+        last_rss < first_rss + 30 * 1024,
+        "memory stays flat (kB): {samples:?}"
+    );
+    let acknowledged: HashSet<String> = ledger
+        .acknowledged
+        .lock()
+        .unwrap()
+        .iter()
+        .cloned()
+        .collect();
+    assert!(
+        good.wait_until(Duration::from_secs(10), |s| {
+            let got: HashSet<String> = s.message_ids().into_iter().collect();
+            acknowledged.is_subset(&got)
+        })
+        .await,
+        "the other destination got everything"
+    );
+    println!(
+        "slow sink: {} attempts timed out; rss/fds/threads {samples:?}",
+        hang.received().len()
+    );
+}
+
+#[tokio::test]
+async fn a_postgres_error_on_insert_answers_503_never_200() {
+    let db = TestDatabase::create("insert_error").await;
+    let sink = MockServer::start().await;
+    let sy = start_switchyard(&config(&webhook("hook", &sink.url("/in"), "")), &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    let post = |id: &'static str| {
+        let base = base.clone();
+        async move {
+            let response = reqwest::Client::new()
+                .post(format!("{base}/v1/track"))
+                .basic_auth(KEY, Some(""))
+                .json(&json!({"event": "E", "userId": "u", "messageId": id}))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let retry_after = response.headers().contains_key("retry-after");
+            (status, retry_after)
+        }
+    };
+    assert_eq!(post("ok-before").await.0, 200);
+    // Like a full disk: every insert fails inside Postgres.
+    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    sqlx::query(
+        "ALTER TABLE message_ids ADD CONSTRAINT simulated_disk_full CHECK (false) NOT VALID",
+    )
+    .execute(&mut connection)
+    .await
+    .unwrap();
+    for id in ["fail-1", "fail-2", "fail-3"] {
+        assert_eq!(post(id).await, (503, true), "{id}");
+    }
+    sqlx::query("ALTER TABLE message_ids DROP CONSTRAINT simulated_disk_full")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(post("ok-after").await.0, 200);
+    assert!(
+        sink.wait_until(Duration::from_secs(10), |s| s.events().len() == 2)
+            .await
+    );
+    let mut ids = sink.message_ids();
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["ok-after", "ok-before"],
+        "nothing refused was delivered"
+    );
+    sy.shutdown().await.unwrap();
+}
