@@ -131,6 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .ok()
                     .filter(|t| !t.is_empty()),
                 grace: Duration::from_secs(10),
+                timeouts: Default::default(),
             })
             .await?;
             let stop = running.stopper();

@@ -18,7 +18,7 @@ use crate::commit::GroupCommit;
 use crate::config::Config;
 use crate::pipeline::{Pipeline, Reloader};
 use crate::scheduler::{LaneSet, Pool};
-use crate::server::{self, AppState, Roles};
+use crate::server::{self, AppState, HttpTimeouts, Roles};
 use crate::store::Store;
 
 /// Which stages this process runs.
@@ -44,6 +44,8 @@ pub struct Settings {
     pub admin_token: Option<String>,
     /// How long in-flight deliveries may take to finish at shutdown.
     pub grace: Duration,
+    /// How long clients may take to send headers and bodies.
+    pub timeouts: HttpTimeouts,
 }
 
 /// A started Switchyard.
@@ -136,6 +138,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         draining: Default::default(),
         commit_timeout: Duration::from_secs(5),
         depth: depth.clone(),
+        timeouts: settings.timeouts,
     });
     let roles = Roles {
         ingest: settings.role != Role::Worker,
@@ -184,11 +187,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             let http_stop = CancellationToken::new();
             let server = tokio::spawn({
                 let http_stop = http_stop.clone();
-                async move {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(http_stop.cancelled_owned())
-                        .await
-                }
+                let timeouts = settings.timeouts;
+                async move { server::serve_http(listener, app, timeouts, http_stop).await }
             });
             stop.cancelled().await;
             tracing::info!("shutting down: intake stopped, finishing deliveries");

@@ -28,6 +28,72 @@ use crate::ingest::{self, CallType, Endpoint};
 use crate::pipeline::{Pipeline, ReloadError, Reloader};
 use crate::store::{NewEvent, Store};
 
+/// Connections served at once at most; more are closed at accept.
+const MAX_CONNECTIONS: usize = 10_000;
+/// Largest request head (request line and headers); past it hyper answers 431.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// How long a client may take to send a request's headers (slowloris) and its body.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpTimeouts {
+    pub headers: Duration,
+    pub body: Duration,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        HttpTimeouts {
+            headers: Duration::from_secs(15),
+            body: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves `app` over HTTP/1.1 until `stop`, then lets requests in progress finish (15 s at
+/// most). Headers must arrive in time, heads are bounded in size, and connections in number,
+/// so slow or greedy clients cannot pile up memory.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    timeouts: HttpTimeouts,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("too many connections; closing a new one");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(timeouts.headers)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(15), graceful.shutdown()).await;
+}
+
 /// Which parts of the API a process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Roles {
@@ -48,6 +114,7 @@ pub struct AppState {
     /// How long an ingest request waits for its commit before answering 503.
     pub commit_timeout: Duration,
     pub depth: Arc<QueueDepth>,
+    pub timeouts: HttpTimeouts,
 }
 
 pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
@@ -141,8 +208,17 @@ async fn ingest(
             return Err(reject_unknown_key());
         }
     }
-    let raw = axum::body::to_bytes(body, ingest::MAX_REQUEST_BYTES)
+    let limit = state.timeouts.body;
+    let read = tokio::time::timeout(limit, axum::body::to_bytes(body, ingest::MAX_REQUEST_BYTES));
+    let raw = read
         .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("the body did not arrive within {} s", limit.as_secs_f64()),
+            )
+        })?
         .map_err(|error| {
             if std::error::Error::source(&error)
                 .is_some_and(|e| e.is::<http_body_util::LengthLimitError>())

@@ -411,6 +411,7 @@ pub async fn start_switchyard_as(config_toml: &str, database_url: &str, role: Ro
         role,
         admin_token: Some(ADMIN_TOKEN.into()),
         grace: Duration::from_secs(5),
+        timeouts: test_timeouts(),
     })
     .await
     .expect("switchyard starts")
@@ -428,6 +429,7 @@ pub async fn start_switchyard_from(path: &std::path::Path, database_url: &str) -
         role: Role::All,
         admin_token: Some(ADMIN_TOKEN.into()),
         grace: Duration::from_secs(5),
+        timeouts: test_timeouts(),
     })
     .await
     .expect("switchyard starts")
@@ -668,5 +670,13 @@ impl Drop for PrivateCluster {
             false,
         );
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Short client timeouts, so tests of slow clients finish quickly.
+fn test_timeouts() -> crate::server::HttpTimeouts {
+    crate::server::HttpTimeouts {
+        headers: Duration::from_secs(2),
+        body: Duration::from_secs(2),
     }
 }
