@@ -6,10 +6,27 @@
 
 use crate::destination::Kind;
 
+pub mod amplitude;
+pub mod ga4;
+pub mod mapping;
+pub mod mixpanel;
+pub mod postgres;
+pub mod posthog;
+pub mod segment;
+pub mod slack;
 pub mod webhook;
 
 /// Every kind the config may name.
-pub static KINDS: &[&Kind] = &[&webhook::KIND];
+pub static KINDS: &[&Kind] = &[
+    &webhook::KIND,
+    &amplitude::KIND,
+    &mixpanel::KIND,
+    &ga4::KIND,
+    &posthog::KIND,
+    &slack::KIND,
+    &segment::KIND,
+    &postgres::KIND,
+];
 
 /// Kinds added at run time (an embedding program's own, or a test's).
 static REGISTERED: std::sync::RwLock<Vec<&'static Kind>> = std::sync::RwLock::new(Vec::new());

@@ -17,6 +17,7 @@ pub mod backpressure;
 pub mod bootstrap;
 pub mod commit;
 pub mod config;
+pub mod conformance;
 pub mod destination;
 #[path = "../destinations/mod.rs"]
 pub mod destinations;
