@@ -28,6 +28,7 @@ use crate::destination::{
 
 pub static KIND: Kind = Kind {
     name: "amplitude",
+    catalog_name: "Amplitude",
     defaults: KindDefaults {
         // Amplitude asks Starter plans for at most 10 events per request; 2,000 is the maximum.
         batch_size: 10,

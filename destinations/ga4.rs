@@ -28,6 +28,7 @@ use crate::destination::{
 
 pub static KIND: Kind = Kind {
     name: "ga4",
+    catalog_name: "Google Analytics 4",
     defaults: KindDefaults {
         batch_size: 25,
         max_batch_size: 25,

@@ -29,6 +29,7 @@ use crate::destination::{
 
 pub static KIND: Kind = Kind {
     name: "mixpanel",
+    catalog_name: "Mixpanel",
     defaults: KindDefaults {
         // Mixpanel's SDKs flush 50 at a time; /import takes up to 2,000 events per request.
         batch_size: 50,

@@ -31,6 +31,7 @@ use crate::destination::{
 
 pub static KIND: Kind = Kind {
     name: "postgres",
+    catalog_name: "Postgres",
     defaults: KindDefaults {
         batch_size: 100,
         max_batch_size: 1000,

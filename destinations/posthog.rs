@@ -24,6 +24,7 @@ use crate::destination::{
 
 pub static KIND: Kind = Kind {
     name: "posthog",
+    catalog_name: "PostHog",
     defaults: KindDefaults {
         batch_size: 100,
         // PostHog counts no events per batch but takes bodies under 20 MB: 500 Segment

@@ -28,6 +28,7 @@ use crate::destination::{
 
 pub static KIND: Kind = Kind {
     name: "segment",
+    catalog_name: "Segment",
     defaults: KindDefaults {
         batch_size: 100,
         max_batch_size: 100,

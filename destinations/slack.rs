@@ -20,6 +20,7 @@ use crate::destinations::webhook::parse_http_url;
 
 pub static KIND: Kind = Kind {
     name: "slack",
+    catalog_name: "Slack",
     defaults: KindDefaults {
         batch_size: 1,
         max_batch_size: 1,

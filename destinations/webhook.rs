@@ -21,6 +21,7 @@ use crate::destination::{
 
 pub static KIND: Kind = Kind {
     name: "webhook",
+    catalog_name: "Webhooks",
     defaults: KindDefaults {
         batch_size: 1,
         max_batch_size: 1000,

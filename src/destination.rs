@@ -310,6 +310,9 @@ fn clean_serde_message(message: &str) -> String {
 /// A destination kind: its name in the config and how to build it from its own keys.
 pub struct Kind {
     pub name: &'static str,
+    /// The name Segment's catalog gives this integration (`"Amplitude"`, `"Google Analytics 4"`):
+    /// a message's `integrations` object may name it.
+    pub catalog_name: &'static str,
     /// The kind's defaults, which the config may lower but not raise (batch size) or override.
     pub defaults: KindDefaults,
     pub build: fn(&Settings) -> Result<Built, Vec<SettingError>>,

@@ -109,6 +109,8 @@ pub struct Route {
     pub destination_id: i32,
     pub name: String,
     pub kind: String,
+    /// The kind's name in Segment's catalog (`"Amplitude"`).
+    pub catalog_name: String,
     /// Source ids it receives from (`None`: all).
     pub sources: Option<Vec<i32>>,
     /// Event names or call types (`None`: all).
@@ -132,14 +134,18 @@ impl Route {
                 return false;
             }
         }
-        integrations_allow(message.integrations.as_ref(), &self.name, &self.kind)
+        integrations_allow(
+            message.integrations.as_ref(),
+            [&self.name, &self.kind, &self.catalog_name],
+        )
     }
 }
 
 /// Segment's `integrations` object: `{"All": false, "Amplitude": true}` turns every destination
 /// off but the named ones; `{"Amplitude": false}` turns one off. Names are matched exactly
-/// (case-sensitive) against the destination's name or its kind.
-fn integrations_allow(integrations: Option<&Map<String, Value>>, name: &str, kind: &str) -> bool {
+/// (case-sensitive) against the destination's name, its kind, or the kind's catalog name, in
+/// that order: the most specific setting wins.
+fn integrations_allow(integrations: Option<&Map<String, Value>>, names: [&str; 3]) -> bool {
     let Some(integrations) = integrations else {
         return true;
     };
@@ -149,8 +155,9 @@ fn integrations_allow(integrations: Option<&Map<String, Value>>, name: &str, kin
         Some(Value::Object(_)) => Some(true),
         _ => None,
     };
-    setting(name)
-        .or_else(|| setting(kind))
+    names
+        .into_iter()
+        .find_map(setting)
         .or_else(|| setting("All"))
         .unwrap_or(true)
 }
@@ -726,12 +733,26 @@ mod tests {
     fn integrations_route_by_name_or_kind_case_sensitively() {
         let off = json!({"All": false, "Amplitude": true});
         let off = off.as_object();
-        assert!(integrations_allow(off, "amp-prod", "Amplitude"));
-        assert!(!integrations_allow(off, "hook", "webhook"));
+        assert!(integrations_allow(
+            off,
+            ["amp-prod", "amplitude", "Amplitude"]
+        ));
+        assert!(!integrations_allow(off, ["hook", "webhook", "Webhooks"]));
         let one_off = json!({"hook": false});
-        assert!(!integrations_allow(one_off.as_object(), "hook", "webhook"));
-        assert!(integrations_allow(one_off.as_object(), "Hook", "webhook"));
-        assert!(integrations_allow(None, "hook", "webhook"));
+        assert!(!integrations_allow(
+            one_off.as_object(),
+            ["hook", "webhook", "Webhooks"]
+        ));
+        assert!(integrations_allow(
+            one_off.as_object(),
+            ["Hook", "webhook", "Webhooks"]
+        ));
+        assert!(integrations_allow(None, ["hook", "webhook", "Webhooks"]));
+        let specific = json!({"Amplitude": false, "amp-prod": true});
+        assert!(integrations_allow(
+            specific.as_object(),
+            ["amp-prod", "amplitude", "Amplitude"]
+        ));
     }
 
     #[test]

@@ -66,6 +66,9 @@ impl Pipeline {
                     destination_id: destination_ids[&d.name],
                     name: d.name.clone(),
                     kind: d.kind.clone(),
+                    catalog_name: crate::destinations::kind(&d.kind)
+                        .map(|kind| kind.catalog_name.to_owned())
+                        .unwrap_or_default(),
                     sources: d.sources.as_ref().map(|names| {
                         names
                             .iter()

@@ -532,6 +532,7 @@ fn build_chaos(_: &Settings) -> Result<Built, Vec<SettingError>> {
 
 static CHAOS: Kind = Kind {
     name: "chaos",
+    catalog_name: "Chaos",
     defaults: KindDefaults {
         batch_size: 1,
         max_batch_size: 1,
