@@ -291,8 +291,13 @@ fn parse_batch(text: &str, now: OffsetDateTime) -> Result<Parsed, ApiError> {
             ))
         }
     };
+    let sent_at = field("sentAt")?.filter(|v| !v.is_null());
+    if let Some(value) = &sent_at {
+        time_field(value, "sentAt")
+            .map_err(|(code, message)| ApiError::bad_request(code, message))?;
+    }
     let defaults = BatchDefaults {
-        sent_at: field("sentAt")?.filter(|v| !v.is_null()),
+        sent_at,
         context: object_field(field("context")?, "context")?,
         integrations: object_field(field("integrations")?, "integrations")?,
     };
@@ -466,6 +471,10 @@ fn id_field(object: &mut Map<String, Value>, name: &str) -> Result<Option<String
     match object.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(None),
+        // Postgres text cannot hold NUL, and no real identifier has one.
+        Some(Value::String(s)) if s.contains('\0') => Err(invalid(format!(
+            "`{name}` must not contain a NUL character"
+        ))),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(Value::Number(n)) => {
             let text = n.to_string();
@@ -516,7 +525,9 @@ fn correct_times(
         None => None,
     };
     let timestamp = match (original, sent_at) {
-        (Some(original), Some(sent)) => received_at - (sent - original),
+        (Some(original), Some(sent)) => received_at
+            .checked_sub(sent - original)
+            .ok_or_else(|| invalid("`sentAt` and `timestamp` are too far apart to correct"))?,
         (Some(original), None) => original,
         (None, _) => received_at,
     };
@@ -693,6 +704,13 @@ mod tests {
         );
         assert_eq!(page["context"]["library"]["name"], "x");
         assert_eq!(page["integrations"]["All"], false);
+    }
+
+    #[test]
+    fn a_malformed_batch_sent_at_is_refused_even_when_no_message_uses_it() {
+        let body = json!({"batch": [], "sentAt": "not a date"});
+        let error = parse(Endpoint::Batch, body.to_string().as_bytes(), now()).unwrap_err();
+        assert_eq!(error.status, StatusCode::BAD_REQUEST);
     }
 
     #[test]

@@ -18,12 +18,16 @@ pub mod bootstrap;
 pub mod commit;
 pub mod config;
 pub mod conformance;
+pub mod dashboard;
+pub mod demo;
 pub mod destination;
 #[path = "../destinations/mod.rs"]
 pub mod destinations;
 pub mod egress;
 pub mod error;
 pub mod ingest;
+pub mod live;
+pub mod openapi;
 pub mod pipeline;
 pub mod scheduler;
 pub mod sender;

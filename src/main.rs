@@ -50,6 +50,15 @@ enum Command {
     },
     /// Validate a config file: exit 0, or print every error as file:line:col: message and exit 2.
     Check,
+    /// A self-contained tour: a demo config, a local sink, sample events, then what arrived.
+    Demo {
+        /// Keep serving after the tour until Ctrl-C (to open the dashboard).
+        #[arg(long)]
+        keep: bool,
+        /// The PostgreSQL server to make the throwaway database on.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -60,7 +69,9 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo prints its own story; the service's info lines would bury it.
+    let quiet = matches!(cli.command, Command::Demo { .. });
+    init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -102,6 +113,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::from(2))
                 }
             }
+        }
+        Command::Demo { keep, database_url } => {
+            switchyard::demo::run_with(switchyard::demo::Options {
+                database_url,
+                keep_running: keep,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Migrate { database_url } => {
             let database = bootstrap::resolve(database_url).await?;
@@ -180,9 +199,9 @@ async fn wait_for_signal() {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -139,6 +139,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         commit_timeout: Duration::from_secs(5),
         depth: depth.clone(),
         timeouts: settings.timeouts,
+        live: Default::default(),
     });
     let roles = Roles {
         ingest: settings.role != Role::Worker,
@@ -193,6 +194,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             stop.cancelled().await;
             tracing::info!("shutting down: intake stopped, finishing deliveries");
             state.draining.store(true, Ordering::Release);
+            state.live.close();
             // Requests already inside finish their commits; new ones get 503 meanwhile.
             http_stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(15), server).await;

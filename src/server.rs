@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -115,19 +116,25 @@ pub struct AppState {
     pub commit_timeout: Duration,
     pub depth: Arc<QueueDepth>,
     pub timeouts: HttpTimeouts,
+    /// The live debugger's feed (`GET /admin/v1/live`).
+    pub live: crate::live::LiveFeed,
 }
 
 pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
-    let admin = Router::new()
-        .route("/admin/v1/destinations", get(destinations))
-        .route("/admin/v1/dead-letters", get(dead_letters))
-        .route("/admin/v1/dead-letters/replay", post(replay))
-        .route("/admin/v1/reload", post(reload))
+    let admin = admin_routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, route)| {
+            router.route(path, route)
+        })
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     let mut app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(crate::openapi::serve))
+        // The dashboard's page and assets hold no data: a browser cannot send a bearer token
+        // when it navigates, so they are served openly and fetch everything from /admin/v1/*.
+        .merge(crate::dashboard::router())
         .merge(admin);
     if roles.ingest {
         app = app
@@ -135,7 +142,37 @@ pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
             .route("/v1/import", post(batch))
             .route("/v1/{call}", post(single));
     }
-    app.fallback(not_found).with_state(state)
+    app.fallback(not_found)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .with_state(state)
+}
+
+/// Every admin route. They are all mounted behind [`require_admin`] in one place, so none can
+/// be left open; [`admin_paths`] lets a test walk them.
+fn admin_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
+    vec![
+        ("/admin/v1/destinations", get(destinations)),
+        ("/admin/v1/dead-letters", get(dead_letters)),
+        ("/admin/v1/dead-letters/replay", post(replay)),
+        ("/admin/v1/reload", post(reload)),
+        ("/admin/v1/live", get(live)),
+    ]
+}
+
+/// The paths of every admin route.
+pub fn admin_paths() -> Vec<&'static str> {
+    admin_routes().into_iter().map(|(path, _)| path).collect()
+}
+
+/// A handler that panicked (a bug): the client still gets a JSON answer, and the process lives.
+fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the request could not be handled; nothing was stored",
+    )
+    .into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -269,9 +306,15 @@ async fn ingest(
         .collect();
     let jobs: usize = events.iter().map(|e| e.targets.len()).sum();
     state.depth.admit(&pipeline.limits, source.id, jobs)?;
+    let live = state
+        .live
+        .prepare(&source.name, events.iter().map(|e| e.payload.as_slice()));
     if !events.is_empty() {
         match tokio::time::timeout(state.commit_timeout, state.commit.commit(events)).await {
-            Ok(Ok(_)) => state.depth.queued(source.id, jobs as u64),
+            Ok(Ok(_)) => {
+                state.depth.queued(source.id, jobs as u64);
+                state.live.send(live);
+            }
             Ok(Err(CommitError::Closed)) => {
                 return Err(ApiError::unavailable("shutting down; retry shortly"))
             }
@@ -395,8 +438,19 @@ struct DeadLetterQuery {
 
 async fn dead_letters(
     State(state): State<Arc<AppState>>,
-    Query(query): Query<DeadLetterQuery>,
+    query: Result<Query<DeadLetterQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(query_error)?;
+    if query
+        .destination
+        .as_deref()
+        .is_some_and(|d| d.contains('\0'))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`destination` must not contain a NUL character",
+        ));
+    }
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let letters = state
         .store
@@ -424,7 +478,8 @@ async fn dead_letters(
 #[derive(Deserialize)]
 struct ReplayRequest {
     destination: String,
-    ids: Option<Vec<i64>>,
+    /// Dead letter ids; JSON numbers with an integral value (`7` or `7.0`).
+    ids: Option<Vec<serde_json::Number>>,
 }
 
 async fn replay(
@@ -443,11 +498,18 @@ async fn replay(
         .iter()
         .find(|lane| lane.config.name == request.destination)
         .ok_or_else(|| ApiError::not_found(format!("no destination `{}`", request.destination)))?;
+    let ids: Option<Vec<i64>> = request
+        .ids
+        .map(|ids| ids.iter().map(integral).collect::<Option<_>>())
+        .map(|ids| {
+            ids.ok_or_else(|| ApiError::bad_request("invalid_ids", "`ids` must be whole numbers"))
+        })
+        .transpose()?;
     let requeued = state
         .store
         .replay(
             lane.id,
-            request.ids.as_deref(),
+            ids.as_deref(),
             lane.config.ordering == crate::config::Ordering::PerUser,
         )
         .await
@@ -473,4 +535,23 @@ async fn reload(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiEr
         )),
         Err(ReloadError::Database(_)) => Err(ApiError::unavailable("the database is unavailable")),
     }
+}
+
+async fn live(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<crate::live::LiveQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(query_error)?;
+    Ok(state.live.sse(query.source))
+}
+
+fn integral(number: &serde_json::Number) -> Option<i64> {
+    number.as_i64().or_else(|| {
+        let value = number.as_f64()?;
+        (value.fract() == 0.0 && value.abs() < 9.0e15).then_some(value as i64)
+    })
+}
+
+fn query_error(rejection: QueryRejection) -> ApiError {
+    ApiError::bad_request("invalid_query", rejection.body_text())
 }

@@ -37,7 +37,7 @@ impl TestDatabase {
         let name = format!("sy_test_{}_{}", sanitize(label), &suffix[..8]);
         let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", server_url()))
             .await
-            .expect("the test Postgres answers (see README: scripts/test starts it)");
+            .expect("the test Postgres answers (see README: .ci/test starts it)");
         sqlx::query(&format!("CREATE DATABASE \"{name}\""))
             .execute(&mut admin)
             .await

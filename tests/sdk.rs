@@ -1,5 +1,5 @@
 //! The official SDKs, unmodified, against the running binary: every call they make reaches the
-//! webhook. `scripts/test` installs them (a virtualenv under `target/`, `npm ci` in
+//! webhook. `.ci/test` installs them (a virtualenv under `target/`, `npm ci` in
 //! `tests/sdk`).
 
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ fn python() -> PathBuf {
         .unwrap_or_else(|| manifest_dir().join("target/sdk-venv/bin/python"));
     assert!(
         python.exists(),
-        "no Python with the Segment SDKs at {}: run scripts/test, which installs them",
+        "no Python with the Segment SDKs at {}: run .ci/test, which installs them",
         python.display()
     );
     python
@@ -131,7 +131,7 @@ async fn segment_analytics_node_delivers_every_call() {
         Path::new(&dir)
             .join("node_modules/@segment/analytics-node")
             .exists(),
-        "@segment/analytics-node is not installed in {}: run scripts/test",
+        "@segment/analytics-node is not installed in {}: run .ci/test",
         dir.display()
     );
     let (_db, sink, sy) = setup("sdk_node").await;

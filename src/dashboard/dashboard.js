@@ -1,0 +1,502 @@
+// Switchyard dashboard: plain JavaScript, no dependencies.
+//
+// The admin token is kept in sessionStorage (this tab only) and sent as
+// `Authorization: Bearer` on every call; it never goes into a URL or a cookie. The live stream
+// is read with fetch() rather than EventSource, because EventSource cannot send that header.
+// Everything from the server is put into the page as text (textContent), never as markup.
+'use strict';
+
+(() => {
+  const TOKEN_KEY = 'switchyard.adminToken';
+  const REFRESH_MS = 2000;
+  const LIVE_MAX = 200;
+  const SPARK_POINTS = 30;
+
+  const $ = (id) => document.getElementById(id);
+  const number = new Intl.NumberFormat();
+  const rate = new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 });
+
+  /** Creates an element with attributes and children (strings become text nodes). */
+  function el(tag, attributes, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attributes || {})) {
+      if (value === undefined || value === null || value === false) continue;
+      if (name === 'class') node.className = value;
+      else if (name === 'text') node.textContent = value;
+      else if (name.startsWith('on')) node.addEventListener(name.slice(2), value);
+      else node.setAttribute(name, value === true ? '' : String(value));
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  class Unauthorized extends Error {}
+
+  const session = {
+    get token() { return sessionStorage.getItem(TOKEN_KEY); },
+    set token(value) {
+      if (value) sessionStorage.setItem(TOKEN_KEY, value);
+      else sessionStorage.removeItem(TOKEN_KEY);
+    },
+  };
+
+  /** Calls the admin API; a 401 means the token is wrong (or the admin API is off). */
+  async function api(path, options = {}) {
+    const headers = { Authorization: `Bearer ${session.token}` };
+    if (options.body !== undefined) headers['Content-Type'] = 'application/json';
+    const response = await fetch(path, {
+      method: options.method || 'GET',
+      headers,
+      body: options.body === undefined ? undefined : JSON.stringify(options.body),
+      cache: 'no-store',
+      credentials: 'omit',
+      signal: options.signal,
+    });
+    if (response.status === 401) {
+      throw new Unauthorized(await errorMessage(response, 'the admin token was refused'));
+    }
+    if (!response.ok) {
+      throw new Error(await errorMessage(response, `${response.status} ${response.statusText}`));
+    }
+    return options.raw ? response : response.json();
+  }
+
+  async function errorMessage(response, fallback) {
+    try {
+      const body = await response.json();
+      return body.message || fallback;
+    } catch {
+      return fallback;
+    }
+  }
+
+  function setStatus(text, isError = false) {
+    const status = $('status');
+    status.textContent = text;
+    status.classList.toggle('error', isError);
+  }
+
+  // ---- Sign in and out ---------------------------------------------------------------------
+
+  function showLogin(message = '') {
+    stopAll();
+    session.token = null;
+    $('app').hidden = true;
+    $('logout').hidden = true;
+    $('login').hidden = false;
+    $('login-error').textContent = message;
+    setStatus('');
+    $('token').focus();
+  }
+
+  async function signIn(token) {
+    session.token = token;
+    try {
+      await api('/admin/v1/destinations');
+    } catch (error) {
+      showLogin(error instanceof Unauthorized ? error.message : `Cannot reach Switchyard: ${error.message}`);
+      return;
+    }
+    $('login').hidden = true;
+    $('app').hidden = false;
+    $('logout').hidden = false;
+    startAll();
+  }
+
+  function handleFailure(error) {
+    if (error instanceof Unauthorized) {
+      showLogin(error.message);
+    } else if (error.name !== 'AbortError') {
+      setStatus(`Connection problem: ${error.message} (retrying)`, true);
+    }
+  }
+
+  // ---- Destinations ------------------------------------------------------------------------
+
+  const previous = new Map(); // name -> {delivered, dead, at}
+  const history = new Map(); // name -> recent throughput samples
+  let destinations = [];
+
+  async function refreshDestinations() {
+    const list = await api('/admin/v1/destinations');
+    const now = performance.now();
+    destinations = list;
+    const body = $('destinations').tBodies[0];
+    body.replaceChildren(...list.flatMap((destination) => destinationRows(destination, now)));
+    $('no-destinations').hidden = list.length > 0;
+    updateDeadLetterChoices(list);
+    setStatus(`Updated ${new Date().toLocaleTimeString()}`);
+  }
+
+  function destinationRows(d, now) {
+    const before = previous.get(d.name);
+    let throughput = null;
+    if (before && now > before.at) {
+      throughput = Math.max(0, d.delivered - before.delivered) / ((now - before.at) / 1000);
+    }
+    const newDead = before ? d.dead > before.dead : false;
+    previous.set(d.name, { delivered: d.delivered, dead: d.dead, at: now });
+    const samples = history.get(d.name) || [];
+    if (throughput !== null) samples.push(throughput);
+    while (samples.length > SPARK_POINTS) samples.shift();
+    history.set(d.name, samples);
+
+    let health = 'ok';
+    let healthText = 'healthy';
+    if (d.retrying > 0 || d.last_error) {
+      health = 'warn';
+      healthText = 'retrying or recently failed';
+    }
+    if (newDead || (d.retrying > 0 && throughput === 0)) {
+      health = 'bad';
+      healthText = 'failing';
+    }
+
+    const count = (field, alert = false) => {
+      const value = d[field] ?? 0;
+      return el('td', {
+        class: `num ${value === 0 ? 'zero' : alert ? 'alert' : ''}`,
+        'data-field': field,
+        text: number.format(value),
+      });
+    };
+    const rateLimit = d.rate_limit
+      ? `${d.rate_limit}${d.rate_factor !== undefined && d.rate_factor < 1 ? ` (×${rate.format(d.rate_factor)})` : ''}`
+      : 'none';
+
+    const row = el('tr', { 'data-destination': d.name },
+      el('td', {},
+        el('span', { class: `dot ${health}`, title: healthText, role: 'img', 'aria-label': healthText }),
+        el('span', { class: 'name', text: d.name }),
+        el('span', { class: 'kind', text: d.kind })),
+      el('td', { class: 'num', 'data-field': 'throughput' },
+        sparkline(samples),
+        throughput === null ? '–' : `${rate.format(throughput)}/s`),
+      count('delivered'),
+      count('queued'),
+      count('in_flight'),
+      count('retrying', true),
+      count('dead', true),
+      el('td', { 'data-field': 'rate_limit', text: rateLimit }),
+      el('td', { class: 'num', 'data-field': 'concurrency_limit', text: d.concurrency_limit ?? '–' }),
+      el('td', { class: 'error-text', 'data-field': 'last_error', text: d.last_error || '' }));
+    const rows = [row];
+    if (Array.isArray(d.endpoints) && d.endpoints.length > 0) {
+      rows.push(el('tr', { class: 'endpoints', 'data-endpoints-of': d.name },
+        el('td', { colspan: 10 },
+          el('ul', { class: 'chips', 'aria-label': `${d.name} endpoints` },
+            d.endpoints.map(endpointChip)))));
+    }
+    return rows;
+  }
+
+  /** Endpoint health, whatever fields the server reports: the URL first, then the rest. */
+  function endpointChip(endpoint) {
+    if (typeof endpoint !== 'object' || endpoint === null) return el('li', { text: String(endpoint) });
+    const label = endpoint.url || endpoint.name || 'endpoint';
+    const healthy = endpoint.healthy ?? (endpoint.state ? endpoint.state === 'healthy' : undefined);
+    const details = Object.entries(endpoint)
+      .filter(([key]) => !['url', 'name'].includes(key))
+      .map(([key, value]) => `${key.replaceAll('_', ' ')} ${typeof value === 'object' ? JSON.stringify(value) : value}`)
+      .join(' · ');
+    return el('li', {},
+      el('span', { class: `dot ${healthy === false ? 'bad' : 'ok'}` }),
+      el('span', { class: 'mono', text: label }),
+      details ? ` — ${details}` : '');
+  }
+
+  function sparkline(samples) {
+    const width = 60;
+    const height = 16;
+    const svg = document.createElementNS('http://www.w3.org/2000/svg', 'svg');
+    svg.setAttribute('class', 'spark');
+    svg.setAttribute('width', width);
+    svg.setAttribute('height', height);
+    svg.setAttribute('aria-hidden', 'true');
+    if (samples.length > 1) {
+      const top = Math.max(...samples, 1);
+      const step = width / (SPARK_POINTS - 1);
+      const offset = width - step * (samples.length - 1);
+      const points = samples.map((value, i) =>
+        `${(offset + i * step).toFixed(1)},${(height - 1 - (value / top) * (height - 2)).toFixed(1)}`);
+      const line = document.createElementNS('http://www.w3.org/2000/svg', 'polyline');
+      line.setAttribute('points', points.join(' '));
+      svg.append(line);
+    }
+    return svg;
+  }
+
+  // ---- Dead letters ------------------------------------------------------------------------
+
+  let deadSignature = '';
+  let confirmTimer = null;
+
+  /** Keeps the choice; picks the first destination with dead letters when none was made. */
+  function updateDeadLetterChoices(list) {
+    const select = $('dead-destination');
+    const chosen = select.value;
+    const options = list.map((d) =>
+      el('option', { value: d.name, text: `${d.name} (${number.format(d.dead)})` }));
+    select.replaceChildren(...options);
+    const keep = list.find((d) => d.name === chosen);
+    const withDead = list.find((d) => d.dead > 0);
+    select.value = keep ? chosen : withDead ? withDead.name : list[0]?.name ?? '';
+  }
+
+  async function refreshDeadLetters() {
+    const destination = $('dead-destination').value;
+    if (!destination) {
+      renderDeadLetters([]);
+      return;
+    }
+    const query = new URLSearchParams({ destination, limit: '50' });
+    const { items } = await api(`/admin/v1/dead-letters?${query}`);
+    const signature = destination + ':' + items.map((item) => item.id).join(',');
+    if (signature !== deadSignature) {
+      deadSignature = signature;
+      renderDeadLetters(items);
+    }
+  }
+
+  function renderDeadLetters(items) {
+    const body = $('dead-letters').tBodies[0];
+    body.replaceChildren(...items.map((item) => el('tr', { 'data-id': item.id },
+      el('td', { class: 'num', text: item.id }),
+      el('td', { class: 'mono', text: item.message_id }),
+      el('td', { class: 'num', text: item.attempts }),
+      el('td', { class: 'num', text: item.last_status ?? '—' }),
+      el('td', { class: 'error-text', text: item.last_error }),
+      el('td', { text: new Date(item.failed_at).toLocaleString() }),
+      el('td', {}, eventDetails(item.event)),
+      el('td', {}, el('button', {
+        type: 'button',
+        class: 'replay',
+        'data-id': item.id,
+        onclick: (e) => replay([item.id], e.currentTarget),
+        text: 'Replay',
+      })))));
+    $('no-dead-letters').hidden = items.length > 0;
+    $('replay-all').disabled = items.length === 0;
+  }
+
+  function eventSummary(event) {
+    if (!event || typeof event !== 'object') return 'event';
+    const what = event.type === 'track' ? event.event : event.name || event.groupId || event.previousId;
+    return [event.type, what].filter(Boolean).join(' · ') || 'event';
+  }
+
+  function eventDetails(event) {
+    return el('details', {},
+      el('summary', { text: eventSummary(event) }),
+      el('pre', { text: JSON.stringify(event, null, 2) }));
+  }
+
+  async function replay(ids, button) {
+    const destination = $('dead-destination').value;
+    if (button) button.disabled = true;
+    try {
+      const body = ids ? { destination, ids } : { destination };
+      const { requeued } = await api('/admin/v1/dead-letters/replay', { method: 'POST', body });
+      const result = $('replay-result');
+      result.textContent = `Requeued ${number.format(requeued)} dead letter${requeued === 1 ? '' : 's'} for ${destination}.`;
+      result.hidden = false;
+      deadSignature = '';
+      await refreshDeadLetters();
+      await refreshDestinations();
+    } catch (error) {
+      if (button) button.disabled = false;
+      handleFailure(error);
+    }
+  }
+
+  /** "Replay all" asks once more before it acts (no blocking dialog). */
+  function replayAll() {
+    const button = $('replay-all');
+    if (!button.classList.contains('confirm')) {
+      button.classList.add('confirm');
+      button.textContent = 'Click again to replay all';
+      confirmTimer = setTimeout(resetReplayAll, 4000);
+      return;
+    }
+    resetReplayAll();
+    replay(null, null);
+  }
+
+  function resetReplayAll() {
+    clearTimeout(confirmTimer);
+    const button = $('replay-all');
+    button.classList.remove('confirm');
+    button.textContent = 'Replay all';
+  }
+
+  // ---- Live events -------------------------------------------------------------------------
+
+  let live = null; // {controller}
+  let livePaused = false;
+  let liveRetry = null;
+
+  function startLive() {
+    stopLive();
+    if (livePaused || !session.token) return;
+    const controller = new AbortController();
+    live = { controller };
+    const source = $('live-source').value.trim();
+    const query = source ? `?${new URLSearchParams({ source })}` : '';
+    $('live-state').textContent = 'connecting…';
+    readStream(`/admin/v1/live${query}`, controller.signal)
+      .then(() => scheduleLiveRetry('stream ended'))
+      .catch((error) => {
+        if (error.name === 'AbortError') return;
+        if (error instanceof Unauthorized) {
+          handleFailure(error);
+          return;
+        }
+        scheduleLiveRetry(error.message);
+      });
+  }
+
+  function scheduleLiveRetry(reason) {
+    $('live-state').textContent = `disconnected (${reason}); reconnecting…`;
+    clearTimeout(liveRetry);
+    liveRetry = setTimeout(startLive, 3000);
+  }
+
+  function stopLive() {
+    clearTimeout(liveRetry);
+    if (live) live.controller.abort();
+    live = null;
+  }
+
+  /** Reads a server-sent event stream from a fetch() body: frames end with a blank line. */
+  async function readStream(path, signal) {
+    const response = await api(path, { raw: true, signal });
+    $('live-state').textContent = 'connected';
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = '';
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value.replace(/\r\n?/g, '\n');
+      let end;
+      while ((end = buffer.indexOf('\n\n')) >= 0) {
+        const frame = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        handleFrame(frame);
+      }
+    }
+  }
+
+  function handleFrame(frame) {
+    let type = 'message';
+    const data = [];
+    for (const line of frame.split('\n')) {
+      if (line === '' || line.startsWith(':')) continue;
+      const colon = line.indexOf(':');
+      const field = colon < 0 ? line : line.slice(0, colon);
+      const value = colon < 0 ? '' : line.slice(colon + 1).replace(/^ /, '');
+      if (field === 'event') type = value;
+      else if (field === 'data') data.push(value);
+    }
+    if (data.length === 0) return;
+    let payload;
+    try {
+      payload = JSON.parse(data.join('\n'));
+    } catch {
+      return;
+    }
+    if (type === 'message') addLiveEvent(payload);
+    else if (type === 'lagged') addLiveNote(`Skipped ${number.format(payload.skipped)} events: they arrived faster than this page could show them.`);
+  }
+
+  function addLiveEvent({ source, received_at: receivedAt, message }) {
+    const who = message.userId ?? message.anonymousId ?? '';
+    const what = message.type === 'track' ? message.event : message.name || message.groupId || message.previousId || '';
+    const item = el('li', { 'data-message-id': message.messageId },
+      el('details', {},
+        el('summary', {},
+          el('span', { class: 'when', text: new Date(receivedAt).toLocaleTimeString() }),
+          el('span', { class: 'tag', text: source }),
+          el('span', { class: 'tag', text: message.type }),
+          el('strong', { text: what }),
+          who ? ` · ${who}` : '',
+          el('span', { class: 'hint mono', text: `  ${message.messageId ?? ''}` })),
+        el('pre', { text: JSON.stringify(message, null, 2) })));
+    prependLive(item);
+  }
+
+  function addLiveNote(text) {
+    prependLive(el('li', { class: 'lagged', text }));
+  }
+
+  function prependLive(item) {
+    const list = $('live-events');
+    list.prepend(item);
+    while (list.children.length > LIVE_MAX) list.lastElementChild.remove();
+    $('no-live').hidden = true;
+  }
+
+  function toggleLive() {
+    livePaused = !livePaused;
+    $('live-toggle').textContent = livePaused ? 'Resume' : 'Pause';
+    if (livePaused) {
+      stopLive();
+      $('live-state').textContent = 'paused';
+    } else {
+      startLive();
+    }
+  }
+
+  // ---- The refresh loop --------------------------------------------------------------------
+
+  let timer = null;
+
+  async function refresh() {
+    try {
+      await refreshDestinations();
+      await refreshDeadLetters();
+    } catch (error) {
+      handleFailure(error);
+      if (error instanceof Unauthorized) return;
+    }
+    timer = setTimeout(refresh, REFRESH_MS);
+  }
+
+  function startAll() {
+    stopAll();
+    refresh();
+    startLive();
+  }
+
+  function stopAll() {
+    clearTimeout(timer);
+    timer = null;
+    stopLive();
+  }
+
+  document.addEventListener('DOMContentLoaded', () => {
+    $('login-form').addEventListener('submit', (event) => {
+      event.preventDefault();
+      const token = $('token').value.trim();
+      $('token').value = '';
+      if (token) signIn(token);
+    });
+    $('logout').addEventListener('click', () => showLogin('Signed out.'));
+    $('dead-destination').addEventListener('change', () => {
+      deadSignature = '';
+      $('replay-result').hidden = true;
+      refreshDeadLetters().catch(handleFailure);
+    });
+    $('replay-all').addEventListener('click', replayAll);
+    $('live-toggle').addEventListener('click', toggleLive);
+    $('live-source').addEventListener('change', () => {
+      $('live-events').replaceChildren();
+      $('no-live').hidden = false;
+      startLive();
+    });
+    if (session.token) signIn(session.token);
+    else showLogin();
+  });
+})();

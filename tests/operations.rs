@@ -1,0 +1,446 @@
+//! Operating Switchyard: the live debugger, the OpenAPI document, the dashboard page, the demo,
+//! and the deployment files, each checked the way an operator would meet it.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sqlx::Connection as _;
+use switchyard::testkit::{self, start_switchyard, MockServer, TestDatabase, ADMIN_TOKEN};
+
+const WEB_KEY: &str = "wk_ops_web";
+const APP_KEY: &str = "wk_ops_app";
+
+fn config(sink: &MockServer) -> String {
+    format!(
+        r#"
+[[sources]]
+name = "web"
+write_key = "{WEB_KEY}"
+
+[[sources]]
+name = "app"
+write_key = "{APP_KEY}"
+
+[[destinations]]
+name = "hook"
+kind = "webhook"
+url = "{}"
+"#,
+        sink.url("/in")
+    )
+}
+
+async fn track(addr: SocketAddr, key: &str, message_id: &str) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/track"))
+        .basic_auth(key, Some(""))
+        .json(&json!({"userId": "u1", "event": "Signed Up", "messageId": message_id}))
+        .send()
+        .await
+        .expect("ingest answers");
+    assert_eq!(response.status(), 200);
+}
+
+async fn subscribe(addr: SocketAddr, query: &str) -> reqwest::Response {
+    let response = reqwest::Client::new()
+        .get(format!("http://{addr}/admin/v1/live{query}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("the live stream answers");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/event-stream",
+        "server-sent events"
+    );
+    response
+}
+
+/// The `event: message` payloads of a stream, read until `done` holds or `limit` passes.
+async fn read_messages(
+    response: &mut reqwest::Response,
+    limit: Duration,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + limit;
+    let mut text = String::new();
+    let mut messages = Vec::new();
+    while !done(&messages) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, response.chunk()).await {
+            Ok(Ok(Some(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            _ => break,
+        }
+        messages = text
+            .split("\n\n")
+            .filter(|frame| frame.lines().any(|l| l == "event: message"))
+            .filter_map(|frame| {
+                let data = frame.lines().find_map(|l| l.strip_prefix("data: "))?;
+                serde_json::from_str(data).ok()
+            })
+            .collect();
+    }
+    messages
+}
+
+#[tokio::test]
+async fn the_live_stream_shows_accepted_events_of_the_chosen_source() {
+    let db = TestDatabase::create("live").await;
+    let sink = MockServer::start().await;
+    let sy = start_switchyard(&config(&sink), &db.url).await;
+
+    let anonymous = reqwest::get(format!("http://{}/admin/v1/live", sy.addr))
+        .await
+        .expect("answers");
+    assert_eq!(
+        anonymous.status(),
+        401,
+        "the debugger needs the admin token"
+    );
+
+    let mut web = subscribe(sy.addr, "?source=web").await;
+    track(sy.addr, APP_KEY, "live-app-1").await;
+    track(sy.addr, WEB_KEY, "live-web-1").await;
+    let messages = read_messages(&mut web, Duration::from_secs(10), |m| {
+        m.iter().any(|m| m["message"]["messageId"] == "live-web-1")
+    })
+    .await;
+    let seen: Vec<&Value> = messages
+        .iter()
+        .map(|m| &m["message"]["messageId"])
+        .collect();
+    assert!(
+        seen.contains(&&json!("live-web-1")),
+        "the web event streamed: {messages:?}"
+    );
+    assert!(
+        !seen.contains(&&json!("live-app-1")),
+        "the app event is filtered out: {messages:?}"
+    );
+    let event = messages
+        .iter()
+        .find(|m| m["message"]["messageId"] == "live-web-1")
+        .expect("the web event");
+    assert_eq!(event["source"], "web");
+    assert_eq!(event["message"]["event"], "Signed Up");
+    assert!(
+        event["message"]["receivedAt"].is_string(),
+        "the message as stored, enriched"
+    );
+    assert!(event["received_at"].is_string());
+    drop(web);
+    sy.shutdown()
+        .await
+        .expect("a clean shutdown with no viewer");
+}
+
+#[tokio::test]
+async fn an_open_stream_does_not_hold_up_shutdown() {
+    let db = TestDatabase::create("live_shutdown").await;
+    let sink = MockServer::start().await;
+    let sy = start_switchyard(&config(&sink), &db.url).await;
+    let mut viewer = subscribe(sy.addr, "").await;
+    let started = Instant::now();
+    sy.shutdown().await.expect("a clean shutdown");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?} with a viewer connected",
+        started.elapsed()
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = viewer.chunk().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ends at shutdown");
+}
+
+#[tokio::test]
+async fn a_viewer_that_never_reads_does_not_slow_ingest() {
+    let db = TestDatabase::create("live_slow").await;
+    let sink = MockServer::start().await;
+    let sy = start_switchyard(&config(&sink), &db.url).await;
+    // Subscribed, and never read from: the socket's buffers fill and the feed drops messages
+    // for this viewer instead of waiting for it.
+    let stalled = subscribe(sy.addr, "").await;
+
+    let padding = "x".repeat(2000);
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    for request in 0..20 {
+        let batch: Vec<Value> = (0..50)
+            .map(|i| {
+                json!({"type": "track", "userId": "u1", "event": "Bulk",
+                       "messageId": format!("slow-{request}-{i}"),
+                       "properties": {"padding": padding}})
+            })
+            .collect();
+        let response = client
+            .post(format!("http://{}/v1/batch", sy.addr))
+            .basic_auth(WEB_KEY, Some(""))
+            .json(&json!({ "batch": batch }))
+            .send()
+            .await
+            .expect("ingest answers");
+        assert_eq!(response.status(), 200);
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "1,000 events took {took:?} with a stalled viewer"
+    );
+    assert!(
+        sink.wait_until(Duration::from_secs(60), |s| s.events().len() == 1000)
+            .await,
+        "delivery went on too"
+    );
+    drop(stalled);
+    sy.shutdown().await.expect("a clean shutdown");
+}
+
+#[tokio::test]
+async fn openapi_json_describes_ingest_and_admin_as_openapi_3_1() {
+    let db = TestDatabase::create("openapi").await;
+    let sink = MockServer::start().await;
+    let sy = start_switchyard(&config(&sink), &db.url).await;
+    let response = reqwest::get(format!("http://{}/openapi.json", sy.addr))
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), 200, "open, no token needed");
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .is_ok_and(|t| t.starts_with("application/json")));
+    let document: Value = response.json().await.expect("JSON");
+    assert_eq!(document["openapi"], "3.1.0");
+    assert_eq!(document["info"]["version"], env!("CARGO_PKG_VERSION"));
+    for path in [
+        "/v1/track",
+        "/v1/identify",
+        "/v1/page",
+        "/v1/screen",
+        "/v1/group",
+        "/v1/alias",
+        "/v1/batch",
+        "/v1/import",
+        "/admin/v1/destinations",
+        "/admin/v1/dead-letters",
+        "/admin/v1/dead-letters/replay",
+        "/admin/v1/live",
+        "/admin/v1/reload",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(document["paths"][path].is_object(), "{path} is documented");
+    }
+    sy.shutdown().await.expect("a clean shutdown");
+}
+
+#[tokio::test]
+async fn the_dashboard_page_loads_without_the_token_and_its_data_does_not() {
+    let db = TestDatabase::create("dashboard_page").await;
+    let sink = MockServer::start().await;
+    let sy = start_switchyard(&config(&sink), &db.url).await;
+    let client = reqwest::Client::new();
+
+    let page = client
+        .get(format!("http://{}/admin", sy.addr))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-type"]
+        .to_str()
+        .is_ok_and(|t| t.starts_with("text/html")));
+    assert!(page
+        .headers()
+        .get("content-security-policy")
+        .is_some_and(|v| v.to_str().is_ok_and(|v| v.contains("default-src 'none'"))));
+    let html = page.text().await.expect("text");
+    assert!(html.contains("<title>Switchyard</title>"));
+    assert!(!html.contains(ADMIN_TOKEN), "the shell holds no secret");
+    assert!(!html.contains("\"hook\""), "nor any data");
+
+    for (path, kind) in [
+        ("/admin/assets/dashboard.js", "text/javascript"),
+        ("/admin/assets/dashboard.css", "text/css"),
+    ] {
+        let asset = client
+            .get(format!("http://{}{path}", sy.addr))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(asset.status(), 200, "{path}");
+        assert!(asset.headers()["content-type"]
+            .to_str()
+            .is_ok_and(|t| t.starts_with(kind)));
+    }
+
+    let data = client
+        .get(format!("http://{}/admin/v1/destinations", sy.addr))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(data.status(), 401, "the data still needs the token");
+    sy.shutdown().await.expect("a clean shutdown");
+}
+
+#[tokio::test]
+async fn the_demo_shows_what_each_destination_received_and_leaves_nothing_behind() {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("demo")
+        .env(
+            "DATABASE_URL",
+            format!("{}/postgres", testkit::server_url()),
+        )
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let pid = child.id().expect("a pid");
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the demo finishes within a minute")
+        .expect("its output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the demo exits 0:\n{stdout}\n{stderr}"
+    );
+    for expected in [
+        "every-event",
+        "signed-batches",
+        "orders-only",
+        "POST /v1/identify  200",
+        "[track \"Order Completed\" demo-01]",
+        "webhook-signature=v1,",
+        "alias demo-06",
+        "/admin",
+        "/metrics",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "the demo prints `{expected}`:\n{stdout}"
+        );
+    }
+
+    let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", testkit::server_url()))
+        .await
+        .expect("the test Postgres answers");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(format!("switchyard_demo_{pid}"))
+        .fetch_one(&mut admin)
+        .await
+        .expect("a count");
+    assert_eq!(left, 0, "the demo database is dropped");
+}
+
+fn repository_file(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A compose `environment` as a map, whichever of its two forms the file uses.
+fn environment(service: &serde_norway::Value) -> std::collections::HashMap<String, String> {
+    match &service["environment"] {
+        serde_norway::Value::Mapping(map) => map
+            .iter()
+            .filter_map(|(k, v)| {
+                let value = match v {
+                    serde_norway::Value::String(s) => s.clone(),
+                    serde_norway::Value::Number(n) => n.to_string(),
+                    serde_norway::Value::Bool(b) => b.to_string(),
+                    _ => String::new(),
+                };
+                Some((k.as_str()?.to_owned(), value))
+            })
+            .collect(),
+        serde_norway::Value::Sequence(items) => items
+            .iter()
+            .filter_map(|item| {
+                let (k, v) = item.as_str()?.split_once('=')?;
+                Some((k.to_owned(), v.to_owned()))
+            })
+            .collect(),
+        _ => Default::default(),
+    }
+}
+
+#[test]
+fn docker_compose_runs_switchyard_after_a_healthy_postgres() {
+    let compose: serde_norway::Value =
+        serde_norway::from_str(&repository_file("docker-compose.yml")).expect("valid YAML");
+    let services = &compose["services"];
+    let postgres = &services["postgres"];
+    let switchyard = &services["switchyard"];
+    assert!(postgres.is_mapping(), "a `postgres` service");
+    assert!(switchyard.is_mapping(), "a `switchyard` service");
+    assert!(
+        !postgres["healthcheck"]["test"].is_null(),
+        "postgres has a health check"
+    );
+    assert_eq!(
+        switchyard["depends_on"]["postgres"]["condition"].as_str(),
+        Some("service_healthy"),
+        "switchyard waits for a healthy postgres"
+    );
+    let ports: Vec<&str> = switchyard["ports"]
+        .as_sequence()
+        .map(|p| p.iter().filter_map(|p| p.as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        ports.iter().any(|p| p.ends_with("8080:8080")),
+        "port 8080 is published: {ports:?}"
+    );
+
+    let env = environment(switchyard);
+    assert!(
+        env.get("DATABASE_URL")
+            .is_some_and(|url| url.starts_with("postgres://") && url.contains("@postgres:5432/")),
+        "DATABASE_URL points at the postgres service: {env:?}"
+    );
+    assert_eq!(
+        env.get("SWITCHYARD_LISTEN").map(String::as_str),
+        Some("0.0.0.0:8080")
+    );
+    assert!(env.contains_key("SWITCHYARD_ADMIN_TOKEN"));
+    let config_path = env
+        .get("SWITCHYARD_CONFIG")
+        .expect("SWITCHYARD_CONFIG is set");
+    let mounted = switchyard["volumes"].as_sequence().is_some_and(|volumes| {
+        volumes.iter().filter_map(|v| v.as_str()).any(|v| {
+            let mut parts = v.split(':');
+            parts.next().is_some_and(|host| host.ends_with(".toml"))
+                && parts.next() == Some(config_path.as_str())
+        })
+    });
+    assert!(mounted, "the config file is mounted at {config_path}");
+}
+
+#[test]
+fn the_image_is_built_in_stages_and_runs_as_a_user() {
+    let dockerfile = repository_file("Dockerfile");
+    let instructions: Vec<&str> = dockerfile
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    let stages = instructions
+        .iter()
+        .filter(|l| l.to_ascii_uppercase().starts_with("FROM "))
+        .count();
+    assert!(stages >= 2, "a multi-stage build");
+    let user = instructions
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("a USER instruction");
+    assert!(
+        !matches!(user.trim(), "root" | "0" | "0:0"),
+        "the image runs as a user, not {user}"
+    );
+}
