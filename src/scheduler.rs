@@ -479,6 +479,16 @@ struct Finished {
 }
 
 /// Runs one request: the plugin under a timeout with panics caught, then each event's fate.
+#[tracing::instrument(
+    name = "delivery",
+    skip_all,
+    fields(
+        destination = %lane.config.name,
+        key = %lane.gate.digest,
+        events = jobs.len(),
+        attempt = jobs.iter().map(|j| j.attempts).max().unwrap_or(0),
+    )
+)]
 async fn deliver(lane: &Lane, jobs: Vec<ClaimedJob>) -> Finished {
     let started = Instant::now();
     let events: Vec<Event> = jobs

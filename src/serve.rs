@@ -89,6 +89,11 @@ pub fn metrics_handle() -> PrometheusHandle {
                     &latency,
                 )
                 .expect("buckets are not empty")
+                .set_buckets_for_metric(
+                    Matcher::Full("switchyard_http_request_duration_seconds".into()),
+                    &latency,
+                )
+                .expect("buckets are not empty")
                 .build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
@@ -273,6 +278,11 @@ async fn count_queue(
                 continue;
             }
         }
+        let pool = store.pool();
+        let idle = pool.num_idle() as f64;
+        metrics::gauge!("switchyard_db_pool_connections", "state" => "idle").set(idle);
+        metrics::gauge!("switchyard_db_pool_connections", "state" => "used")
+            .set(pool.size() as f64 - idle);
         for lane in lanes.load().iter() {
             let (queued, _) = depth.destination(lane.id);
             metrics::gauge!("switchyard_queue_depth", "destination" => lane.config.name.clone())

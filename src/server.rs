@@ -143,6 +143,7 @@ pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
             .route("/v1/{call}", post(single));
     }
     app.fallback(not_found)
+        .layer(middleware::from_fn(observe))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)
 }
@@ -162,6 +163,28 @@ fn admin_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
 /// The paths of every admin route.
 pub fn admin_paths() -> Vec<&'static str> {
     admin_routes().into_iter().map(|(path, _)| path).collect()
+}
+
+/// Per request: a tracing span, and the HTTP metrics (`switchyard_http_requests_total`,
+/// `switchyard_http_request_duration_seconds`) labelled by route pattern, never by raw path.
+async fn observe(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().as_str().to_owned();
+    let span = tracing::info_span!("request", %method, %route);
+    let started = std::time::Instant::now();
+    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    span.in_scope(|| tracing::debug!(status, elapsed_ms = elapsed.as_millis() as u64, "answered"));
+    metrics::counter!("switchyard_http_requests_total", "method" => method, "route" => route.clone(), "status" => status.to_string())
+        .increment(1);
+    metrics::histogram!("switchyard_http_request_duration_seconds", "route" => route)
+        .record(elapsed.as_secs_f64());
+    response
 }
 
 /// A handler that panicked (a bug): the client still gets a JSON answer, and the process lives.
