@@ -125,8 +125,7 @@ pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
         .into_iter()
         .fold(Router::new(), |router, (path, route)| {
             router.route(path, route)
-        })
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+        });
     let mut app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -143,13 +142,18 @@ pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
             .route("/v1/{call}", post(single));
     }
     app.fallback(not_found)
+        // Around everything, so no route under /admin/v1/ can be left open, wherever it is
+        // mounted: even an unknown one answers 401 before 404.
+        .layer(middleware::from_fn_with_state(state.clone(), require_admin))
         .layer(middleware::from_fn(observe))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)
 }
 
-/// Every admin route. They are all mounted behind [`require_admin`] in one place, so none can
-/// be left open; [`admin_paths`] lets a test walk them.
+/// Where the token-protected admin API lives.
+pub const ADMIN_API: &str = "/admin/v1/";
+
+/// Every admin route; [`admin_paths`] lets a test walk them.
 fn admin_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
     vec![
         ("/admin/v1/destinations", get(destinations)),
@@ -391,12 +395,16 @@ fn basic_write_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(user.to_owned()))
 }
 
-/// Every `/admin` route: a bearer token compared in constant time.
+/// Every path under `/admin/v1/`: a bearer token compared in constant time. (The dashboard's
+/// page and assets, under `/admin` and `/admin/assets/`, hold no data and stay open.)
 async fn require_admin(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    if !request.uri().path().starts_with(ADMIN_API) {
+        return Ok(next.run(request).await);
+    }
     let Some(token) = &state.admin_token else {
         return Err(ApiError::unauthorized(
             "the admin API is off: set SWITCHYARD_ADMIN_TOKEN to enable it",
