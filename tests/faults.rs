@@ -100,7 +100,7 @@ async fn admin(base: &str, method: reqwest::Method, path: &str, body: Option<Val
         .unwrap_or(Value::Null)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_under_load_loses_nothing() {
     let db = TestDatabase::create("kill_loop").await;
     let sink = MockServer::scripted(|_, _| Reply::ok().after(Duration::from_millis(5))).await;
@@ -164,7 +164,7 @@ async fn kill_9_at_random_moments_under_load_loses_nothing() {
     assert_eq!(sy.terminate(Duration::from_secs(20)).await, Some(0));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_outage_under_load_answers_503_and_loses_nothing() {
     let cluster = Arc::new(
         tokio::task::spawn_blocking(PrivateCluster::start)
@@ -244,7 +244,7 @@ async fn a_postgres_outage_under_load_answers_503_and_loses_nothing() {
     sy.shutdown().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_outage_is_retried_with_backoff_then_delivered() {
     let db = TestDatabase::create("outage").await;
     let down = Arc::new(AtomicBool::new(true));
@@ -318,7 +318,7 @@ async fn a_destination_outage_is_retried_with_backoff_then_delivered() {
     sy.shutdown().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_past_max_age_ends_in_dead_letters_and_replay_delivers_them() {
     let db = TestDatabase::create("outage_dead").await;
     let sink = MockServer::scripted(|_, _| Reply::status(503)).await;
@@ -392,7 +392,7 @@ fn open_files(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_that_never_answers_leaks_nothing_and_delays_no_one() {
     let db = TestDatabase::create("slow_sink").await;
     let hang = MockServer::scripted(|_, _| Reply::Hang).await;
@@ -456,7 +456,7 @@ async fn a_sink_that_never_answers_leaks_nothing_and_delays_no_one() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_error_on_insert_answers_503_never_200() {
     let db = TestDatabase::create("insert_error").await;
     let sink = MockServer::start().await;

@@ -90,7 +90,7 @@ fn percentile(mut values: Vec<Duration>, p: f64) -> Duration {
     values[((values.len() as f64 * p).ceil() as usize).clamp(1, values.len()) - 1]
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_holds_without_bursts() {
     let _serial = SERIAL.lock().await;
     let db = TestDatabase::create("rate").await;
@@ -123,7 +123,7 @@ async fn a_rate_limit_holds_without_bursts() {
     sy.shutdown().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destinations_sharing_a_key_share_one_bucket() {
     let _serial = SERIAL.lock().await;
     let db = TestDatabase::create("shared").await;
@@ -155,7 +155,7 @@ async fn destinations_sharing_a_key_share_one_bucket() {
     sy.shutdown().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_noisy_keys_backlog_does_not_delay_a_quiet_key() {
     let _serial = SERIAL.lock().await;
     let db = TestDatabase::create("noisy").await;
@@ -212,7 +212,7 @@ events = [\"Quiet\"]
     sy.shutdown().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hanging_and_failing_destinations_do_not_slow_the_others() {
     let _serial = SERIAL.lock().await;
     let db = TestDatabase::create("isolation").await;
@@ -283,7 +283,7 @@ url = \"{}\"
     sy.shutdown().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_pauses_only_that_key() {
     let _serial = SERIAL.lock().await;
     let db = TestDatabase::create("retry_after").await;
@@ -342,7 +342,7 @@ url = \"{}\"
     sy.shutdown().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aimd_backs_off_on_429s_and_recovers() {
     let _serial = SERIAL.lock().await;
     let db = TestDatabase::create("aimd").await;
@@ -388,7 +388,7 @@ async fn aimd_backs_off_on_429s_and_recovers() {
     sy.shutdown().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_answers_429_past_the_queue_bound_and_loses_nothing() {
     let db = TestDatabase::create("overload").await;
     let sink = MockServer::scripted(|_, _| Reply::Hang).await;
@@ -440,7 +440,7 @@ async fn ingest_answers_429_past_the_queue_bound_and_loses_nothing() {
     sy.shutdown().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_answers_503_while_the_database_is_down_and_recovers() {
     let cluster = tokio::task::spawn_blocking(PrivateCluster::start)
         .await
@@ -541,7 +541,7 @@ static CHAOS: Kind = Kind {
     build: build_chaos,
 };
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_plugin_fails_only_its_own_delivery() {
     switchyard::destinations::register(&CHAOS);
     let db = TestDatabase::create("panic").await;
@@ -619,7 +619,7 @@ url = \"{}\"
     sy.shutdown().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_ordering_holds_a_users_later_events_behind_a_retry() {
     let db = TestDatabase::create("ordering").await;
     let first_try = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -669,7 +669,7 @@ async fn per_user_ordering_holds_a_users_later_events_behind_a_retry() {
     sy.shutdown().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_hold_one_limit_in_total() {
     let _serial = SERIAL.lock().await;
     let db = TestDatabase::create("two").await;
