@@ -903,8 +903,8 @@ timeout = "soon"
                  (allowed: sources, destinations, limits, security)",
                 "switchyard.toml:10:1: `url`: `ftp://example.com/in` must be an http:// or https:// URL",
                 "switchyard.toml:11:1: unknown key `retries` for a `webhook` destination \
-                 (expected one of `url`, `urls`, `secret`, `headers`, \
-                 or a key every destination takes)",
+                 (expected one of `url`, `urls`, `secret`, `headers`, `balance`, \
+                 `use_utilization`, `ramp_up`, `stats_decay`, or a key every destination takes)",
                 "switchyard.toml:12:14: bad rate `5 per s`: expected \"N/s\", \"N/m\" or \"N/h\"",
                 "switchyard.toml:13:19: unknown source `app`",
                 "switchyard.toml:16:8: duplicate destination name `orders`",

@@ -186,6 +186,35 @@ pub trait Destination: Send + Sync + 'static {
         ctx: &'a DeliveryContext<'a>,
         events: &'a [Event],
     ) -> BoxFuture<'a, Verdict>;
+
+    /// Per-endpoint state, for a destination that spreads its requests over several endpoints
+    /// (a webhook's `urls`); the admin API and the metrics show it.
+    fn endpoints(&self) -> Vec<EndpointStats> {
+        Vec::new()
+    }
+}
+
+/// One endpoint of a destination with several, as this process sees it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EndpointStats {
+    /// The URL with its credentials and query masked.
+    pub url: String,
+    /// This process's requests to it not answered yet.
+    pub in_flight: usize,
+    /// Rolling share of failed requests (connection errors, timeouts, 5xx), fading with time.
+    pub error_rate: f64,
+    /// What it last reported in `X-Server-Utilization` (0.0 to 1.0), fading with time and
+    /// adjusted for this process's requests sent since; `None` without a report or when
+    /// `use_utilization` is off.
+    pub utilization: Option<f64>,
+    /// New or recovering: one request at a time until it answers with a 2xx.
+    pub probation: bool,
+    /// Its share of the draw while it ramps up: 0.1 growing to 1.
+    pub weight: f64,
+    /// Requests sent to it by this process since it started.
+    pub requests: u64,
+    /// Of those, the ones that failed (connection errors, timeouts, 5xx, 408).
+    pub failures: u64,
 }
 
 /// The common shape of HTTP vendors: map a batch to one request, classify the answer.

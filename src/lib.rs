@@ -14,6 +14,7 @@
 //! [`config`] reads the TOML file every stage is driven by.
 
 pub mod backpressure;
+pub mod balance;
 pub mod bootstrap;
 pub mod commit;
 pub mod config;

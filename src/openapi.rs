@@ -88,6 +88,7 @@ pub async fn serve() -> Response {
         Failure,
         Rejection,
         DestinationStatus,
+        EndpointStatus,
         DeadLetter,
         DeadLetters,
         ReplayRequest,
@@ -859,6 +860,26 @@ pub struct DestinationStatus {
     pub concurrency_limit: u64,
     /// The share of the rate limit in force (below 1 after the vendor throttled).
     pub rate_factor: f64,
+    /// Per endpoint of a webhook with several `urls` (empty otherwise).
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// One endpoint of a load-balanced destination, as this process sees it.
+#[derive(ToSchema)]
+pub struct EndpointStatus {
+    /// The URL with credentials and query masked.
+    pub url: String,
+    pub in_flight: u64,
+    /// Rolling share of failed requests, fading over time.
+    pub error_rate: f64,
+    /// The last `X-Server-Utilization` it reported (0.0 to 1.0), if any.
+    pub utilization: Option<f64>,
+    /// New or recovering: one request at a time until it answers.
+    pub probation: bool,
+    /// Its share of the draw while it ramps up (0.1 to 1).
+    pub weight: f64,
+    pub requests: u64,
+    pub failures: u64,
 }
 
 /// A message that could not be delivered, with the last answer.

@@ -455,6 +455,7 @@ async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>,
                 "concurrency_limit": lane.concurrency_limit(),
                 "rate_factor": lane.gate.rate_factor(),
                 "last_error": last_error,
+                "endpoints": lane.config.plugin.endpoints(),
             })
         })
         .collect();
