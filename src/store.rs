@@ -13,8 +13,16 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 use time::OffsetDateTime;
 
-/// Seconds of ingest per partition of `events` and `jobs`.
-pub const PART_SECONDS: i64 = 600;
+/// Seconds of ingest per partition of `events` and `jobs`. Short, so that a window is dropped
+/// (with every dead tuple its claims and completions left) a couple of minutes after its work
+/// is done, instead of the queue's indexes filling with dead entries vacuum must chase.
+pub const PART_SECONDS: i64 = 60;
+
+/// Storage options of `jobs` partitions: room on each page for the claim's new row version, and
+/// autovacuum that keeps up with a queue's churn (every job is updated once and deleted once).
+const JOBS_STORAGE: &str = "fillfactor = 80, vacuum_truncate = false, \
+     autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000, \
+     autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_cost_limit = 10000";
 /// The channel jobs are announced on.
 pub const JOBS_CHANNEL: &str = "switchyard_jobs";
 /// Advisory lock namespace: instance liveness.
@@ -619,10 +627,15 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         for p in part..=part + 2 {
-            for table in ["events", "jobs"] {
+            for (table, storage) in [("events", ""), ("jobs", JOBS_STORAGE)] {
+                let with = if storage.is_empty() {
+                    String::new()
+                } else {
+                    format!(" WITH ({storage})")
+                };
                 let sql = format!(
                     "CREATE TABLE IF NOT EXISTS {table}_p{p} PARTITION OF {table} \
-                     FOR VALUES FROM ({p}) TO ({next})",
+                     FOR VALUES FROM ({p}) TO ({next}){with}",
                     next = p + 1
                 );
                 sqlx::query(&sql).execute(&mut *tx).await?;
@@ -640,6 +653,16 @@ impl Store {
 
         let mut report = PartitionReport::default();
         for old in self.partitions("jobs", "jobs_p").await? {
+            // Windows that may still be written to, or hold work, churn: every job is updated
+            // once and deleted once. Vacuum them here rather than trusting autovacuum's settings
+            // (or its being on), so claims never wade through dead index entries.
+            if old <= part {
+                // No truncation: it would take an exclusive lock and stall every claim.
+                let vacuum = format!("VACUUM (TRUNCATE false, SKIP_LOCKED true) jobs_p{old}");
+                if let Err(error) = sqlx::query(&vacuum).execute(&self.pool).await {
+                    tracing::debug!(%error, window = old, "vacuuming a queue partition failed");
+                }
+            }
             // A window is dropped once it is a full window in the past and empty.
             if old >= part - 1 {
                 continue;
@@ -681,8 +704,17 @@ impl Store {
     /// Drops one window's jobs and events if no job is left in it. The partitions are locked
     /// before they are checked, so a commit still writing into the window is waited for.
     async fn drop_window_if_done(&self, part: i32) -> Result<bool> {
+        // Look first without a lock: a window with work left is the common case, and an
+        // exclusive lock request would stall every claim (they scan all partitions) while it
+        // waits. Only a window that looks empty is locked and checked again.
+        let any: bool = sqlx::query_scalar(&format!("SELECT EXISTS (SELECT 1 FROM jobs_p{part})"))
+            .fetch_one(&self.pool)
+            .await?;
+        if any {
+            return Ok(false);
+        }
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SET LOCAL lock_timeout = '500ms'")
+        sqlx::query("SET LOCAL lock_timeout = '100ms'")
             .execute(&mut *tx)
             .await?;
         let lock = format!("LOCK TABLE jobs_p{part}, events_p{part} IN ACCESS EXCLUSIVE MODE");
