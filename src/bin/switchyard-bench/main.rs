@@ -1,0 +1,196 @@
+//! `switchyard-bench`: the benchmark harness of issue 4.
+//!
+//! For each scenario it creates a database of its own on a real Postgres, starts the release
+//! `switchyard` binary next to this one as a child process with a generated config, drives it
+//! over real HTTP from keep-alive connections, receives its deliveries in local sinks, and
+//! reports events/s, latency percentiles, the child's peak RSS, the CPU split between
+//! Switchyard, Postgres and the harness, and the ratio to raw COPY measured in the same run.
+//!
+//! - [`events`]: the Segment-shaped events; [`loader`]: the load generator;
+//! - [`sink`]: the webhook receivers; [`switchyard`]: the child process and its config;
+//! - [`database`]: bench databases; [`procfs`]: RSS and CPU from `/proc`;
+//! - [`scenarios`]: what each scenario does; [`report`]: the table and the JSON.
+
+mod balancing;
+mod database;
+mod events;
+mod loader;
+mod procfs;
+mod report;
+mod scenarios;
+mod sink;
+mod switchyard;
+mod timing;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+
+use crate::database::Server;
+use crate::report::Row;
+use crate::scenarios::{Env, Scenario};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard-bench",
+    about = "Benchmarks Switchyard against a real Postgres and local sinks"
+)]
+struct Cli {
+    /// A scenario to run (repeatable); without one, every default scenario. `soak`, `scale`
+    /// and `balancing` run only when named. `postgres-baseline` always runs first: every
+    /// ratio needs it.
+    #[arg(long = "scenario", value_enum)]
+    scenarios: Vec<Scenario>,
+    /// Also write the results here as JSON: {"SCENARIO": {"events_per_sec": .., ...}}.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// The Postgres server to use (its database part is ignored: each scenario makes its own).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("switchyard-bench: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("switchyard-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    timing::anchor();
+    let binary = std::env::current_exe()
+        .context("locating this binary")?
+        .with_file_name("switchyard");
+    if !binary.exists() {
+        bail!(
+            "{} is missing: build it first with `cargo build --release --bins`",
+            binary.display()
+        );
+    }
+    let server = Server::new(cli.database_url.as_deref())?;
+    let version = server.version().await?;
+    let postmaster = server.postmaster().await?;
+    let work_dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
+    let env = Env {
+        server,
+        binary,
+        work_dir: work_dir.clone(),
+        postmaster,
+    };
+    if postmaster.is_none() {
+        eprintln!("Postgres does not run on this machine: its CPU share is not measured");
+    }
+    println!("{}", machine(&version));
+
+    let mut plan = if cli.scenarios.is_empty() {
+        Scenario::DEFAULT.to_vec()
+    } else {
+        cli.scenarios.clone()
+    };
+    let mut seen = vec![Scenario::PostgresBaseline];
+    plan.retain(|s| {
+        let first = !seen.contains(s);
+        seen.push(*s);
+        first
+    });
+    plan.insert(0, Scenario::PostgresBaseline);
+
+    let started = Instant::now();
+    let rows = tokio::select! {
+        rows = run_all(&env, &plan) => rows,
+        _ = tokio::signal::ctrl_c() => {
+            env.server.drop_all().await;
+            bail!("interrupted; the bench databases were dropped");
+        }
+    };
+    let baseline = rows
+        .iter()
+        .find(|r| r.scenario == "postgres-baseline" && r.error.is_none())
+        .map(|r| r.events_per_sec);
+    println!("{}", report::table(&rows, baseline));
+    println!("total time: {:.0} s", started.elapsed().as_secs_f64());
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&report::json(&rows, baseline))?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    if rows.iter().any(|r| r.error.is_some()) {
+        println!("logs and configs: {}", work_dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
+    Ok(())
+}
+
+/// Runs each scenario in turn, each with its own databases, dropped when it ends.
+async fn run_all(env: &Env, plan: &[Scenario]) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
+    for scenario in plan {
+        eprintln!("running {} ...", scenario.name());
+        let started = Instant::now();
+        let result = scenario.run(env, &rows).await;
+        env.server.drop_all().await;
+        match result {
+            Ok(new) => {
+                for row in &new {
+                    let error = row.error.as_deref().map(|e| format!(" (error: {e})"));
+                    eprintln!(
+                        "  {}: {:.0} events/s{}",
+                        row.scenario,
+                        row.events_per_sec,
+                        error.unwrap_or_default()
+                    );
+                }
+                eprintln!("  took {:.0} s", started.elapsed().as_secs_f64());
+                rows.extend(new);
+            }
+            Err(error) => {
+                eprintln!("  {} failed: {error:#}", scenario.name());
+                rows.push(Row::failed(scenario.name(), &error));
+            }
+        }
+    }
+    rows
+}
+
+/// The header: cores, CPU model, memory, Postgres.
+fn machine(postgres_version: &str) -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map_or("unknown CPU", str::trim);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory_gb = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / (1024.0 * 1024.0));
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "machine: {cores} cores, {model}, {memory_gb:.0} GB; PostgreSQL {postgres_version}; \
+         load average at start {}",
+        load.join(" ")
+    )
+}

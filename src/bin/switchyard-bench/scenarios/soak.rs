@@ -1,0 +1,174 @@
+//! `soak` (not in the default set): ten minutes at 70% of `deliver-e2e`'s sustained rate,
+//! with throughput, latency, table sizes and RSS per minute. Flat is the target: every
+//! minute's rate within 10% of the mean, and the queue tables at the end no more than 25%
+//! larger than after the first minute (finished work is reclaimed).
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::deliver::{self, Plan};
+use super::{note_log, wait_until, Env};
+use crate::events::EventMaker;
+use crate::loader::{self, per_sec, Endpoint, Load};
+use crate::procfs;
+use crate::report::{round, Row};
+use crate::sink::Sink;
+use crate::switchyard::{Role, Webhook};
+use crate::timing;
+
+const MINUTES: u64 = 10;
+const SHARE_OF_E2E: f64 = 0.7;
+/// Measures `deliver-e2e`'s rate first when this run has not.
+const PROBE: Plan = Plan {
+    saturate_for: Duration::from_secs(14),
+    warmup: Duration::from_secs(4),
+    max_outstanding: 10_000,
+    rate: 2_000.0,
+    rate_for: Duration::ZERO,
+};
+/// Events per request, and connections, of the soak's fixed-rate load.
+const SOAK_BATCH: usize = 10;
+const SOAK_CONNECTIONS: usize = 8;
+
+/// Live and dead rows of the jobs partitions (dead ones are what claims must skip over).
+const JOBS_ROWS: &str = r#"
+SELECT coalesce(sum(n_live_tup), 0)::bigint, coalesce(sum(n_dead_tup), 0)::bigint
+FROM pg_stat_user_tables
+WHERE relid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'jobs'::regclass)
+"#;
+
+const TABLE_BYTES: &str = r#"
+SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)::bigint
+FROM pg_inherits i
+WHERE i.inhparent = $1::regclass
+"#;
+
+pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
+    let scenario = "soak";
+    let database = env.database(scenario).await?;
+    let sink = Sink::start(1)?;
+    let switchyard = env
+        .switchyard(
+            scenario,
+            &database,
+            Role::All,
+            &[Webhook::new("sink", sink.url(0))],
+        )
+        .await?;
+    let mut row = Row::new(scenario);
+
+    let e2e = done
+        .iter()
+        .find(|r| r.scenario == "deliver-e2e" && r.error.is_none())
+        .map(|r| r.events_per_sec);
+    let e2e = match e2e {
+        Some(rate) => rate,
+        None => {
+            let probe = deliver::saturate(
+                env,
+                &switchyard,
+                &sink,
+                &database,
+                &["Order Completed"],
+                PROBE,
+            )
+            .await;
+            let acked = probe.load.acked;
+            wait_until(Duration::from_secs(30), || sink.delivered() >= acked).await;
+            probe.delivered_per_sec
+        }
+    };
+    let rate = (e2e * SHARE_OF_E2E).max(1.0);
+    row.set("offered_events_per_sec", round(rate, 1));
+
+    let load = Load::open(
+        Endpoint::Batch(SOAK_BATCH),
+        SOAK_CONNECTIONS,
+        rate,
+        Duration::from_secs(MINUTES * 60),
+    )
+    .events(EventMaker::single("Order Completed"));
+    let started = timing::now_ns();
+    let meter = env.meter(&[switchyard.pid], &database, Some(&sink));
+    let running = tokio::spawn(loader::run(switchyard.addr, load));
+    let mut connection = database.connect().await?;
+    let mut rates = Vec::new();
+    let mut p99s = Vec::new();
+    let mut events_mb = Vec::new();
+    let mut jobs_mb = Vec::new();
+    let mut rss = Vec::new();
+    let mut live_jobs = Vec::new();
+    let mut dead_jobs = Vec::new();
+    for _ in 0..MINUTES {
+        let from = timing::now_ns();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let to = timing::now_ns();
+        let delivered = sink.all_arrived_between(from, to);
+        rates.push(per_sec(delivered, Duration::from_nanos(to - from)));
+        p99s.push(sink.all_latencies(from, to).percentile_ms(0.99));
+        for (table, sizes) in [("events", &mut events_mb), ("jobs", &mut jobs_mb)] {
+            let bytes: i64 = sqlx::query_scalar(TABLE_BYTES)
+                .bind(table)
+                .fetch_one(&mut connection)
+                .await?;
+            sizes.push(bytes as f64 / (1024.0 * 1024.0));
+        }
+        let (live, dead): (i64, i64) = sqlx::query_as(JOBS_ROWS).fetch_one(&mut connection).await?;
+        live_jobs.push(live);
+        dead_jobs.push(dead);
+        rss.push(procfs::rss_mb(switchyard.pid).unwrap_or(0.0));
+        eprintln!(
+            "  soak minute {}: {:.0} events/s, events {:.1} MB, jobs {:.1} MB ({} live, {} dead rows)",
+            rates.len(),
+            rates.last().copied().unwrap_or_default(),
+            events_mb.last().copied().unwrap_or_default(),
+            jobs_mb.last().copied().unwrap_or_default(),
+            live_jobs.last().copied().unwrap_or_default(),
+            dead_jobs.last().copied().unwrap_or_default()
+        );
+    }
+    let report = running.await?;
+    row.cpu = Some(meter.finish());
+    let ended = timing::now_ns();
+    let acked = report.acked;
+    wait_until(Duration::from_secs(30), || sink.delivered() >= acked).await;
+
+    let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+    let rate_flat = rates.iter().all(|r| (r - mean).abs() <= mean * 0.10);
+    let growth = |sizes: &[f64]| match (sizes.first(), sizes.last()) {
+        (Some(first), Some(last)) if *first > 0.0 => (last - first) / first * 100.0,
+        _ => 0.0,
+    };
+    let (events_growth, jobs_growth) = (growth(&events_mb), growth(&jobs_mb));
+    row.events_per_sec = mean;
+    (row.p50_ms, row.p99_ms) = sink.all_latencies(started, ended).p50_p99();
+    row.set("per_minute_events_per_sec", series(&rates, 0));
+    row.set(
+        "per_minute_p99_ms",
+        p99s.iter()
+            .map(|p| p.map_or(Value::Null, |v| round(v, 1)))
+            .collect::<Vec<_>>(),
+    );
+    row.set("per_minute_events_mb", series(&events_mb, 1));
+    row.set("per_minute_jobs_mb", series(&jobs_mb, 1));
+    row.set("per_minute_rss_mb", series(&rss, 0));
+    row.set("per_minute_jobs_live_rows", live_jobs);
+    row.set("per_minute_jobs_dead_rows", dead_jobs);
+    row.set("events_size_growth_pct", round(events_growth, 1));
+    row.set("jobs_size_growth_pct", round(jobs_growth, 1));
+    row.set(
+        "flat",
+        rate_flat && events_growth <= 25.0 && jobs_growth <= 25.0,
+    );
+    if report.failed() > 0 {
+        row.set("failures", report.failure_summary());
+    }
+    note_log(&mut row, &switchyard);
+    row.peak_rss_mb = switchyard.stop().await?;
+    Ok(row)
+}
+
+fn series(values: &[f64], digits: i32) -> Vec<Value> {
+    values.iter().map(|v| round(*v, digits)).collect()
+}
