@@ -638,7 +638,10 @@ impl Store {
                      FOR VALUES FROM ({p}) TO ({next}){with}",
                     next = p + 1
                 );
-                sqlx::query(&sql).execute(&mut *tx).await?;
+                sqlx::query(&sql)
+                    .persistent(false)
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         for d in day..=day + 1 {
@@ -647,7 +650,10 @@ impl Store {
                  FOR VALUES FROM ({d}) TO ({next})",
                 next = d + 1
             );
-            sqlx::query(&sql).execute(&mut *tx).await?;
+            sqlx::query(&sql)
+                .persistent(false)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
 
@@ -659,7 +665,11 @@ impl Store {
             if old <= part {
                 // No truncation: it would take an exclusive lock and stall every claim.
                 let vacuum = format!("VACUUM (TRUNCATE false, SKIP_LOCKED true) jobs_p{old}");
-                if let Err(error) = sqlx::query(&vacuum).execute(&self.pool).await {
+                if let Err(error) = sqlx::query(&vacuum)
+                    .persistent(false)
+                    .execute(&self.pool)
+                    .await
+                {
                     tracing::debug!(%error, window = old, "vacuuming a queue partition failed");
                 }
             }
@@ -679,7 +689,10 @@ impl Store {
         for old in self.partitions("message_ids", "message_ids_d").await? {
             if old < day - 1 {
                 let sql = format!("DROP TABLE IF EXISTS message_ids_d{old}");
-                sqlx::query(&sql).execute(&self.pool).await?;
+                sqlx::query(&sql)
+                    .persistent(false)
+                    .execute(&self.pool)
+                    .await?;
                 report.dropped_days += 1;
             }
         }
@@ -703,11 +716,14 @@ impl Store {
 
     /// Drops one window's jobs and events if no job is left in it. The partitions are locked
     /// before they are checked, so a commit still writing into the window is waited for.
+    /// (Statements naming a partition are not kept prepared: a new window every minute would
+    /// fill every connection's statement cache.)
     async fn drop_window_if_done(&self, part: i32) -> Result<bool> {
         // Look first without a lock: a window with work left is the common case, and an
         // exclusive lock request would stall every claim (they scan all partitions) while it
         // waits. Only a window that looks empty is locked and checked again.
         let any: bool = sqlx::query_scalar(&format!("SELECT EXISTS (SELECT 1 FROM jobs_p{part})"))
+            .persistent(false)
             .fetch_one(&self.pool)
             .await?;
         if any {
@@ -718,15 +734,22 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         let lock = format!("LOCK TABLE jobs_p{part}, events_p{part} IN ACCESS EXCLUSIVE MODE");
-        sqlx::query(&lock).execute(&mut *tx).await?;
+        sqlx::query(&lock)
+            .persistent(false)
+            .execute(&mut *tx)
+            .await?;
         let left: bool = sqlx::query_scalar(&format!("SELECT EXISTS (SELECT 1 FROM jobs_p{part})"))
+            .persistent(false)
             .fetch_one(&mut *tx)
             .await?;
         if left {
             return Ok(false);
         }
         let drop = format!("DROP TABLE jobs_p{part}, events_p{part}");
-        sqlx::query(&drop).execute(&mut *tx).await?;
+        sqlx::query(&drop)
+            .persistent(false)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(true)
     }
