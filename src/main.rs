@@ -201,7 +201,13 @@ async fn wait_for_signal() {
 
 fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+        // Postgres's notices ("relation … already exists, skipping" from partition upkeep) are
+        // not news; they show with RUST_LOG=sqlx=info.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!(
+                "{default_level},sqlx::postgres::notice=warn"
+            ))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
