@@ -181,14 +181,14 @@ SELECT (SELECT count(*) FROM fresh) AS fresh,
        pg_notify($10, $9)
 "#;
 
-const CLAIM: &str = r#"
-WITH due AS (
-    SELECT part, id FROM jobs
-    WHERE destination_id = $1 AND run_at <= now()
-    ORDER BY run_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-), claimed AS (
+/// A claim: the `due` rows (`$1` destination, `$2` at most) are leased for `$3` seconds to
+/// owner `$4` and returned with their events. Only how `due` picks rows differs between claims.
+macro_rules! claim {
+    ($due:literal) => {
+        concat!(
+            "WITH due AS (",
+            $due,
+            r#"), claimed AS (
     UPDATE jobs j
     SET run_at = now() + make_interval(secs => $3), attempts = j.attempts + 1, owner = $4
     FROM due
@@ -199,12 +199,26 @@ SELECT c.part, c.id, c.attempts, c.enqueued_at, e.message_id, e.payload
 FROM claimed c
 JOIN events e ON e.part = c.part AND e.id = c.event_id
 ORDER BY c.id
-"#;
+"#
+        )
+    };
+}
+
+/// The oldest due jobs of a destination.
+const CLAIM: &str = claim!(
+    r#"
+    SELECT part, id FROM jobs
+    WHERE destination_id = $1 AND run_at <= now()
+    ORDER BY run_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+"#
+);
 
 /// Per-user ordering: only the oldest job of each user is claimable, so while it is in flight
 /// or waiting to be retried, that user's later jobs wait and other users' do not.
-const CLAIM_ORDERED: &str = r#"
-WITH due AS (
+const CLAIM_ORDERED: &str = claim!(
+    r#"
     SELECT j.part, j.id FROM jobs j
     WHERE j.destination_id = $1 AND j.run_at <= now()
       AND NOT EXISTS (
@@ -215,18 +229,8 @@ WITH due AS (
     ORDER BY j.id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
-), claimed AS (
-    UPDATE jobs j
-    SET run_at = now() + make_interval(secs => $3), attempts = j.attempts + 1, owner = $4
-    FROM due
-    WHERE j.part = due.part AND j.id = due.id
-    RETURNING j.part, j.id, j.event_id, j.attempts, j.enqueued_at
-)
-SELECT c.part, c.id, c.attempts, c.enqueued_at, e.message_id, e.payload
-FROM claimed c
-JOIN events e ON e.part = c.part AND e.id = c.event_id
-ORDER BY c.id
-"#;
+"#
+);
 
 const COMPLETE: &str = r#"
 DELETE FROM jobs j
