@@ -85,7 +85,8 @@ fn is_unreachable(error: &StoreError) -> bool {
 impl GroupCommit {
     /// Starts `writers` writer tasks. They stop once every handle is dropped and the queue is
     /// drained.
-    pub fn start(store: Store, writers: usize) -> (GroupCommit, JoinSet<()>) {
+    /// With `archive`, every fresh message is kept, not only those with a destination.
+    pub fn start(store: Store, writers: usize, archive: bool) -> (GroupCommit, JoinSet<()>) {
         let (queue, receiver) = mpsc::channel(4096);
         let receiver = Arc::new(Mutex::new(receiver));
         let health = Arc::new(Health::default());
@@ -95,6 +96,7 @@ impl GroupCommit {
                 store.clone(),
                 receiver.clone(),
                 health.clone(),
+                archive,
             ));
         }
         (GroupCommit { queue, health }, tasks)
@@ -118,6 +120,7 @@ async fn write_groups(
     store: Store,
     receiver: Arc<Mutex<mpsc::Receiver<Pending>>>,
     health: Arc<Health>,
+    archive: bool,
 ) {
     loop {
         let group = {
@@ -138,11 +141,11 @@ async fn write_groups(
             }
             group
         };
-        write_group(&store, &health, group).await;
+        write_group(&store, &health, group, archive).await;
     }
 }
 
-async fn write_group(store: &Store, health: &Health, group: Vec<Pending>) {
+async fn write_group(store: &Store, health: &Health, group: Vec<Pending>, archive: bool) {
     // A messageId repeated inside one group is written once; the SQL dedups against the past.
     let mut seen = HashSet::new();
     let rows: Vec<NewEvent> = group
@@ -151,7 +154,7 @@ async fn write_group(store: &Store, health: &Health, group: Vec<Pending>) {
         .filter(|event| seen.insert((event.source_id, event.message_id.as_str())))
         .cloned()
         .collect();
-    let result = match insert(store, &rows).await {
+    let result = match insert(store, &rows, archive).await {
         Ok(committed) => Ok(committed),
         Err(error) => {
             tracing::warn!(%error, messages = rows.len(), "group commit failed");
@@ -168,13 +171,13 @@ async fn write_group(store: &Store, health: &Health, group: Vec<Pending>) {
     }
 }
 
-/// Inserts, creating a missing time partition once if the clock crossed into a window the
-/// maintenance task has not prepared yet.
-async fn insert(store: &Store, rows: &[NewEvent]) -> Result<Committed, StoreError> {
-    match store.insert_events(rows).await {
+/// Inserts, creating today's partitions once if upkeep has not prepared them (it makes them
+/// days ahead, so this happens only when it could not run).
+async fn insert(store: &Store, rows: &[NewEvent], archive: bool) -> Result<Committed, StoreError> {
+    match store.insert_events(rows, archive).await {
         Err(StoreError::Database(error)) if is_missing_partition(&error) => {
-            store.maintain_partitions().await?;
-            store.insert_events(rows).await
+            store.prepare_today().await?;
+            store.insert_events(rows, archive).await
         }
         other => other,
     }

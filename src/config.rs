@@ -23,6 +23,23 @@ pub struct Config {
     pub destinations: Vec<DestinationConfig>,
     pub limits: LimitsConfig,
     pub security: SecurityConfig,
+    pub archive: ArchiveConfig,
+}
+
+/// `[archive]`: every accepted event is kept this long, whether or not it was delivered, so
+/// that history can be looked at again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveConfig {
+    /// How long (`"7d"`); `"0s"` keeps events only until their deliveries are done.
+    pub retention: Duration,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            retention: Duration::from_secs(7 * 86_400),
+        }
+    }
 }
 
 /// `[[sources]]`: an app or service that sends events with its write key.
@@ -254,7 +271,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-const TOP_LEVEL_KEYS: &[&str] = &["sources", "destinations", "limits", "security"];
+const TOP_LEVEL_KEYS: &[&str] = &["sources", "destinations", "limits", "security", "archive"];
+const ARCHIVE_KEYS: &[&str] = &["retention"];
 const SOURCE_KEYS: &[&str] = &["name", "write_key"];
 /// The keys every destination takes; the rest of its table belongs to its kind.
 const DESTINATION_KEYS: &[&str] = &[
@@ -414,6 +432,22 @@ impl Reader<'_> {
             destinations,
             limits: self.limits(root),
             security: self.security(root),
+            archive: self.archive(root),
+        }
+    }
+
+    fn archive(&mut self, root: Section) -> ArchiveConfig {
+        let defaults = ArchiveConfig::default();
+        let Some(table) = self.table(root, "archive") else {
+            return defaults;
+        };
+        self.unknown_keys(table, ARCHIVE_KEYS);
+        // Zero is allowed here: it turns the archive off.
+        let retention = self.parsed(table, "retention", A_DURATION, |text| {
+            humantime::parse_duration(text).map_err(|e| format!("bad duration `{text}`: {e}"))
+        });
+        ArchiveConfig {
+            retention: retention.unwrap_or(defaults.retention),
         }
     }
 

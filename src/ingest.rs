@@ -117,6 +117,8 @@ pub struct Route {
     pub events: Option<Vec<String>>,
     /// `ordering = "per_user"`.
     pub ordered: bool,
+    /// Events per queued run.
+    pub run_size: usize,
 }
 
 impl Route {
@@ -591,6 +593,7 @@ impl Routes {
             .map(|route| Target {
                 destination_id: route.destination_id,
                 ordered: route.ordered,
+                run_size: route.run_size,
             })
             .collect()
     }

@@ -127,7 +127,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bootstrap::create_database_if_missing(&database.url).await?;
             let store = Store::connect(&database.url, 2).await?;
             store.migrate().await?;
-            store.maintain_partitions().await?;
+            store.prepare_today().await?;
             println!("migrations applied");
             if let Some(private) = database.private {
                 private.stop().await;

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -77,6 +78,7 @@ impl Pipeline {
                     }),
                     events: d.events.clone(),
                     ordered: d.ordering == Ordering::PerUser,
+                    run_size: Lane::run_size(d),
                 })
                 .collect(),
         );
@@ -166,16 +168,43 @@ impl Reloader {
             .map(|(name, id)| (name.clone(), *id))
             .collect();
         let report_counts = (config.sources.len(), config.destinations.len());
+        let known: Vec<i32> = next.destination_ids.values().copied().collect();
+        let retiring: Vec<Arc<Lane>> = previous
+            .lanes
+            .iter()
+            .filter(|lane| removed.iter().any(|(_, id)| *id == lane.id))
+            .cloned()
+            .collect();
         self.lanes.store(Arc::new(next.lanes.clone()));
         self.pipeline.store(Arc::new(next));
         let mut dead_lettered = 0;
-        for (name, id) in &removed {
-            let reason = format!("destination `{name}` was removed from the config");
-            dead_lettered += self
+        if !removed.is_empty() {
+            dead_lettered = self
                 .store
-                .dead_letter_destination(*id, &reason)
+                .retire_removed(&known)
                 .await
                 .map_err(anyhow::Error::from)?;
+            // Runs the removed destinations had in flight are written when their requests end;
+            // what they leave queued (retries) is retired then.
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                let patience = retiring
+                    .iter()
+                    .map(|lane| lane.config.timeout)
+                    .max()
+                    .unwrap_or_default()
+                    + Duration::from_secs(10);
+                let started = tokio::time::Instant::now();
+                while retiring.iter().any(|lane| lane.in_flight() > 0)
+                    && started.elapsed() < patience
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Err(error) = store.retire_removed(&known).await {
+                    tracing::warn!(%error, "retiring removed destinations failed; it runs again at the next start");
+                }
+            });
         }
         let report = ReloadReport {
             sources: report_counts.0,

@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{self, DestinationConfig, RetryPolicy};
 use crate::destination::{DeliveryContext, Event, Outcome, Verdict};
 use crate::sender::{HttpClient, Sender};
-use crate::store::{self, ClaimedJob, DeadJob, JobKey, RetryJob, Store};
+use crate::store::{self, ClaimedRun, Fate, RunOutcome, Store};
 use crate::traffic::{Closed, Concurrency, KeyGate};
 
 /// Rows claimed in one statement at most.
@@ -54,6 +54,9 @@ pub struct Lane {
     concurrency: Concurrency,
     in_flight: AtomicUsize,
     sender: Sender,
+    /// Claimed events not yet sent (a run may hold more events than there are free slots);
+    /// a reload hands them to the lane that replaces this one.
+    pending: Mutex<VecDeque<Claimed>>,
     /// Shared with the lane that replaces this one at a reload.
     pub stats: Arc<LaneStats>,
 }
@@ -83,8 +86,33 @@ impl Lane {
             gate,
             in_flight: AtomicUsize::new(0),
             sender,
+            pending: Mutex::default(),
             stats: Arc::default(),
         }
+    }
+
+    /// Events per run for this destination: one request's worth for rate-limited and per-user
+    /// destinations (a claim then spends exactly the tokens it was granted, and a user's events
+    /// go one request at a time), otherwise enough to fill its in-flight slots once.
+    pub fn run_size(config: &DestinationConfig) -> usize {
+        let batch = config.batch_size.max(1);
+        if config.rate_limit.is_some() || config.ordering == config::Ordering::PerUser {
+            batch.min(store::MAX_RUN)
+        } else {
+            batch
+                .saturating_mul(config.max_in_flight)
+                .clamp(batch.min(store::MAX_RUN), store::MAX_RUN)
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<Claimed>> {
+        self.pending.lock().expect("pending lock")
+    }
+
+    /// Takes over the unsent events of the lane this one replaces.
+    fn adopt(&self, old: &Lane) {
+        let moved = std::mem::take(&mut *old.pending());
+        self.pending().extend(moved);
     }
 
     /// Carries the counters of the lane this one replaces.
@@ -110,9 +138,12 @@ impl Lane {
         self.concurrency.limit()
     }
 
-    /// A claim's lease: the request's timeout plus room for the outcome to be written.
-    fn lease(&self) -> Duration {
-        self.config.timeout + Duration::from_secs(30)
+    /// A claim's lease: the rounds of requests its events need at the current concurrency,
+    /// each up to the request's timeout, plus room for the outcome to be written.
+    fn lease(&self, events: usize) -> Duration {
+        let per_round = self.config.batch_size.max(1) * self.concurrency_limit().max(1);
+        let rounds = events.div_ceil(per_round).max(1) as u32;
+        (self.config.timeout + Duration::from_secs(1)) * rounds + Duration::from_secs(30)
     }
 
     fn note_error(&self, message: &str) {
@@ -191,6 +222,8 @@ pub struct Pool {
     stop: CancellationToken,
     /// Tells the completer that no more outcomes are coming.
     drained: CancellationToken,
+    open: Arc<OpenRuns>,
+    finished: mpsc::UnboundedSender<Settled>,
 }
 
 impl Pool {
@@ -201,8 +234,10 @@ impl Pool {
         let stop = CancellationToken::new();
         let deliveries = TaskTracker::new();
         let mut tasks = tokio::task::JoinSet::new();
+        let open = Arc::new(OpenRuns::default());
         let scheduler = Scheduler {
             store: store.clone(),
+            open: open.clone(),
             lane_set: lanes.clone(),
             seen: Arc::new(Vec::new()),
             lanes: HashMap::new(),
@@ -211,7 +246,7 @@ impl Pool {
             instance,
             woken,
             wake: wake.clone(),
-            finished,
+            finished: finished.clone(),
             deliveries: deliveries.clone(),
             stop: stop.clone(),
         };
@@ -219,6 +254,7 @@ impl Pool {
         let drained = CancellationToken::new();
         tasks.spawn(complete(
             store.clone(),
+            instance,
             outcomes,
             wake.clone(),
             drained.clone(),
@@ -238,12 +274,15 @@ impl Pool {
             deliveries,
             stop,
             drained,
+            open,
+            finished,
         }
     }
 
     /// Stops claiming, lets in-flight deliveries finish within `grace`, and writes every
-    /// outcome. Deliveries still running after `grace` are abandoned; their claims are
-    /// released by the caller.
+    /// outcome. Claimed runs are settled: what was delivered or failed is written, and the
+    /// events not sent yet (or still running after `grace`) are released to be claimed again,
+    /// so nothing delivered before shutdown is delivered again after it.
     pub async fn shutdown(mut self, grace: Duration) {
         self.stop.cancel();
         self.deliveries.close();
@@ -253,6 +292,11 @@ impl Pool {
         {
             tracing::warn!("deliveries still running after the grace period; releasing them");
         }
+        for run in self.open.take_all() {
+            if let Some(outcome) = run.close() {
+                let _ = self.finished.send(Settled::new(&run, outcome));
+            }
+        }
         self.drained.cancel();
         while self.tasks.join_next().await.is_some() {}
     }
@@ -260,6 +304,7 @@ impl Pool {
 
 struct Scheduler {
     store: Store,
+    open: Arc<OpenRuns>,
     lane_set: LaneSet,
     /// The lane set `lanes` and `order` were built from.
     seen: Arc<Vec<Arc<Lane>>>,
@@ -270,7 +315,7 @@ struct Scheduler {
     instance: i32,
     woken: mpsc::UnboundedReceiver<Wake>,
     wake: mpsc::UnboundedSender<Wake>,
-    finished: mpsc::UnboundedSender<Finished>,
+    finished: mpsc::UnboundedSender<Settled>,
     deliveries: TaskTracker,
     stop: CancellationToken,
 }
@@ -285,6 +330,13 @@ impl Scheduler {
         while !self.stop.is_cancelled() {
             self.follow_reloads(&mut ready, &mut queued);
             fire_timers(&mut timers, &mut ready, &mut queued);
+            // Wake-ups are read on every pass, not only when idle: a destination that just got
+            // work joins the round now, even while others keep the loop busy.
+            let mut wakes = Vec::new();
+            while let Ok(wake) = self.woken.try_recv() {
+                wakes.push(wake);
+            }
+            self.absorb_wakes(wakes, &mut ready, &mut queued).await;
             let mut progressed = false;
             for _ in 0..ready.len() {
                 let Some(id) = ready.pop_front() else { break };
@@ -338,29 +390,45 @@ impl Scheduler {
             while let Ok(more) = self.woken.try_recv() {
                 wakes.push(more);
             }
-            let mut everyone = false;
-            for wake in wakes {
-                match wake {
-                    Wake::Destinations(ids) => {
-                        for id in ids {
-                            if self.lanes.contains_key(&id) && queued.insert(id) {
-                                ready.push_back(id);
-                            }
+            self.absorb_wakes(wakes, &mut ready, &mut queued).await;
+        }
+    }
+
+    /// Adds woken destinations to the ready queue (all with due work, for `Wake::All`).
+    async fn absorb_wakes(
+        &self,
+        wakes: Vec<Wake>,
+        ready: &mut VecDeque<i32>,
+        queued: &mut HashSet<i32>,
+    ) {
+        let mut everyone = false;
+        for wake in wakes {
+            match wake {
+                Wake::Destinations(ids) => {
+                    for id in ids {
+                        if self.lanes.contains_key(&id) && queued.insert(id) {
+                            ready.push_back(id);
                         }
                     }
-                    Wake::All => everyone = true,
                 }
+                Wake::All => everyone = true,
             }
-            if everyone {
-                match self.store.due_destinations(&self.order).await {
-                    Ok(due) => {
-                        for id in due {
-                            if queued.insert(id) {
-                                ready.push_back(id);
-                            }
+        }
+        if everyone {
+            match self.store.due_destinations(&self.order).await {
+                Ok(due) => {
+                    for id in due {
+                        if queued.insert(id) {
+                            ready.push_back(id);
                         }
                     }
-                    Err(error) => tracing::warn!(%error, "looking for due work failed"),
+                }
+                Err(error) => tracing::warn!(%error, "looking for due work failed"),
+            }
+            // Lanes holding claimed events need no query to be due.
+            for (id, lane) in &self.lanes {
+                if !lane.pending().is_empty() && queued.insert(*id) {
+                    ready.push_back(*id);
                 }
             }
         }
@@ -372,7 +440,27 @@ impl Scheduler {
         if Arc::ptr_eq(&current, &self.seen) {
             return;
         }
-        self.lanes = current.iter().map(|lane| (lane.id, lane.clone())).collect();
+        let next: HashMap<i32, Arc<Lane>> =
+            current.iter().map(|lane| (lane.id, lane.clone())).collect();
+        for (id, old) in &self.lanes {
+            match next.get(id) {
+                Some(new) if !Arc::ptr_eq(new, old) => new.adopt(old),
+                Some(_) => {}
+                // Removed or disabled: its unsent events go back to the queue.
+                None => {
+                    let unsent = std::mem::take(&mut *old.pending());
+                    for claimed in unsent {
+                        if let Some(outcome) =
+                            claimed.run.record(claimed.position, Fate::Release, None)
+                        {
+                            self.open.remove(claimed.run.id);
+                            let _ = self.finished.send(Settled::new(&claimed.run, outcome));
+                        }
+                    }
+                }
+            }
+        }
+        self.lanes = next;
         self.order = current.iter().map(|lane| lane.id).collect();
         for &id in &self.order {
             if queued.insert(id) {
@@ -385,10 +473,11 @@ impl Scheduler {
     /// Claims and starts what one destination can take now.
     async fn visit(&self, lane: &Arc<Lane>) -> Visit {
         let slots = lane.free_slots().min(self.permits.available_permits());
+        let waiting = lane.pending().len();
         // While requests are in flight, wait until a quarter of the slots are free: one claim
         // then starts several requests, instead of one query per finished request.
         let worth_a_claim = (lane.concurrency_limit() / 4).max(1);
-        if slots == 0 || (slots < worth_a_claim && lane.in_flight() > 0) {
+        if slots == 0 || (waiting == 0 && slots < worth_a_claim && lane.in_flight() > 0) {
             return Visit::Busy;
         }
         let batch = lane.config.batch_size.max(1);
@@ -404,26 +493,54 @@ impl Scheduler {
                 return Visit::WaitUntil(until);
             }
         };
-        let want = (requests * batch).min(MAX_CLAIM);
-        let ordered = lane.config.ordering == config::Ordering::PerUser;
-        let jobs = match self
-            .store
-            .claim(lane.id, want, lane.lease(), self.instance, ordered)
-            .await
-        {
-            Ok(jobs) => jobs,
-            Err(error) => {
-                tracing::warn!(%error, destination = %lane.config.name, "claiming work failed");
-                return Visit::Failed;
+        let mut claimed_all = false;
+        if waiting == 0 {
+            let run_size = Lane::run_size(&lane.config);
+            let limit = (requests * batch).div_ceil(run_size).max(1);
+            let ordered = lane.config.ordering == config::Ordering::PerUser;
+            let runs = match self
+                .store
+                .claim(
+                    lane.id,
+                    limit,
+                    lane.lease(limit * run_size),
+                    self.instance,
+                    ordered,
+                )
+                .await
+            {
+                Ok(runs) => runs,
+                Err(error) => {
+                    tracing::warn!(%error, destination = %lane.config.name, "claiming work failed");
+                    return Visit::Failed;
+                }
+            };
+            if runs.is_empty() {
+                return Visit::Idle;
             }
-        };
-        if jobs.is_empty() {
-            return Visit::Idle;
+            claimed_all = runs.len() == limit;
+            let mut pending = lane.pending();
+            for run in runs {
+                let (progress, events) = RunProgress::start(run, lane.id, ordered);
+                self.open.insert(progress.clone());
+                for (position, event) in events.into_iter().enumerate() {
+                    pending.push_back(Claimed {
+                        run: progress.clone(),
+                        position,
+                        event,
+                    });
+                }
+            }
         }
-        let more = jobs.len() == want;
-        let mut jobs = jobs.into_iter().peekable();
-        while jobs.peek().is_some() {
-            let requests: Vec<ClaimedJob> = jobs.by_ref().take(batch).collect();
+        for _ in 0..requests {
+            let claimed: Vec<Claimed> = {
+                let mut pending = lane.pending();
+                let take = batch.min(pending.len());
+                pending.drain(..take).collect()
+            };
+            if claimed.is_empty() {
+                break;
+            }
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 // Only this loop takes permits, so the count above holds; never drop claims.
                 unreachable!("permits were counted before claiming");
@@ -432,14 +549,18 @@ impl Scheduler {
             let lane = lane.clone();
             let finished = self.finished.clone();
             let wake = self.wake.clone();
+            let open = self.open.clone();
             self.deliveries.spawn(async move {
-                let outcomes = deliver(&lane, requests).await;
+                let settled = deliver(&lane, &open, claimed).await;
                 lane.in_flight.fetch_sub(1, Ordering::AcqRel);
                 drop(permit);
-                let _ = finished.send(outcomes);
+                for settled in settled {
+                    let _ = finished.send(settled);
+                }
                 let _ = wake.send(Wake::Destinations(vec![lane.id]));
             });
         }
+        let more = claimed_all || !lane.pending().is_empty();
         Visit::Dispatched { more }
     }
 }
@@ -471,36 +592,169 @@ fn fire_timers(
     }
 }
 
-/// Outcomes of one request, ready to write.
+/// One claimed event, waiting in its lane or in flight.
+struct Claimed {
+    run: Arc<RunProgress>,
+    position: usize,
+    event: Event,
+}
+
+/// A claimed run's progress: each event's fate as it comes in. The run is written once every
+/// event has one (a run's events may go out in several requests).
+struct RunProgress {
+    id: i64,
+    attempts: i32,
+    enqueued_at: OffsetDateTime,
+    lane: i32,
+    ordered: bool,
+    state: Mutex<RunState>,
+}
+
+struct RunState {
+    event_ids: Vec<i64>,
+    fates: Vec<Option<Fate>>,
+    unknown: usize,
+    /// The longest retry delay asked for, and the last failure, for the events left over.
+    delay: Duration,
+    status: Option<i32>,
+    error: Option<String>,
+    settled: bool,
+}
+
+impl RunProgress {
+    fn start(run: ClaimedRun, lane: i32, ordered: bool) -> (Arc<RunProgress>, Vec<Event>) {
+        let count = run.events.len();
+        let mut event_ids = Vec::with_capacity(count);
+        let mut events = Vec::with_capacity(count);
+        for event in run.events {
+            event_ids.push(event.id);
+            events.push(Event {
+                message_id: event.message_id,
+                payload: raw_payload(&event.payload),
+            });
+        }
+        let progress = RunProgress {
+            id: run.id,
+            attempts: run.attempts,
+            enqueued_at: run.enqueued_at,
+            lane,
+            ordered,
+            state: Mutex::new(RunState {
+                event_ids,
+                fates: vec![None; count],
+                unknown: count,
+                delay: Duration::ZERO,
+                status: None,
+                error: None,
+                settled: false,
+            }),
+        };
+        (Arc::new(progress), events)
+    }
+
+    /// Records one event's fate (with the delay, status and error of a retry); returns the
+    /// run's outcome once every event has one.
+    fn record(
+        &self,
+        position: usize,
+        fate: Fate,
+        retry: Option<(Duration, Option<i32>, String)>,
+    ) -> Option<RunOutcome> {
+        let mut state = self.state.lock().expect("run lock");
+        if state.settled || state.fates[position].is_some() {
+            return None;
+        }
+        if let Some((delay, status, error)) = retry {
+            state.delay = state.delay.max(delay);
+            state.status = status;
+            state.error = Some(error);
+        }
+        state.fates[position] = Some(fate);
+        state.unknown -= 1;
+        (state.unknown == 0).then(|| self.outcome(&mut state))
+    }
+
+    /// Settles the run now: events without a fate are released to be claimed again.
+    fn close(&self) -> Option<RunOutcome> {
+        let mut state = self.state.lock().expect("run lock");
+        if state.settled {
+            return None;
+        }
+        for fate in state.fates.iter_mut().filter(|fate| fate.is_none()) {
+            *fate = Some(Fate::Release);
+        }
+        Some(self.outcome(&mut state))
+    }
+
+    fn outcome(&self, state: &mut RunState) -> RunOutcome {
+        state.settled = true;
+        let events = state
+            .event_ids
+            .iter()
+            .zip(state.fates.iter_mut())
+            .map(|(id, fate)| (*id, fate.take().unwrap_or(Fate::Release)))
+            .collect();
+        RunOutcome {
+            id: self.id,
+            attempts: self.attempts,
+            delay: state.delay,
+            status: state.status,
+            error: state.error.take(),
+            events,
+        }
+    }
+}
+
+/// Claimed runs not yet settled, so that shutdown can write what they did.
 #[derive(Default)]
-struct Finished {
-    delivered: Vec<JobKey>,
-    retried: Vec<RetryJob>,
-    dead: Vec<DeadJob>,
-    /// Destinations with an ordered queue whose head moves once these are written.
-    ordered: Vec<i32>,
+struct OpenRuns(Mutex<HashMap<i64, Arc<RunProgress>>>);
+
+impl OpenRuns {
+    fn insert(&self, run: Arc<RunProgress>) {
+        self.0.lock().expect("open runs lock").insert(run.id, run);
+    }
+
+    fn remove(&self, id: i64) {
+        self.0.lock().expect("open runs lock").remove(&id);
+    }
+
+    fn take_all(&self) -> Vec<Arc<RunProgress>> {
+        let mut open = self.0.lock().expect("open runs lock");
+        open.drain().map(|(_, run)| run).collect()
+    }
+}
+
+/// A run's outcome on its way to the completer.
+struct Settled {
+    outcome: RunOutcome,
+    /// The destination to wake once it is written (its ordered queue's head moves).
+    wake: Option<i32>,
+}
+
+impl Settled {
+    fn new(run: &RunProgress, outcome: RunOutcome) -> Settled {
+        Settled {
+            outcome,
+            wake: run.ordered.then_some(run.lane),
+        }
+    }
 }
 
 /// Runs one request: the plugin under a timeout with panics caught, then each event's fate.
+/// Returns the runs this request completed.
 #[tracing::instrument(
     name = "delivery",
     skip_all,
     fields(
         destination = %lane.config.name,
         key = %lane.gate.digest,
-        events = jobs.len(),
-        attempt = jobs.iter().map(|j| j.attempts).max().unwrap_or(0),
+        events = claimed.len(),
+        attempt = claimed.iter().map(|c| c.run.attempts).max().unwrap_or(0),
     )
 )]
-async fn deliver(lane: &Lane, jobs: Vec<ClaimedJob>) -> Finished {
+async fn deliver(lane: &Lane, open: &OpenRuns, claimed: Vec<Claimed>) -> Vec<Settled> {
     let started = Instant::now();
-    let events: Vec<Event> = jobs
-        .iter()
-        .map(|job| Event {
-            message_id: job.message_id.clone(),
-            payload: raw_payload(&job.payload),
-        })
-        .collect();
+    let events: Vec<Event> = claimed.iter().map(|c| c.event.clone()).collect();
     let context = DeliveryContext { http: &lane.sender };
     let plugin = lane.config.plugin.clone();
     // The sender enforces the request timeout; this one catches a plugin that hangs elsewhere.
@@ -520,35 +774,33 @@ async fn deliver(lane: &Lane, jobs: Vec<ClaimedJob>) -> Finished {
         ))),
     };
     let outcomes = match verdict {
-        Verdict::All(outcome) => vec![outcome; jobs.len()],
-        Verdict::PerEvent(outcomes) if outcomes.len() == jobs.len() => outcomes,
+        Verdict::All(outcome) => vec![outcome; claimed.len()],
+        Verdict::PerEvent(outcomes) if outcomes.len() == claimed.len() => outcomes,
         Verdict::PerEvent(outcomes) => vec![
             Outcome::retry(format!(
                 "the {} plugin returned {} outcomes for {} events",
                 lane.config.kind,
                 outcomes.len(),
-                jobs.len()
+                claimed.len()
             ));
-            jobs.len()
+            claimed.len()
         ],
     };
     lane.learn(&outcomes);
     let name = lane.config.name.clone();
     let now = OffsetDateTime::now_utc();
-    let mut finished = Finished::default();
-    if lane.config.ordering == config::Ordering::PerUser {
-        finished.ordered.push(lane.id);
-    }
-    for (job, outcome) in jobs.iter().zip(outcomes) {
-        match outcome {
+    let mut settled = Vec::new();
+    for (claimed, outcome) in claimed.iter().zip(outcomes) {
+        let run = &claimed.run;
+        let (fate, retry) = match outcome {
             Outcome::Delivered => {
-                let latency = (now - job.enqueued_at).as_seconds_f64().max(0.0);
+                let latency = (now - run.enqueued_at).as_seconds_f64().max(0.0);
                 metrics::histogram!("switchyard_delivery_latency_seconds", "destination" => name.clone())
                     .record(latency);
                 metrics::counter!("switchyard_deliveries_total", "destination" => name.clone(), "outcome" => "delivered")
                     .increment(1);
                 lane.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                finished.delivered.push(job.key);
+                (Fate::Delivered, None)
             }
             Outcome::Retry {
                 status,
@@ -557,28 +809,21 @@ async fn deliver(lane: &Lane, jobs: Vec<ClaimedJob>) -> Finished {
                 ..
             } => {
                 lane.note_error(&message);
-                let age = (now - job.enqueued_at).unsigned_abs();
-                match retry_delay(&lane.config.retry, job.attempts, age, retry_after) {
+                let age = (now - run.enqueued_at).unsigned_abs();
+                let status = status.map(i32::from);
+                match retry_delay(&lane.config.retry, run.attempts, age, retry_after) {
                     Some(delay) => {
                         lane.stats.retried.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("switchyard_deliveries_total", "destination" => name.clone(), "outcome" => "retried")
                             .increment(1);
-                        finished.retried.push(RetryJob {
-                            key: job.key,
-                            delay,
-                            status: status.map(i32::from),
-                            error: message,
-                        });
+                        (Fate::Retry, Some((delay, status, message)))
                     }
                     None => {
                         lane.stats.dead.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("switchyard_deliveries_total", "destination" => name.clone(), "outcome" => "dead")
                             .increment(1);
-                        finished.dead.push(DeadJob {
-                            key: job.key,
-                            status: status.map(i32::from),
-                            error: format!("gave up after {} attempts: {message}", job.attempts),
-                        });
+                        let error = format!("gave up after {} attempts: {message}", run.attempts);
+                        (Fate::Dead { status, error }, None)
                     }
                 }
             }
@@ -587,21 +832,28 @@ async fn deliver(lane: &Lane, jobs: Vec<ClaimedJob>) -> Finished {
                 lane.stats.dead.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("switchyard_deliveries_total", "destination" => name.clone(), "outcome" => "dead")
                     .increment(1);
-                finished.dead.push(DeadJob {
-                    key: job.key,
-                    status: status.map(i32::from),
-                    error: message,
-                });
+                let status = status.map(i32::from);
+                (
+                    Fate::Dead {
+                        status,
+                        error: message,
+                    },
+                    None,
+                )
             }
+        };
+        if let Some(outcome) = run.record(claimed.position, fate, retry) {
+            open.remove(run.id);
+            settled.push(Settled::new(run, outcome));
         }
     }
     tracing::debug!(
         destination = %name,
-        events = jobs.len(),
+        events = claimed.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "delivery finished"
     );
-    finished
+    settled
 }
 
 fn raw_payload(payload: &[u8]) -> Box<RawValue> {
@@ -650,15 +902,17 @@ pub fn retry_delay(
     Some(delay)
 }
 
-/// Writes outcomes in batches; a failed write is retried, never dropped (until then the claims
-/// stay leased, so nothing is claimed twice meanwhile).
+/// Writes run outcomes in batches; a failed write is retried, never dropped (until then the
+/// claims stay leased, so nothing is claimed twice meanwhile).
 async fn complete(
     store: Store,
-    mut outcomes: mpsc::UnboundedReceiver<Finished>,
+    instance: i32,
+    mut outcomes: mpsc::UnboundedReceiver<Settled>,
     wake: mpsc::UnboundedSender<Wake>,
     drained: CancellationToken,
 ) {
-    let mut pending = Finished::default();
+    let mut pending: Vec<RunOutcome> = Vec::new();
+    let mut woken: Vec<i32> = Vec::new();
     loop {
         let first = tokio::select! {
             first = outcomes.recv() => first,
@@ -666,59 +920,57 @@ async fn complete(
         };
         let Some(first) = first else {
             while let Ok(last) = outcomes.try_recv() {
-                absorb(&mut pending, last);
+                absorb(last, &mut pending, &mut woken);
             }
             break;
         };
-        absorb(&mut pending, first);
+        absorb(first, &mut pending, &mut woken);
         let linger = tokio::time::sleep(FINISH_LINGER);
         tokio::pin!(linger);
-        while size(&pending) < MAX_FINISH_BATCH {
+        while events_in(&pending) < MAX_FINISH_BATCH {
             tokio::select! {
                 next = outcomes.recv() => match next {
-                    Some(next) => absorb(&mut pending, next),
+                    Some(next) => absorb(next, &mut pending, &mut woken),
                     None => break,
                 },
                 _ = &mut linger => break,
             }
         }
-        let ordered = std::mem::take(&mut pending.ordered);
-        flush(&store, &mut pending).await;
-        if !ordered.is_empty() {
-            let _ = wake.send(Wake::Destinations(ordered));
+        flush(&store, instance, &mut pending).await;
+        if !woken.is_empty() {
+            let _ = wake.send(Wake::Destinations(std::mem::take(&mut woken)));
         }
     }
-    flush(&store, &mut pending).await;
+    flush(&store, instance, &mut pending).await;
 }
 
-fn absorb(into: &mut Finished, from: Finished) {
-    into.delivered.extend(from.delivered);
-    into.retried.extend(from.retried);
-    into.dead.extend(from.dead);
-    for id in from.ordered {
-        if !into.ordered.contains(&id) {
-            into.ordered.push(id);
+fn absorb(settled: Settled, pending: &mut Vec<RunOutcome>, woken: &mut Vec<i32>) {
+    if let Some(id) = settled.wake {
+        if !woken.contains(&id) {
+            woken.push(id);
         }
     }
+    pending.push(settled.outcome);
 }
 
-fn size(finished: &Finished) -> usize {
-    finished.delivered.len() + finished.retried.len() + finished.dead.len()
+fn events_in(outcomes: &[RunOutcome]) -> usize {
+    outcomes.iter().map(|o| o.events.len()).sum()
 }
 
-async fn flush(store: &Store, pending: &mut Finished) {
+async fn flush(store: &Store, instance: i32, pending: &mut Vec<RunOutcome>) {
     let mut backoff = Duration::from_millis(100);
-    while size(pending) > 0 {
-        match store
-            .finish(&pending.delivered, &pending.retried, &pending.dead)
-            .await
-        {
-            Ok(()) => {
-                *pending = Finished::default();
+    while !pending.is_empty() {
+        match store.finish(instance, pending).await {
+            Ok(held) => {
+                let lost = pending.len() as u64 - held.min(pending.len() as u64);
+                if lost > 0 {
+                    tracing::warn!(runs = lost, "outcomes of claims that expired were dropped; those events are delivered again");
+                }
+                pending.clear();
                 return;
             }
             Err(error) => {
-                tracing::warn!(%error, outcomes = size(pending), "writing outcomes failed; retrying");
+                tracing::warn!(%error, runs = pending.len(), "writing outcomes failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -829,7 +1081,7 @@ async fn rebalance(
     gates: &HashMap<String, (Arc<KeyGate>, Vec<i32>)>,
     instance: i32,
 ) -> store::Result<Vec<i32>> {
-    let processes = store.instance_count().await?.max(1) as usize;
+    let processes = store.delivering_instances().await?.max(1) as usize;
     let share = gates.len().div_ceil(processes);
     let mine: Vec<String> = gates
         .iter()

@@ -112,11 +112,26 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         .await
         .context("connecting to the database")?;
     store.migrate().await.context("applying migrations")?;
-    store.maintain_partitions().await?;
-
     let config = &settings.config;
+    let retention = config.archive.retention;
+    store.upkeep(retention).await?;
+    store.prepare_today().await?;
+
     let client = crate::sender::HttpClient::new(&config.security);
     let pipeline = Pipeline::build(&store, config, &client, None).await?;
+    // Destinations removed from the config while no process ran: their queued work becomes
+    // dead letters now instead of waiting forever and counting against `max_queued`.
+    let known: Vec<i32> = pipeline.destination_ids.values().copied().collect();
+    match store.retire_removed(&known).await {
+        Ok(0) => {}
+        Ok(moved) => {
+            tracing::warn!(
+                events = moved,
+                "dead-lettered work of destinations no longer configured"
+            )
+        }
+        Err(error) => tracing::warn!(%error, "retiring removed destinations failed"),
+    }
     let lanes: LaneSet = Arc::new(ArcSwap::from_pointee(pipeline.lanes.clone()));
     let pipeline = Arc::new(ArcSwap::from_pointee(pipeline));
     let reloader = Arc::new(Reloader {
@@ -132,7 +147,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         tracing::warn!(%error, "counting the queue failed");
     }
 
-    let (commit, writers) = GroupCommit::start(store.clone(), 4);
+    let (commit, writers) = GroupCommit::start(store.clone(), 4, !retention.is_zero());
     let state = Arc::new(AppState {
         store: store.clone(),
         pipeline,
@@ -151,8 +166,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     };
     let delivers = settings.role != Role::Ingest;
 
-    let instance = store
-        .register_instance(&database.url)
+    let mut instance = store
+        .register_instance(&database.url, delivers)
         .await
         .context("registering this process")?;
     let pool = delivers.then(|| {
@@ -178,7 +193,25 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     );
 
     let stop = CancellationToken::new();
-    let maintenance = tokio::spawn(maintain(store.clone(), stop.clone()));
+    let maintenance = tokio::spawn(maintain(store.clone(), retention, stop.clone()));
+    let instance_id = instance.id;
+    let liveness = tokio::spawn({
+        let store = store.clone();
+        let stop = stop.clone();
+        async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return instance,
+                    _ = every.tick() => {}
+                }
+                if let Err(error) = instance.keep_alive(&store).await {
+                    tracing::warn!(%error, "keeping this process's liveness failed; retrying");
+                }
+            }
+        }
+    });
     let counting = tokio::spawn(count_queue(
         store.clone(),
         depth,
@@ -212,15 +245,20 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             }
             maintenance.abort();
             counting.abort();
-            match store.release_owned(instance.id).await {
+            match store.release_owned(instance_id).await {
                 Ok(0) => {}
                 Ok(released) => tracing::info!(released, "released unfinished claims"),
                 Err(error) => {
                     tracing::warn!(%error, "releasing claims failed; their leases will expire")
                 }
             }
-            if let Err(error) = instance.close().await {
-                tracing::debug!(%error, "deregistering failed");
+            match liveness.await {
+                Ok(instance) => {
+                    if let Err(error) = instance.close(&store).await {
+                        tracing::debug!(%error, "deregistering failed");
+                    }
+                }
+                Err(error) => tracing::debug!(%error, "the liveness task failed"),
             }
             store.pool().close().await;
             if let Some(private) = database.private {
@@ -238,17 +276,17 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     })
 }
 
-/// Periodic upkeep: time partitions.
-async fn maintain(store: Store, stop: CancellationToken) {
+/// Periodic upkeep: day partitions made ahead, old ones dropped.
+async fn maintain(store: Store, retention: Duration, stop: CancellationToken) {
     let mut every = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = every.tick() => {}
         }
-        match store.maintain_partitions().await {
-            Ok(report) if report.dropped_windows + report.dropped_days > 0 => {
-                tracing::info!(?report, "dropped finished partitions")
+        match store.upkeep(retention).await {
+            Ok(report) if report != Default::default() => {
+                tracing::info!(?report, "partition upkeep")
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "partition maintenance failed"),

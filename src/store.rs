@@ -1,34 +1,39 @@
 //! Postgres: every SQL statement Switchyard runs lives here.
 //!
-//! The queue follows River and graphile-worker: jobs are inserted with `unnest` in one
-//! statement per group commit, claimed in batches with `FOR UPDATE SKIP LOCKED` (claiming moves
-//! `run_at` past a lease, so an abandoned claim simply comes due again), completed in batches,
-//! and workers are woken with `NOTIFY`. Events and jobs live in time partitions that are dropped
-//! whole once their work is done, instead of being deleted row by row and vacuumed.
+//! The queue follows River and graphile-worker: work is inserted with `unnest` in one statement
+//! per group commit, claimed in batches with `FOR UPDATE SKIP LOCKED` (claiming moves `run_at`
+//! past a lease, so an abandoned claim simply comes due again), completed in batches, and
+//! workers are woken with `NOTIFY`.
+//!
+//! Three shapes keep it flat under sustained load on a stock Postgres (autovacuum on):
+//! - `events` is an append-only archive in UTC-day partitions: written once, never updated,
+//!   dropped a whole day at a time after `[archive] retention`.
+//! - `jobs` holds *runs*: up to a hundred events of one source for one destination, claimed
+//!   and completed as one row. The queue's churn is a row per run, not per event, and the
+//!   table stays as small as the work in flight, so autovacuum keeps it clean.
+//! - Partition DDL runs ahead of need, with a short `lock_timeout`, and is retried later when
+//!   a reader holds a lock: ingest never waits on it.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 use time::OffsetDateTime;
 
-/// Seconds of ingest per partition of `events` and `jobs`. Short, so that a window is dropped
-/// (with every dead tuple its claims and completions left) a couple of minutes after its work
-/// is done, instead of the queue's indexes filling with dead entries vacuum must chase.
-pub const PART_SECONDS: i64 = 60;
-
-/// Storage options of `jobs` partitions: room on each page for the claim's new row version, and
-/// autovacuum that keeps up with a queue's churn (every job is updated once and deleted once).
-const JOBS_STORAGE: &str = "fillfactor = 80, vacuum_truncate = false, \
-     autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000, \
-     autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_cost_limit = 10000";
+/// Events per run at most.
+pub const MAX_RUN: usize = 100;
 /// The channel jobs are announced on.
 pub const JOBS_CHANNEL: &str = "switchyard_jobs";
 /// Advisory lock namespace: instance liveness.
 const INSTANCE_LOCKS: i32 = 0x5357_0001;
-/// Advisory lock key: partition maintenance, one instance at a time.
-const MAINTENANCE_LOCK: i64 = 0x5357_0002;
+/// Advisory lock key: partition upkeep, one instance at a time.
+const UPKEEP_LOCK: i64 = 0x5357_0002;
+/// A process whose heartbeat is older than this, and whose lock is free, is dead.
+pub const DEAD_AFTER: Duration = Duration::from_secs(5);
+/// How long partition DDL may wait for a lock before it gives up until the next pass.
+const DDL_LOCK_TIMEOUT: &str = "SET lock_timeout = '50ms'";
+const SECONDS_PER_DAY: i64 = 86_400;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -64,8 +69,10 @@ pub struct NewEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
     pub destination_id: i32,
-    /// Deliver this user's events to it one at a time, in ingest order.
+    /// Deliver this user's events to it one at a time, in ingest order (runs hold one user).
     pub ordered: bool,
+    /// Events per run for this destination (at most [`MAX_RUN`]).
+    pub run_size: usize,
 }
 
 /// What a group commit wrote.
@@ -73,41 +80,52 @@ pub struct Target {
 pub struct Committed {
     /// Messages seen for the first time (the others were repeats of a known messageId).
     pub fresh: u64,
+    /// Deliveries queued (events × destinations).
     pub jobs: u64,
 }
 
-/// A claimed delivery.
+/// A claimed run: events of one source for one destination.
 #[derive(Debug, Clone)]
-pub struct ClaimedJob {
-    pub key: JobKey,
+pub struct ClaimedRun {
+    pub id: i64,
+    /// This claim's attempt number; outcomes are written only while it still holds.
     pub attempts: i32,
     pub enqueued_at: OffsetDateTime,
+    pub events: Vec<ClaimedEvent>,
+}
+
+/// One event of a claimed run.
+#[derive(Debug, Clone)]
+pub struct ClaimedEvent {
+    pub id: i64,
     pub message_id: String,
     pub payload: Vec<u8>,
 }
 
-/// Identifies a job row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct JobKey {
-    pub part: i32,
-    pub id: i64,
+/// What became of one event of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fate {
+    Delivered,
+    /// Try again with the run.
+    Retry,
+    /// Never tried or cut off by shutdown: due again at once.
+    Release,
+    Dead {
+        status: Option<i32>,
+        error: String,
+    },
 }
 
-/// A job to try again after `delay`.
+/// The outcome of a whole run, written when every event of it has one.
 #[derive(Debug, Clone)]
-pub struct RetryJob {
-    pub key: JobKey,
+pub struct RunOutcome {
+    pub id: i64,
+    pub attempts: i32,
+    /// When the events left to try are due again.
     pub delay: Duration,
     pub status: Option<i32>,
-    pub error: String,
-}
-
-/// A job that goes to the dead letters.
-#[derive(Debug, Clone)]
-pub struct DeadJob {
-    pub key: JobKey,
-    pub status: Option<i32>,
-    pub error: String,
+    pub error: Option<String>,
+    pub events: Vec<(i64, Fate)>,
 }
 
 /// A dead letter as the admin API shows it.
@@ -123,66 +141,125 @@ pub struct DeadLetter {
     pub payload: Vec<u8>,
 }
 
-/// This process's registration; its advisory lock lives as long as `connection` does.
+/// This process's registration. Liveness has two signs: a session advisory lock held by a
+/// connection of its own (gone the moment the process dies) and a heartbeat row; a process is
+/// dead only when both are gone, so a dropped lock connection alone never makes a live
+/// process's claims look abandoned.
 pub struct Instance {
     pub id: i32,
-    connection: PgConnection,
+    url: String,
+    connection: Option<PgConnection>,
 }
 
 impl Instance {
+    /// Beats the heartbeat and makes sure the lock is held, reconnecting for it if its
+    /// connection dropped. Call every second or so.
+    pub async fn keep_alive(&mut self, store: &Store) -> Result<()> {
+        let beat = sqlx::query("UPDATE instances SET alive_at = now() WHERE id = $1")
+            .bind(self.id)
+            .execute(&store.pool)
+            .await?;
+        if beat.rows_affected() == 0 {
+            // Declared dead while cut off (its claims were released): register again.
+            sqlx::query(
+                "INSERT INTO instances (id, delivers) VALUES ($1, true) ON CONFLICT DO NOTHING",
+            )
+            .bind(self.id)
+            .execute(&store.pool)
+            .await?;
+        }
+        let healthy = match self.connection.as_mut() {
+            Some(connection) => connection.ping().await.is_ok(),
+            None => false,
+        };
+        if !healthy {
+            self.connection = None;
+            let mut connection = PgConnection::connect(&self.url).await?;
+            sqlx::query("SELECT pg_advisory_lock($1, $2)")
+                .bind(INSTANCE_LOCKS)
+                .bind(self.id)
+                .execute(&mut connection)
+                .await?;
+            self.connection = Some(connection);
+            tracing::info!(instance = self.id, "liveness lock taken again");
+        }
+        Ok(())
+    }
+
     /// Deregisters this process (its jobs must have been released already).
-    pub async fn close(mut self) -> Result<()> {
+    pub async fn close(mut self, store: &Store) -> Result<()> {
         sqlx::query("DELETE FROM instances WHERE id = $1")
             .bind(self.id)
-            .execute(&mut self.connection)
+            .execute(&store.pool)
             .await?;
-        self.connection.close().await?;
+        if let Some(connection) = self.connection.take() {
+            connection.close().await?;
+        }
         Ok(())
     }
 }
 
+/// The UTC day number (days since the epoch) of now.
+pub fn today() -> i32 {
+    let seconds = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default();
+    (seconds / SECONDS_PER_DAY) as i32
+}
+
+/// One group commit: dedup by (source, messageId) with locks taken in key order (so that
+/// concurrent groups repeating the same ids queue up instead of deadlocking), the events into
+/// the archive, the runs, and a `NOTIFY` naming the destinations.
 const INSERT_EVENTS: &str = r#"
 WITH input AS (
     SELECT *
-    FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::bytea[], $5::bool[], $11::text[])
+    FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::bytea[], $5::bool[], $6::text[])
         WITH ORDINALITY AS t(source_id, message_id, received_at, payload, wanted, user_key, idx)
 ), fresh AS (
     INSERT INTO message_ids (day, source_id, message_id)
-    SELECT floor(extract(epoch FROM now()) / 86400)::int, i.source_id, i.message_id
+    SELECT $7, i.source_id, i.message_id
     FROM input i
     WHERE NOT EXISTS (
         SELECT 1 FROM message_ids m
-        WHERE m.day = floor(extract(epoch FROM now()) / 86400)::int - 1
-          AND m.source_id = i.source_id AND m.message_id = i.message_id)
+        WHERE m.day = $7 - 1 AND m.source_id = i.source_id AND m.message_id = i.message_id)
+    ORDER BY i.source_id, i.message_id
     ON CONFLICT DO NOTHING
     RETURNING source_id, message_id
 ), inserted AS (
-    INSERT INTO events (part, source_id, message_id, received_at, payload)
-    SELECT floor(extract(epoch FROM now()) / $8::int)::int, i.source_id, i.message_id,
-           i.received_at, i.payload
-    FROM input i JOIN fresh f USING (source_id, message_id)
-    WHERE i.wanted
-    ORDER BY i.idx
-    RETURNING part, id, source_id, message_id
-), queued AS (
     -- Ordered by position so that ids (and so per-user order) follow ingest order.
-    INSERT INTO jobs (part, event_id, destination_id, source_id, order_key, run_at, enqueued_at)
-    SELECT ins.part, ins.id, t.destination_id, ins.source_id,
-           CASE WHEN t.ordered THEN i.user_key END, now(), now()
-    FROM inserted ins
-    JOIN input i USING (source_id, message_id)
-    JOIN unnest($6::int[], $7::int[], $12::bool[]) AS t(idx, destination_id, ordered)
-        ON t.idx = i.idx
-    ORDER BY i.idx, t.destination_id
-    RETURNING 1
+    INSERT INTO events (day, source_id, message_id, received_at, order_key, payload)
+    SELECT $7, i.source_id, i.message_id, i.received_at, hashtextextended(i.user_key, 0),
+           i.payload
+    FROM input i JOIN fresh f USING (source_id, message_id)
+    WHERE i.wanted OR $8
+    ORDER BY i.idx
+    RETURNING id, source_id, message_id, order_key
+), placed AS (
+    SELECT i.idx, ins.id, ins.order_key
+    FROM inserted ins JOIN input i USING (source_id, message_id)
+), runs AS (
+    SELECT r.run, r.destination_id, r.source_id, r.ordered,
+           array_agg(p.id ORDER BY p.idx) AS ids, min(p.order_key) AS order_key
+    FROM unnest($9::int[], $10::int[]) AS m(run, idx)
+    JOIN placed p ON p.idx = m.idx
+    JOIN unnest($11::int[], $12::int[], $13::bool[])
+        WITH ORDINALITY AS r(destination_id, source_id, ordered, run) ON r.run = m.run
+    GROUP BY r.run, r.destination_id, r.source_id, r.ordered
+), queued AS (
+    INSERT INTO jobs (destination_id, source_id, day, event_ids, order_key, run_at, enqueued_at)
+    SELECT destination_id, source_id, $7, ids, CASE WHEN ordered THEN order_key END, now(), now()
+    FROM runs
+    ORDER BY run
+    RETURNING cardinality(event_ids) AS events
 )
 SELECT (SELECT count(*) FROM fresh) AS fresh,
-       (SELECT count(*) FROM queued) AS jobs,
-       pg_notify($10, $9)
+       (SELECT coalesce(sum(events), 0) FROM queued)::bigint AS jobs,
+       pg_notify($15, $14)
 "#;
 
-/// A claim: the `due` rows (`$1` destination, `$2` at most) are leased for `$3` seconds to
-/// owner `$4` and returned with their events. Only how `due` picks rows differs between claims.
+/// A claim: the `due` runs (`$1` destination, `$2` at most) are leased for `$3` seconds to
+/// owner `$4` and returned with their events, one row per event.
 macro_rules! claim {
     ($due:literal) => {
         concat!(
@@ -192,22 +269,23 @@ macro_rules! claim {
     UPDATE jobs j
     SET run_at = now() + make_interval(secs => $3), attempts = j.attempts + 1, owner = $4
     FROM due
-    WHERE j.part = due.part AND j.id = due.id
-    RETURNING j.part, j.id, j.event_id, j.attempts, j.enqueued_at
+    WHERE j.id = due.id
+    RETURNING j.id, j.day, j.event_ids, j.attempts, j.enqueued_at
 )
-SELECT c.part, c.id, c.attempts, c.enqueued_at, e.message_id, e.payload
+SELECT c.id, c.attempts, c.enqueued_at, e.id AS event_id, e.message_id, e.payload
 FROM claimed c
-JOIN events e ON e.part = c.part AND e.id = c.event_id
-ORDER BY c.id
+CROSS JOIN LATERAL unnest(c.event_ids) WITH ORDINALITY AS u(event_id, position)
+JOIN events e ON e.day = c.day AND e.id = u.event_id
+ORDER BY c.id, u.position
 "#
         )
     };
 }
 
-/// The oldest due jobs of a destination.
+/// The oldest due runs of a destination.
 const CLAIM: &str = claim!(
     r#"
-    SELECT part, id FROM jobs
+    SELECT id FROM jobs
     WHERE destination_id = $1 AND run_at <= now()
     ORDER BY run_at
     LIMIT $2
@@ -215,11 +293,11 @@ const CLAIM: &str = claim!(
 "#
 );
 
-/// Per-user ordering: only the oldest job of each user is claimable, so while it is in flight
-/// or waiting to be retried, that user's later jobs wait and other users' do not.
+/// Per-user ordering: only the oldest run of each user is claimable, so while it is in flight
+/// or waiting to be retried, that user's later runs wait and other users' do not.
 const CLAIM_ORDERED: &str = claim!(
     r#"
-    SELECT j.part, j.id FROM jobs j
+    SELECT j.id FROM jobs j
     WHERE j.destination_id = $1 AND j.run_at <= now()
       AND NOT EXISTS (
           SELECT 1 FROM jobs earlier
@@ -232,49 +310,73 @@ const CLAIM_ORDERED: &str = claim!(
 "#
 );
 
-const COMPLETE: &str = r#"
-DELETE FROM jobs j
-USING unnest($1::int[], $2::bigint[]) AS d(part, id)
-WHERE j.part = d.part AND j.id = d.id
-"#;
-
-const RETRY: &str = r#"
-UPDATE jobs j
-SET run_at = now() + make_interval(secs => d.delay), owner = NULL,
-    last_status = d.status, last_error = d.error
-FROM unnest($1::int[], $2::bigint[], $3::float8[], $4::int[], $5::text[])
-    AS d(part, id, delay, status, error)
-WHERE j.part = d.part AND j.id = d.id
-"#;
-
-const DEAD_LETTER: &str = r#"
-WITH d AS (
-    SELECT * FROM unnest($1::int[], $2::bigint[], $3::int[], $4::text[])
-        AS d(part, id, status, error)
-), moved AS (
-    DELETE FROM jobs j USING d
-    WHERE j.part = d.part AND j.id = d.id
-    RETURNING j.part, j.event_id, j.destination_id, j.attempts, d.status, d.error
+/// Writes run outcomes. Only runs still held by this claim (`$11` owner, the attempt number)
+/// are touched, so a late outcome never overwrites a newer claim's, and an event is never both
+/// delivered and dead-lettered. A run with events left to try keeps them and comes due after
+/// its delay; a run with none left is deleted; dead events go to the dead letters.
+const FINISH: &str = r#"
+WITH r AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::int[], $5::text[])
+        AS r(id, attempts, delay, status, error)
+), e AS (
+    SELECT * FROM unnest($6::bigint[], $7::bigint[], $8::smallint[], $9::int[], $10::text[])
+        AS e(run, event_id, fate, status, error)
+), mine AS (
+    SELECT j.id, j.day, j.destination_id, j.attempts
+    FROM jobs j JOIN r ON r.id = j.id AND r.attempts = j.attempts
+    WHERE j.owner = $11
+    FOR UPDATE OF j
+), left_over AS (
+    SELECT e.run, array_agg(e.event_id ORDER BY e.event_id) AS ids
+    FROM e JOIN mine ON mine.id = e.run
+    WHERE e.fate IN (1, 3)
+    GROUP BY e.run
+), kept AS (
+    UPDATE jobs j
+    SET event_ids = l.ids, run_at = now() + make_interval(secs => r.delay), owner = NULL,
+        last_status = coalesce(r.status, j.last_status),
+        last_error = coalesce(r.error, j.last_error)
+    FROM left_over l JOIN r ON r.id = l.run
+    WHERE j.id = l.run
+    RETURNING j.id
+), gone AS (
+    DELETE FROM jobs j
+    USING mine
+    WHERE j.id = mine.id AND NOT EXISTS (SELECT 1 FROM left_over l WHERE l.run = mine.id)
+    RETURNING j.id
+), dead AS (
+    INSERT INTO dead_letters (destination_id, source_id, message_id, attempts, last_status,
+                              last_error, received_at, payload, order_key)
+    SELECT mine.destination_id, ev.source_id, ev.message_id, mine.attempts, e.status, e.error,
+           ev.received_at, ev.payload, ev.order_key
+    FROM e
+    JOIN mine ON mine.id = e.run
+    JOIN events ev ON ev.day = mine.day AND ev.id = e.event_id
+    WHERE e.fate = 2
+    RETURNING 1
 )
-INSERT INTO dead_letters
-    (destination_id, source_id, message_id, attempts, last_status, last_error, received_at, payload)
-SELECT m.destination_id, e.source_id, e.message_id, m.attempts, m.status, m.error,
-       e.received_at, e.payload
-FROM moved m
-JOIN events e ON e.part = m.part AND e.id = m.event_id
+SELECT (SELECT count(*) FROM mine) AS runs
 "#;
 
-const DEAD_LETTER_DESTINATION: &str = r#"
+/// Moves queued runs of destinations not in `$1` to the dead letters, except runs a live
+/// process has claimed (their outcomes are still coming).
+const RETIRE: &str = r#"
 WITH moved AS (
-    DELETE FROM jobs WHERE destination_id = $1
-    RETURNING part, event_id, destination_id, attempts, last_status
+    DELETE FROM jobs j
+    WHERE NOT (j.destination_id = ANY($1))
+      AND (j.owner IS NULL OR j.run_at <= now()
+           OR NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = j.owner))
+    RETURNING j.day, j.event_ids, j.destination_id, j.attempts, j.last_status
 )
-INSERT INTO dead_letters
-    (destination_id, source_id, message_id, attempts, last_status, last_error, received_at, payload)
-SELECT m.destination_id, e.source_id, e.message_id, m.attempts, m.last_status, $2,
-       e.received_at, e.payload
+INSERT INTO dead_letters (destination_id, source_id, message_id, attempts, last_status,
+                          last_error, received_at, payload, order_key)
+SELECT m.destination_id, e.source_id, e.message_id, m.attempts, m.last_status,
+       format('destination `%s` was removed from the config', d.name),
+       e.received_at, e.payload, e.order_key
 FROM moved m
-JOIN events e ON e.part = m.part AND e.id = m.event_id
+JOIN destinations d ON d.id = m.destination_id
+CROSS JOIN LATERAL unnest(m.event_ids) AS u(id)
+JOIN events e ON e.day = m.day AND e.id = u.id
 "#;
 
 const RELEASE_OWNED: &str = r#"
@@ -286,20 +388,16 @@ const REPLAY: &str = r#"
 WITH picked AS (
     DELETE FROM dead_letters
     WHERE destination_id = $1 AND ($2::bigint[] IS NULL OR id = ANY($2))
-    RETURNING source_id, message_id, received_at, payload
+    RETURNING source_id, message_id, received_at, payload, order_key
 ), inserted AS (
-    INSERT INTO events (part, source_id, message_id, received_at, payload)
-    SELECT floor(extract(epoch FROM now()) / $3::int)::int, source_id, message_id, received_at,
-           payload
+    INSERT INTO events (day, source_id, message_id, received_at, order_key, payload)
+    SELECT $3, source_id, message_id, received_at, order_key, payload
     FROM picked
     ORDER BY received_at
-    RETURNING part, id, source_id, payload
+    RETURNING id, source_id, order_key
 ), queued AS (
-    INSERT INTO jobs (part, event_id, destination_id, source_id, order_key, run_at, enqueued_at)
-    SELECT part, id, $1, source_id,
-           CASE WHEN $5 THEN coalesce(convert_from(payload, 'UTF8')::jsonb ->> 'userId',
-                                      convert_from(payload, 'UTF8')::jsonb ->> 'anonymousId') END,
-           now(), now()
+    INSERT INTO jobs (destination_id, source_id, day, event_ids, order_key, run_at, enqueued_at)
+    SELECT $1, source_id, $3, ARRAY[id], CASE WHEN $5 THEN order_key END, now(), now()
     FROM inserted
     ORDER BY id
     RETURNING 1
@@ -391,49 +489,42 @@ impl Store {
         Ok(rows.into_iter().collect())
     }
 
-    /// Commits a group of messages in one statement: dedup by (source, messageId), the events,
-    /// one job per (event, destination), and a `NOTIFY` naming the destinations.
-    pub async fn insert_events(&self, events: &[NewEvent]) -> Result<Committed> {
+    /// Commits a group of messages in one statement: dedup by (source, messageId), the events
+    /// (every fresh one when `archive`, else those with a destination), their runs, and a
+    /// `NOTIFY` naming the destinations.
+    pub async fn insert_events(&self, events: &[NewEvent], archive: bool) -> Result<Committed> {
         let mut source_ids = Vec::with_capacity(events.len());
         let mut message_ids = Vec::with_capacity(events.len());
         let mut received = Vec::with_capacity(events.len());
         let mut payloads = Vec::with_capacity(events.len());
         let mut wanted = Vec::with_capacity(events.len());
         let mut user_keys = Vec::with_capacity(events.len());
-        let mut job_index = Vec::new();
-        let mut job_destination = Vec::new();
-        let mut job_ordered = Vec::new();
-        let mut woken: Vec<i32> = Vec::new();
-        for (i, event) in events.iter().enumerate() {
+        for event in events {
             source_ids.push(event.source_id);
             message_ids.push(event.message_id.as_str());
             received.push(event.received_at);
             payloads.push(event.payload.as_slice());
             wanted.push(!event.targets.is_empty());
             user_keys.push(event.user_key.as_str());
-            for target in &event.targets {
-                job_index.push(i as i32 + 1);
-                job_destination.push(target.destination_id);
-                job_ordered.push(target.ordered);
-                if !woken.contains(&target.destination_id) {
-                    woken.push(target.destination_id);
-                }
-            }
         }
-        let notice = notice_payload(&woken);
+        let runs = Runs::plan(events);
+        let notice = notice_payload(&runs.destinations());
         let row = sqlx::query(INSERT_EVENTS)
             .bind(&source_ids)
             .bind(&message_ids)
             .bind(&received)
             .bind(&payloads)
             .bind(&wanted)
-            .bind(&job_index)
-            .bind(&job_destination)
-            .bind(PART_SECONDS as i32)
+            .bind(&user_keys)
+            .bind(today())
+            .bind(archive)
+            .bind(&runs.member_run)
+            .bind(&runs.member_index)
+            .bind(&runs.destination)
+            .bind(&runs.source)
+            .bind(&runs.ordered)
             .bind(&notice)
             .bind(JOBS_CHANNEL)
-            .bind(&user_keys)
-            .bind(&job_ordered)
             .fetch_one(&self.pool)
             .await?;
         Ok(Committed {
@@ -442,8 +533,8 @@ impl Store {
         })
     }
 
-    /// Claims up to `limit` due jobs of one destination for `lease`, oldest first; with
-    /// `ordered`, only each user's oldest job.
+    /// Claims up to `limit` due runs of one destination for `lease`, oldest first; with
+    /// `ordered`, only each user's oldest run.
     pub async fn claim(
         &self,
         destination_id: i32,
@@ -451,7 +542,7 @@ impl Store {
         lease: Duration,
         owner: i32,
         ordered: bool,
-    ) -> Result<Vec<ClaimedJob>> {
+    ) -> Result<Vec<ClaimedRun>> {
         let sql = if ordered { CLAIM_ORDERED } else { CLAIM };
         let rows = sqlx::query(sql)
             .bind(destination_id)
@@ -460,66 +551,76 @@ impl Store {
             .bind(owner)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| ClaimedJob {
-                key: JobKey {
-                    part: row.get("part"),
-                    id: row.get("id"),
-                },
-                attempts: row.get("attempts"),
-                enqueued_at: row.get("enqueued_at"),
-                message_id: row.get("message_id"),
-                payload: row.get("payload"),
-            })
-            .collect())
+        let mut runs: Vec<ClaimedRun> = Vec::new();
+        for row in rows {
+            let id: i64 = row.get("id");
+            if runs.last().is_none_or(|run| run.id != id) {
+                runs.push(ClaimedRun {
+                    id,
+                    attempts: row.get("attempts"),
+                    enqueued_at: row.get("enqueued_at"),
+                    events: Vec::new(),
+                });
+            }
+            if let Some(run) = runs.last_mut() {
+                run.events.push(ClaimedEvent {
+                    id: row.get("event_id"),
+                    message_id: row.get("message_id"),
+                    payload: row.get("payload"),
+                });
+            }
+        }
+        Ok(runs)
     }
 
-    /// Records a batch of outcomes in one transaction: delivered jobs are deleted, retried
-    /// ones rescheduled, failed ones moved to the dead letters with their event.
-    pub async fn finish(
-        &self,
-        delivered: &[JobKey],
-        retried: &[RetryJob],
-        dead: &[DeadJob],
-    ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        if !delivered.is_empty() {
-            let (parts, ids) = split_keys(delivered.iter().copied());
-            sqlx::query(COMPLETE)
-                .bind(parts)
-                .bind(ids)
-                .execute(&mut *tx)
-                .await?;
+    /// Records run outcomes of claims held by `owner` in one statement; returns how many runs
+    /// were still held (the others' outcomes are dropped: a newer claim owns them).
+    pub async fn finish(&self, owner: i32, outcomes: &[RunOutcome]) -> Result<u64> {
+        let mut ids = Vec::with_capacity(outcomes.len());
+        let mut attempts = Vec::with_capacity(outcomes.len());
+        let mut delays = Vec::with_capacity(outcomes.len());
+        let mut statuses = Vec::with_capacity(outcomes.len());
+        let mut errors: Vec<Option<String>> = Vec::with_capacity(outcomes.len());
+        let mut event_run = Vec::new();
+        let mut event_ids = Vec::new();
+        let mut fates: Vec<i16> = Vec::new();
+        let mut event_status = Vec::new();
+        let mut event_error: Vec<Option<String>> = Vec::new();
+        for outcome in outcomes {
+            ids.push(outcome.id);
+            attempts.push(outcome.attempts);
+            delays.push(outcome.delay.as_secs_f64());
+            statuses.push(outcome.status);
+            errors.push(outcome.error.as_deref().map(storable));
+            for (event, fate) in &outcome.events {
+                event_run.push(outcome.id);
+                event_ids.push(*event);
+                let (code, status, error) = match fate {
+                    Fate::Delivered => (0, None, None),
+                    Fate::Retry => (1, None, None),
+                    Fate::Dead { status, error } => (2, *status, Some(storable(error))),
+                    Fate::Release => (3, None, None),
+                };
+                fates.push(code);
+                event_status.push(status);
+                event_error.push(error);
+            }
         }
-        if !retried.is_empty() {
-            let (parts, ids) = split_keys(retried.iter().map(|r| r.key));
-            let delays: Vec<f64> = retried.iter().map(|r| r.delay.as_secs_f64()).collect();
-            let statuses: Vec<Option<i32>> = retried.iter().map(|r| r.status).collect();
-            let errors: Vec<&str> = retried.iter().map(|r| r.error.as_str()).collect();
-            sqlx::query(RETRY)
-                .bind(parts)
-                .bind(ids)
-                .bind(delays)
-                .bind(statuses)
-                .bind(errors)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if !dead.is_empty() {
-            let (parts, ids) = split_keys(dead.iter().map(|d| d.key));
-            let statuses: Vec<Option<i32>> = dead.iter().map(|d| d.status).collect();
-            let errors: Vec<&str> = dead.iter().map(|d| d.error.as_str()).collect();
-            sqlx::query(DEAD_LETTER)
-                .bind(parts)
-                .bind(ids)
-                .bind(statuses)
-                .bind(errors)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let held: i64 = sqlx::query_scalar(FINISH)
+            .bind(&ids)
+            .bind(&attempts)
+            .bind(&delays)
+            .bind(&statuses)
+            .bind(&errors)
+            .bind(&event_run)
+            .bind(&event_ids)
+            .bind(&fates)
+            .bind(&event_status)
+            .bind(&event_error)
+            .bind(owner)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(held as u64)
     }
 
     /// Of `destinations`, those with a job due now.
@@ -530,9 +631,9 @@ impl Store {
             .await?)
     }
 
-    /// Registers this process: an id, and a session advisory lock on it held by a connection
-    /// of its own, so that when the process dies the lock goes with it.
-    pub async fn register_instance(&self, url: &str) -> Result<Instance> {
+    /// Registers this process: an id, a heartbeat row, and a session advisory lock on the id
+    /// held by a connection of its own, so that when the process dies the lock goes with it.
+    pub async fn register_instance(&self, url: &str, delivers: bool) -> Result<Instance> {
         let mut connection = PgConnection::connect(url).await?;
         let id: i64 = sqlx::query_scalar("SELECT nextval('instances_id_seq')")
             .fetch_one(&mut connection)
@@ -543,20 +644,23 @@ impl Store {
             .bind(id)
             .execute(&mut connection)
             .await?;
-        sqlx::query("INSERT INTO instances (id) VALUES ($1)")
+        sqlx::query("INSERT INTO instances (id, delivers) VALUES ($1, $2)")
             .bind(id)
+            .bind(delivers)
             .execute(&mut connection)
             .await?;
-        Ok(Instance { id, connection })
+        Ok(Instance {
+            id,
+            url: url.to_owned(),
+            connection: Some(connection),
+        })
     }
 
-    /// Moves every queued job of a destination to the dead letters with `reason`.
-    pub async fn dead_letter_destination(&self, destination_id: i32, reason: &str) -> Result<u64> {
-        let done = sqlx::query(DEAD_LETTER_DESTINATION)
-            .bind(destination_id)
-            .bind(reason)
-            .execute(&self.pool)
-            .await?;
+    /// Moves the queued runs of destinations that are not in `known` to the dead letters (a
+    /// destination removed from the config, by a reload or between runs), so they neither
+    /// wait forever nor count against `max_queued`. Returns the events moved.
+    pub async fn retire_removed(&self, known: &[i32]) -> Result<u64> {
+        let done = sqlx::query(RETIRE).bind(known).execute(&self.pool).await?;
         Ok(done.rows_affected())
     }
 
@@ -569,16 +673,20 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// Finds processes that died (their advisory lock is free) and releases their claims at
-    /// once rather than when their leases run out. Returns how many jobs were released.
+    /// Finds processes that died (heartbeat stale and advisory lock free) and releases their
+    /// claims at once rather than when their leases run out. Returns how many runs were
+    /// released.
     pub async fn release_dead_instances(&self, me: i32) -> Result<u64> {
         let mut conn = self.pool.acquire().await?;
-        let others: Vec<i32> = sqlx::query_scalar("SELECT id FROM instances WHERE id <> $1")
-            .bind(me)
-            .fetch_all(&mut *conn)
-            .await?;
+        let silent: Vec<i32> = sqlx::query_scalar(
+            "SELECT id FROM instances WHERE id <> $1 AND alive_at < now() - make_interval(secs => $2)",
+        )
+        .bind(me)
+        .bind(DEAD_AFTER.as_secs_f64())
+        .fetch_all(&mut *conn)
+        .await?;
         let mut released = 0;
-        for id in others {
+        for id in silent {
             let dead: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
                 .bind(INSTANCE_LOCKS)
                 .bind(id)
@@ -609,153 +717,38 @@ impl Store {
         Ok(released)
     }
 
-    /// Creates the partitions the next windows need and drops the ones whose work is done:
-    /// a past window with no job left, and dedup days older than yesterday.
-    pub async fn maintain_partitions(&self) -> Result<PartitionReport> {
-        let mut tx = self.pool.begin().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(MAINTENANCE_LOCK)
-            .fetch_one(&mut *tx)
+    /// Partition upkeep, one process at a time: creates the day partitions of today and the
+    /// next two days, drops dedup days older than yesterday, and drops archive days older than
+    /// `retention` that no queued run refers to. Each DDL statement waits at most 50 ms for its
+    /// lock; one that cannot get it is skipped until the next pass (days are made ahead, so a
+    /// skipped pass costs nothing), so a reader holding a lock never stalls ingest.
+    pub async fn upkeep(&self, retention: Duration) -> Result<UpkeepReport> {
+        let mut conn = self.pool.acquire().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(UPKEEP_LOCK)
+            .fetch_one(&mut *conn)
             .await?;
         if !locked {
-            return Ok(PartitionReport::default());
+            return Ok(UpkeepReport::default());
         }
-        sqlx::query("SET LOCAL lock_timeout = '500ms'")
-            .execute(&mut *tx)
-            .await?;
-        let (part, day): (i32, i32) = sqlx::query_as(
-            "SELECT floor(extract(epoch FROM now()) / $1::int)::int, \
-                    floor(extract(epoch FROM now()) / 86400)::int",
-        )
-        .bind(PART_SECONDS as i32)
-        .fetch_one(&mut *tx)
-        .await?;
-        for p in part..=part + 2 {
-            for (table, storage) in [("events", ""), ("jobs", JOBS_STORAGE)] {
-                let with = if storage.is_empty() {
-                    String::new()
-                } else {
-                    format!(" WITH ({storage})")
-                };
-                let sql = format!(
-                    "CREATE TABLE IF NOT EXISTS {table}_p{p} PARTITION OF {table} \
-                     FOR VALUES FROM ({p}) TO ({next}){with}",
-                    next = p + 1
-                );
-                sqlx::query(&sql)
-                    .persistent(false)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        for d in day..=day + 1 {
-            let sql = format!(
-                "CREATE TABLE IF NOT EXISTS message_ids_d{d} PARTITION OF message_ids \
-                 FOR VALUES FROM ({d}) TO ({next})",
-                next = d + 1
-            );
-            sqlx::query(&sql)
-                .persistent(false)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-
-        let mut report = PartitionReport::default();
-        for old in self.partitions("jobs", "jobs_p").await? {
-            // Windows that may still be written to, or hold work, churn: every job is updated
-            // once and deleted once. Vacuum them here rather than trusting autovacuum's settings
-            // (or its being on), so claims never wade through dead index entries.
-            if old <= part {
-                // No truncation: it would take an exclusive lock and stall every claim.
-                let vacuum = format!("VACUUM (TRUNCATE false, SKIP_LOCKED true) jobs_p{old}");
-                if let Err(error) = sqlx::query(&vacuum)
-                    .persistent(false)
-                    .execute(&self.pool)
-                    .await
-                {
-                    tracing::debug!(%error, window = old, "vacuuming a queue partition failed");
-                }
-            }
-            // A window is dropped once it is a full window in the past and empty.
-            if old >= part - 1 {
-                continue;
-            }
-            match self.drop_window_if_done(old).await {
-                Ok(true) => report.dropped_windows += 1,
-                Ok(false) => report.live_windows += 1,
-                Err(error) => {
-                    tracing::debug!(%error, window = old, "partition busy, dropping it later");
-                    report.live_windows += 1;
-                }
-            }
-        }
-        for old in self.partitions("message_ids", "message_ids_d").await? {
-            if old < day - 1 {
-                let sql = format!("DROP TABLE IF EXISTS message_ids_d{old}");
-                sqlx::query(&sql)
-                    .persistent(false)
-                    .execute(&self.pool)
-                    .await?;
-                report.dropped_days += 1;
-            }
-        }
-        Ok(report)
+        let report = upkeep_locked(&mut conn, retention).await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(UPKEEP_LOCK)
+            .execute(&mut *conn)
+            .await;
+        let _ = sqlx::query("RESET lock_timeout").execute(&mut *conn).await;
+        report
     }
 
-    async fn partitions(&self, parent: &str, prefix: &str) -> Result<Vec<i32>> {
-        let names: Vec<String> = sqlx::query_scalar(
-            "SELECT c.relname::text FROM pg_inherits i \
-             JOIN pg_class c ON c.oid = i.inhrelid \
-             WHERE i.inhparent = $1::regclass",
-        )
-        .bind(parent)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(names
-            .iter()
-            .filter_map(|name| name.strip_prefix(prefix)?.parse().ok())
-            .collect())
-    }
-
-    /// Drops one window's jobs and events if no job is left in it. The partitions are locked
-    /// before they are checked, so a commit still writing into the window is waited for.
-    /// (Statements naming a partition are not kept prepared: a new window every minute would
-    /// fill every connection's statement cache.)
-    async fn drop_window_if_done(&self, part: i32) -> Result<bool> {
-        // Look first without a lock: a window with work left is the common case, and an
-        // exclusive lock request would stall every claim (they scan all partitions) while it
-        // waits. Only a window that looks empty is locked and checked again.
-        let any: bool = sqlx::query_scalar(&format!("SELECT EXISTS (SELECT 1 FROM jobs_p{part})"))
-            .persistent(false)
-            .fetch_one(&self.pool)
-            .await?;
-        if any {
-            return Ok(false);
+    /// Creates today's partitions if missing, waiting for locks as long as needed: for a
+    /// commit that found its day missing (upkeep had not run yet).
+    pub async fn prepare_today(&self) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        let day = today();
+        for table in ["events", "message_ids"] {
+            create_day(&mut conn, table, day).await?;
         }
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SET LOCAL lock_timeout = '100ms'")
-            .execute(&mut *tx)
-            .await?;
-        let lock = format!("LOCK TABLE jobs_p{part}, events_p{part} IN ACCESS EXCLUSIVE MODE");
-        sqlx::query(&lock)
-            .persistent(false)
-            .execute(&mut *tx)
-            .await?;
-        let left: bool = sqlx::query_scalar(&format!("SELECT EXISTS (SELECT 1 FROM jobs_p{part})"))
-            .persistent(false)
-            .fetch_one(&mut *tx)
-            .await?;
-        if left {
-            return Ok(false);
-        }
-        let drop = format!("DROP TABLE jobs_p{part}, events_p{part}");
-        sqlx::query(&drop)
-            .persistent(false)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(true)
+        Ok(())
     }
 
     /// Dead letters, oldest first.
@@ -794,7 +787,7 @@ impl Store {
         let count: i64 = sqlx::query_scalar(REPLAY)
             .bind(destination_id)
             .bind(ids)
-            .bind(PART_SECONDS as i32)
+            .bind(today())
             .bind(JOBS_CHANNEL)
             .bind(ordered)
             .fetch_one(&self.pool)
@@ -806,8 +799,8 @@ impl Store {
     /// retry. A full count: callers sample it now and then rather than per request.
     pub async fn queued(&self) -> Result<Vec<(i32, i32, i64, i64)>> {
         Ok(sqlx::query_as(
-            "SELECT destination_id, source_id, count(*), \
-                    count(*) FILTER (WHERE last_error IS NOT NULL) \
+            "SELECT destination_id, source_id, sum(cardinality(event_ids))::bigint, \
+                    coalesce(sum(cardinality(event_ids)) FILTER (WHERE last_error IS NOT NULL), 0)::bigint \
              FROM jobs GROUP BY 1, 2",
         )
         .fetch_all(&self.pool)
@@ -850,11 +843,15 @@ impl Store {
         .await?)
     }
 
-    /// How many processes are registered.
-    pub async fn instance_count(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM instances")
-            .fetch_one(&self.pool)
-            .await?)
+    /// How many live processes deliver (ingest-only processes take no rate-limit keys).
+    pub async fn delivering_instances(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM instances \
+             WHERE delivers AND alive_at > now() - make_interval(secs => $1)",
+        )
+        .bind(DEAD_AFTER.as_secs_f64())
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// Gives up some key leases of `owner`, for another process to take.
@@ -884,16 +881,170 @@ pub enum NameTable {
     Destinations,
 }
 
-/// What a maintenance pass did.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PartitionReport {
-    pub dropped_windows: u32,
-    pub live_windows: u32,
+/// What an upkeep pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpkeepReport {
+    pub created: u32,
     pub dropped_days: u32,
+    /// DDL that could not get its lock within the timeout, left for the next pass.
+    pub deferred: u32,
 }
 
-fn split_keys(keys: impl Iterator<Item = JobKey>) -> (Vec<i32>, Vec<i64>) {
-    keys.map(|k| (k.part, k.id)).unzip()
+async fn upkeep_locked(conn: &mut PgConnection, retention: Duration) -> Result<UpkeepReport> {
+    let mut report = UpkeepReport::default();
+    sqlx::query(DDL_LOCK_TIMEOUT).execute(&mut *conn).await?;
+    let day = today();
+    for table in ["events", "message_ids"] {
+        let existing = day_partitions(conn, table).await?;
+        for d in day..=day + 2 {
+            if existing.contains(&d) {
+                continue;
+            }
+            match create_day(conn, table, d).await {
+                Ok(()) => report.created += 1,
+                Err(error) if is_lock_timeout(&error) => report.deferred += 1,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+    // Dedup covers today and yesterday.
+    for old in day_partitions(conn, "message_ids").await? {
+        if old < day - 1 {
+            match drop_day(conn, "message_ids", old).await {
+                Ok(()) => report.dropped_days += 1,
+                Err(error) if is_lock_timeout(&error) => report.deferred += 1,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+    // An archive day goes once all of it is older than the retention and no run needs it.
+    let retention_days = retention.as_secs().div_ceil(SECONDS_PER_DAY as u64) as i32;
+    for old in day_partitions(conn, "events").await? {
+        if old >= day - retention_days || old >= day {
+            continue;
+        }
+        let needed: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM jobs WHERE day = $1)")
+            .bind(old)
+            .fetch_one(&mut *conn)
+            .await?;
+        if needed {
+            continue;
+        }
+        match drop_day(conn, "events", old).await {
+            Ok(()) => report.dropped_days += 1,
+            Err(error) if is_lock_timeout(&error) => report.deferred += 1,
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(report)
+}
+
+/// The days of a table's partitions (`<table>_d<day>`).
+async fn day_partitions(conn: &mut PgConnection, table: &str) -> Result<Vec<i32>> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i \
+         JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = $1::regclass",
+    )
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await?;
+    let prefix = format!("{table}_d");
+    Ok(names
+        .iter()
+        .filter_map(|name| name.strip_prefix(&prefix)?.parse().ok())
+        .collect())
+}
+
+// Statements naming a partition are not kept prepared: each names a different table.
+async fn create_day(conn: &mut PgConnection, table: &str, day: i32) -> Result<()> {
+    let sql = format!(
+        "CREATE TABLE IF NOT EXISTS {table}_d{day} PARTITION OF {table} \
+         FOR VALUES FROM ({day}) TO ({next})",
+        next = day + 1
+    );
+    sqlx::query(&sql)
+        .persistent(false)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn drop_day(conn: &mut PgConnection, table: &str, day: i32) -> Result<()> {
+    let sql = format!("DROP TABLE IF EXISTS {table}_d{day}");
+    sqlx::query(&sql)
+        .persistent(false)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// 55P03: lock_not_available, what `lock_timeout` raises.
+fn is_lock_timeout(error: &StoreError) -> bool {
+    matches!(error, StoreError::Database(sqlx::Error::Database(db))
+        if db.code().as_deref() == Some("55P03"))
+}
+
+/// Text as Postgres can store it: `text` columns refuse NUL, which a vendor's error body may
+/// hold.
+pub fn storable(text: &str) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text.to_owned()
+    }
+}
+
+/// How a group's deliveries are cut into runs: per destination and source, in ingest order,
+/// at most the destination's run size; for per-user ordering, one user per run.
+#[derive(Debug, Default)]
+struct Runs {
+    /// For each (run, event) membership: the run's number and the event's position (1-based).
+    member_run: Vec<i32>,
+    member_index: Vec<i32>,
+    /// Per run (numbered from 1 in this order).
+    destination: Vec<i32>,
+    source: Vec<i32>,
+    ordered: Vec<bool>,
+}
+
+impl Runs {
+    fn plan(events: &[NewEvent]) -> Runs {
+        let mut runs = Runs::default();
+        // The open run of each (destination, source, user if ordered), and its size so far.
+        let mut open: HashMap<(i32, i32, Option<&str>), (i32, usize)> = HashMap::new();
+        for (position, event) in events.iter().enumerate() {
+            for target in &event.targets {
+                let user = target.ordered.then_some(event.user_key.as_str());
+                let key = (target.destination_id, event.source_id, user);
+                let limit = target.run_size.clamp(1, MAX_RUN);
+                let run = match open.get_mut(&key) {
+                    Some((run, size)) if *size < limit => {
+                        *size += 1;
+                        *run
+                    }
+                    _ => {
+                        runs.destination.push(target.destination_id);
+                        runs.source.push(event.source_id);
+                        runs.ordered.push(target.ordered);
+                        let run = runs.destination.len() as i32;
+                        open.insert(key, (run, 1));
+                        run
+                    }
+                };
+                runs.member_run.push(run);
+                runs.member_index.push(position as i32 + 1);
+            }
+        }
+        runs
+    }
+
+    fn destinations(&self) -> Vec<i32> {
+        let mut ids = self.destination.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
 }
 
 /// The `NOTIFY` payload: destination ids, comma separated; empty (meaning "look at every
@@ -927,6 +1078,47 @@ pub fn parse_notice(payload: &str) -> Option<Vec<i32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(source_id: i32, user: &str, targets: &[(i32, bool, usize)]) -> NewEvent {
+        NewEvent {
+            source_id,
+            message_id: String::new(),
+            received_at: OffsetDateTime::UNIX_EPOCH,
+            user_key: user.into(),
+            payload: Vec::new(),
+            targets: targets
+                .iter()
+                .map(|&(destination_id, ordered, run_size)| Target {
+                    destination_id,
+                    ordered,
+                    run_size,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn runs_are_cut_per_destination_source_and_size() {
+        let events = vec![
+            event(1, "a", &[(10, false, 2), (11, true, 5)]),
+            event(1, "b", &[(10, false, 2), (11, true, 5)]),
+            event(1, "a", &[(10, false, 2), (11, true, 5)]),
+            event(2, "a", &[(10, false, 2)]),
+        ];
+        let runs = Runs::plan(&events);
+        // 10: [1,2] [3] from source 1, [4] from source 2; 11: user a [1,3], user b [2].
+        assert_eq!(runs.destination, vec![10, 11, 11, 10, 10]);
+        assert_eq!(runs.source, vec![1, 1, 1, 1, 2]);
+        assert_eq!(runs.member_run, vec![1, 2, 1, 3, 4, 2, 5]);
+        assert_eq!(runs.member_index, vec![1, 1, 2, 2, 3, 3, 4]);
+        assert_eq!(runs.destinations(), vec![10, 11]);
+    }
+
+    #[test]
+    fn stored_text_has_no_nul() {
+        assert_eq!(storable("a\0b"), "a\u{FFFD}b");
+        assert_eq!(storable("plain"), "plain");
+    }
 
     #[test]
     fn notices_round_trip_and_overflow_to_everyone() {

@@ -1,10 +1,10 @@
-//! Finished work is reclaimed by dropping whole time partitions, not by DELETE + VACUUM.
+//! Storage: the archive's day partitions, the queue of runs, and what stays behind.
 
 use std::time::Duration;
 
 use serde_json::json;
 use sqlx::Connection;
-use switchyard::store::{NameTable, Store, PART_SECONDS};
+use switchyard::store::{today, NameTable, Store};
 use switchyard::testkit::{start_switchyard, MockServer, TestDatabase};
 
 async fn partitions(db: &TestDatabase, parent: &str) -> Vec<String> {
@@ -20,67 +20,77 @@ async fn partitions(db: &TestDatabase, parent: &str) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn a_past_window_is_dropped_once_its_jobs_are_done_and_kept_while_one_is_left() {
+async fn archive_days_past_retention_are_dropped_unless_a_run_needs_them() {
     let db = TestDatabase::create("partitions").await;
     let store = Store::connect(&db.url, 4).await.unwrap();
     store.migrate().await.unwrap();
-    store.maintain_partitions().await.unwrap();
+    let retention = Duration::from_secs(2 * 86_400);
+    store.upkeep(retention).await.unwrap();
     let ids = store
         .name_ids(NameTable::Destinations, &["d".to_string()])
         .await
         .unwrap();
     let destination = ids["d"];
     let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    let now: i64 = sqlx::query_scalar("SELECT floor(extract(epoch FROM now()))::bigint")
-        .fetch_one(&mut connection)
-        .await
-        .unwrap();
-    // Two windows an hour in the past, each with one event and one queued job.
-    let old = (now / PART_SECONDS - 6) as i32;
-    for part in [old, old + 1] {
-        for table in ["events", "jobs"] {
+    let day = today();
+    // Days past the retention, each with one event; the older one's run is done, the newer
+    // one's still waits for a retry. A dedup day older than yesterday, and one within.
+    for old in [day - 6, day - 5] {
+        for table in ["events", "message_ids"] {
             sqlx::query(&format!(
-                "CREATE TABLE {table}_p{part} PARTITION OF {table} FOR VALUES FROM ({part}) TO ({})",
-                part + 1
+                "CREATE TABLE {table}_d{old} PARTITION OF {table} FOR VALUES FROM ({old}) TO ({})",
+                old + 1
             ))
             .execute(&mut connection)
             .await
             .unwrap();
         }
-        sqlx::query(
-            "WITH e AS (INSERT INTO events (part, source_id, message_id, received_at, payload) \
-             VALUES ($1, 1, $2, now(), '{}') RETURNING part, id) \
-             INSERT INTO jobs (part, event_id, destination_id, source_id, run_at, enqueued_at) \
-             SELECT part, id, $3, 1, now() + interval '1 hour', now() FROM e",
-        )
-        .bind(part)
-        .bind(format!("m-{part}"))
-        .bind(destination)
-        .execute(&mut connection)
-        .await
-        .unwrap();
     }
-    // The first window's job is done; the second's is still waiting for a retry.
-    sqlx::query("DELETE FROM jobs WHERE part = $1")
-        .bind(old)
-        .execute(&mut connection)
-        .await
-        .unwrap();
-    let report = store.maintain_partitions().await.unwrap();
-    assert_eq!(report.dropped_windows, 1, "{report:?}");
-    let jobs = partitions(&db, "jobs").await;
+    sqlx::query(
+        "WITH e AS (INSERT INTO events (day, source_id, message_id, received_at, order_key, payload) \
+         VALUES ($1, 1, 'm', now(), 0, '{}') RETURNING id) \
+         INSERT INTO jobs (destination_id, source_id, day, event_ids, run_at, enqueued_at) \
+         SELECT $2, 1, $1, ARRAY[id], now() + interval '1 hour', now() FROM e",
+    )
+    .bind(day - 5)
+    .bind(destination)
+    .execute(&mut connection)
+    .await
+    .unwrap();
+    let report = store.upkeep(retention).await.unwrap();
     let events = partitions(&db, "events").await;
-    assert!(!jobs.contains(&format!("jobs_p{old}")) && !events.contains(&format!("events_p{old}")));
+    let dedup = partitions(&db, "message_ids").await;
     assert!(
-        jobs.contains(&format!("jobs_p{}", old + 1))
-            && events.contains(&format!("events_p{}", old + 1)),
-        "a window with work left stays: {jobs:?}"
+        !events.contains(&format!("events_d{}", day - 6)),
+        "{events:?} {report:?}"
     );
-    // Windows ahead are ready before they are needed.
-    let current = (now / PART_SECONDS) as i32;
-    for part in current..=current + 2 {
-        assert!(jobs.contains(&format!("jobs_p{part}")), "{jobs:?}");
+    assert!(
+        events.contains(&format!("events_d{}", day - 5)),
+        "a day a queued run refers to stays: {events:?}"
+    );
+    assert!(
+        !dedup
+            .iter()
+            .any(|t| t.ends_with(&format!("_d{}", day - 6))
+                || t.ends_with(&format!("_d{}", day - 5))),
+        "{dedup:?}"
+    );
+    // Days ahead are ready before they are needed.
+    for d in day..=day + 2 {
+        assert!(events.contains(&format!("events_d{d}")), "{events:?}");
+        assert!(dedup.contains(&format!("message_ids_d{d}")), "{dedup:?}");
     }
+    // Once the run is done, its day goes too.
+    sqlx::query("DELETE FROM jobs")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    store.upkeep(retention).await.unwrap();
+    let events = partitions(&db, "events").await;
+    assert!(
+        !events.contains(&format!("events_d{}", day - 5)),
+        "{events:?}"
+    );
 }
 
 #[tokio::test]
