@@ -103,7 +103,10 @@ pub async fn resolve(explicit: Option<String>) -> anyhow::Result<Database> {
             private: None,
         });
     }
-    let private = start_private().await?;
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let why = format!("nothing answered at {DEFAULT_ADDR} and DATABASE_URL was not set");
+    let private = start_private_in(cwd.join(".switchyard").join("postgres"), PRIVATE_PORT, &why)
+        .await?;
     wait_until_reachable(PRIVATE_DATABASE_URL, REACH_DEADLINE).await?;
     Ok(Database {
         url: PRIVATE_DATABASE_URL.to_string(),
@@ -252,7 +255,14 @@ async fn wait_until_reachable(url: &str, deadline: Duration) -> anyhow::Result<(
 
 /// Starts (or finds running) the private server in `.switchyard/postgres`. Returns `None` when
 /// it was already running: that one belongs to another Switchyard, which will stop it.
-async fn start_private() -> anyhow::Result<Option<PrivatePostgres>> {
+/// Starts (or reuses) a PostgreSQL server with default settings in `data_dir` on
+/// 127.0.0.1:`port`, creating it with initdb first if needed. `None` when one was already
+/// running there (it is not ours to stop). `why` is logged.
+pub async fn start_private_in(
+    mut data_dir: PathBuf,
+    port: u16,
+    why: &str,
+) -> anyhow::Result<Option<PrivatePostgres>> {
     let (initdb, pg_ctl) = find_server_binaries().ok_or_else(|| {
         anyhow::anyhow!(
             "nothing answers at {DEFAULT_ADDR} and DATABASE_URL is not set, and no PostgreSQL \
@@ -266,7 +276,6 @@ async fn start_private() -> anyhow::Result<Option<PrivatePostgres>> {
         None
     };
     let cwd = std::env::current_dir().context("reading the current directory")?;
-    let mut data_dir = cwd.join(".switchyard").join("postgres");
     prepare_data_dir(&data_dir, run_as.as_deref()).await?;
     if let Some(user) = run_as.as_deref() {
         if !user_can_write(user, &data_dir).await {
@@ -319,11 +328,10 @@ async fn start_private() -> anyhow::Result<Option<PrivatePostgres>> {
         }
     }
 
-    let why = format!("nothing answered at {DEFAULT_ADDR} and DATABASE_URL was not set");
     let reuse = |server: &PrivatePostgres| {
         info!(
             data_dir = %server.data_dir.display(),
-            "using the private PostgreSQL already running on 127.0.0.1:{PRIVATE_PORT}, because {why}"
+            "using the private PostgreSQL already running on 127.0.0.1:{port}, because {why}"
         );
         Ok(None)
     };
@@ -331,7 +339,7 @@ async fn start_private() -> anyhow::Result<Option<PrivatePostgres>> {
         return reuse(&server);
     }
 
-    let socket_name = format!(".s.PGSQL.{PRIVATE_PORT}");
+    let socket_name = format!(".s.PGSQL.{port}");
     let socket_dir = if server.data_dir.as_os_str().len() + socket_name.len() < MAX_SOCKET_PATH {
         dir.clone()
     } else {
@@ -340,7 +348,7 @@ async fn start_private() -> anyhow::Result<Option<PrivatePostgres>> {
     let log = path_arg(&server.data_dir.join("server.log"));
     // pg_ctl hands -o to a shell, hence the inner quoting.
     let options = format!(
-        "-p {PRIVATE_PORT} -c listen_addresses=127.0.0.1 -k {}",
+        "-p {port} -c listen_addresses=127.0.0.1 -k {}",
         shell_quote(&socket_dir)
     );
     let args: Vec<String> = [
@@ -358,7 +366,7 @@ async fn start_private() -> anyhow::Result<Option<PrivatePostgres>> {
             .map(|s| tail(&s, 1500))
             .unwrap_or_default();
         bail!(
-            "could not start a private PostgreSQL in {} (is port {PRIVATE_PORT} taken?): {}\n{}",
+            "could not start a private PostgreSQL in {} (is port {port} taken?): {}\n{}",
             server.data_dir.display(),
             output_tail(&out),
             server_log
@@ -367,7 +375,7 @@ async fn start_private() -> anyhow::Result<Option<PrivatePostgres>> {
     info!(
         data_dir = %server.data_dir.display(),
         log = %log,
-        "started a private PostgreSQL on 127.0.0.1:{PRIVATE_PORT}, because {why}; it stops when Switchyard exits"
+        "started a private PostgreSQL on 127.0.0.1:{port}, because {why}; it stops when its owner exits"
     );
     Ok(Some(server))
 }

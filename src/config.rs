@@ -934,7 +934,7 @@ timeout = "soon"
             errors(text),
             [
                 "switchyard.toml:1:1: unknown key `colour` \
-                 (allowed: sources, destinations, limits, security)",
+                 (allowed: sources, destinations, limits, security, archive)",
                 "switchyard.toml:10:1: `url`: `ftp://example.com/in` must be an http:// or https:// URL",
                 "switchyard.toml:11:1: unknown key `retries` for a `webhook` destination \
                  (expected one of `url`, `urls`, `secret`, `headers`, `balance`, \

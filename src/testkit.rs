@@ -446,11 +446,26 @@ pub struct Process {
     config_path: std::path::PathBuf,
     database_url: String,
     log_path: std::path::PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Process {
     /// Writes `config_toml` next to a log file in a temp dir and starts `binary serve`.
     pub async fn spawn(binary: &str, config_toml: &str, database_url: &str) -> Process {
+        Process::spawn_with(binary, config_toml, database_url, &[]).await
+    }
+
+    /// [`Process::spawn`] with extra environment variables (`SWITCHYARD_ROLE`, ...).
+    pub async fn spawn_with(
+        binary: &str,
+        config_toml: &str,
+        database_url: &str,
+        env: &[(&str, &str)],
+    ) -> Process {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let dir =
             std::env::temp_dir().join(format!("switchyard-test-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("a temp dir");
@@ -467,11 +482,13 @@ impl Process {
                 database_url,
                 addr,
                 &dir.join("switchyard.log"),
+                &env,
             ),
             binary: binary.into(),
             config_path,
             database_url: database_url.into(),
             log_path: dir.join("switchyard.log"),
+            env,
         };
         process.wait_ready().await;
         process
@@ -483,6 +500,7 @@ impl Process {
         database_url: &str,
         addr: SocketAddr,
         log: &std::path::Path,
+        env: &[(String, String)],
     ) -> std::process::Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -496,6 +514,7 @@ impl Process {
             .env("DATABASE_URL", database_url)
             .env("SWITCHYARD_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("RUST_LOG", "info,sqlx=warn")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().expect("a log handle"))
             .stderr(log)
             .spawn()
@@ -537,6 +556,7 @@ impl Process {
             &self.database_url,
             self.addr,
             &self.log_path,
+            &self.env,
         );
         self.wait_ready().await;
     }

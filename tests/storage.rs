@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use sqlx::Connection;
-use switchyard::store::{today, NameTable, Store};
-use switchyard::testkit::{start_switchyard, MockServer, TestDatabase};
+use switchyard::store::{today, Fate, NameTable, NewEvent, RunOutcome, Store, Target};
+use switchyard::testkit::{start_switchyard, MockServer, Reply, TestDatabase};
 
 async fn partitions(db: &TestDatabase, parent: &str) -> Vec<String> {
     let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
@@ -123,5 +123,255 @@ async fn delivered_jobs_leave_no_rows_behind() {
             .as_deref(),
         Some("0")
     );
+    sy.shutdown().await.unwrap();
+}
+
+fn hook_config(sink: &MockServer, extra: &str) -> String {
+    format!(
+        "[[sources]]\nname = \"web\"\nwrite_key = \"wk\"\n\n[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}\"\n{extra}\n",
+        sink.url("/in")
+    )
+}
+
+async fn post_batch(base: &str, batch: &[serde_json::Value]) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{base}/v1/batch"))
+        .basic_auth("wk", Some(""))
+        .json(&json!({ "batch": batch }))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// #11.1: concurrent batches repeating the same messageIds (as an SDK retrying while its
+/// first try is in flight sends them) must never deadlock the group commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_batches_repeating_message_ids_never_deadlock() {
+    let db = TestDatabase::create("dedup_race").await;
+    let sink = MockServer::start().await;
+    let sy = start_switchyard(&hook_config(&sink, ""), &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    let mut statuses = Vec::new();
+    for round in 0..8 {
+        let ids: Vec<String> = (0..300).map(|i| format!("r{round}-{i}")).collect();
+        let forward: Vec<_> = ids
+            .iter()
+            .map(|id| json!({"type": "track", "event": "E", "userId": "u", "messageId": id}))
+            .collect();
+        let mut backward = forward.clone();
+        backward.reverse();
+        let sends = [&forward, &backward, &forward, &backward].map(|batch| {
+            let base = base.clone();
+            let batch = batch.clone();
+            tokio::spawn(async move { post_batch(&base, &batch).await })
+        });
+        for send in sends {
+            statuses.push(send.await.unwrap());
+        }
+    }
+    assert!(statuses.iter().all(|s| *s == 200), "statuses: {statuses:?}");
+    assert!(
+        sink.wait_until(Duration::from_secs(20), |s| s.events().len() >= 2400)
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.events().len(), 2400, "each messageId delivered once");
+    sy.shutdown().await.unwrap();
+}
+
+/// #11.10: a userId far longer than an index row may be must not fail the group commit of a
+/// `per_user` destination.
+#[tokio::test]
+async fn a_very_long_user_id_on_a_per_user_destination_is_accepted_and_delivered() {
+    let db = TestDatabase::create("long_user").await;
+    let sink = MockServer::start().await;
+    let sy = start_switchyard(&hook_config(&sink, "ordering = \"per_user\""), &db.url).await;
+    let long = "u".repeat(12_000);
+    let batch = vec![
+        json!({"type": "track", "event": "E", "userId": long, "messageId": "long-1"}),
+        json!({"type": "track", "event": "E", "userId": "short", "messageId": "short-1"}),
+    ];
+    assert_eq!(post_batch(&format!("http://{}", sy.addr), &batch).await, 200);
+    assert!(
+        sink.wait_until(Duration::from_secs(10), |s| s.events().len() == 2)
+            .await
+    );
+    sy.shutdown().await.unwrap();
+}
+
+/// #11.9: a NUL byte in a vendor's error body must not fail the outcome write: the event ends
+/// in the dead letters with the (sanitized) error, and can be replayed.
+#[tokio::test]
+async fn a_nul_byte_in_an_error_body_still_makes_a_dead_letter() {
+    let db = TestDatabase::create("nul_error").await;
+    let sink = MockServer::scripted(|_, _| Reply::status(400).with_body("bad\u{0}input")).await;
+    let sy = start_switchyard(&hook_config(&sink, ""), &db.url).await;
+    let batch = vec![json!({"type": "track", "event": "E", "userId": "u", "messageId": "nul-1"})];
+    assert_eq!(post_batch(&format!("http://{}", sy.addr), &batch).await, 200);
+    let mut dead = None;
+    for _ in 0..100 {
+        dead = db
+            .scalar("SELECT last_error FROM dead_letters WHERE message_id = 'nul-1'")
+            .await;
+        if dead.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dead = dead.expect("a dead letter for the event");
+    assert!(dead.contains("bad") && !dead.contains('\0'), "{dead:?}");
+    sy.shutdown().await.unwrap();
+}
+
+/// #11.11: an outcome is written only while the claim it belongs to holds. A claim whose lease
+/// ran out and was taken again must not overwrite the newer claim's result, and an event is
+/// never both delivered and dead-lettered.
+#[tokio::test]
+async fn a_late_outcome_never_overwrites_a_newer_claim() {
+    let db = TestDatabase::create("late_outcome").await;
+    let store = Store::connect(&db.url, 4).await.unwrap();
+    store.migrate().await.unwrap();
+    store.prepare_today().await.unwrap();
+    let sources = store
+        .name_ids(NameTable::Sources, &["s".to_string()])
+        .await
+        .unwrap();
+    let destinations = store
+        .name_ids(NameTable::Destinations, &["d".to_string()])
+        .await
+        .unwrap();
+    let (source, destination) = (sources["s"], destinations["d"]);
+    let event = NewEvent {
+        source_id: source,
+        message_id: "late-1".into(),
+        received_at: time::OffsetDateTime::now_utc(),
+        user_key: "u".into(),
+        payload: br#"{"type":"track"}"#.to_vec(),
+        targets: vec![Target {
+            destination_id: destination,
+            ordered: false,
+            run_size: 10,
+        }],
+    };
+    store.insert_events(&[event], true).await.unwrap();
+    // Owner 1 claims with a lease that runs out at once; owner 2 claims again.
+    let first = store
+        .claim(destination, 10, Duration::ZERO, 1, false)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let second = store
+        .claim(destination, 10, Duration::from_secs(60), 2, false)
+        .await
+        .unwrap();
+    assert_eq!((first.len(), second.len()), (1, 1));
+    let outcome = |run: &switchyard::store::ClaimedRun, fate: Fate| RunOutcome {
+        id: run.id,
+        attempts: run.attempts,
+        delay: Duration::ZERO,
+        status: None,
+        error: None,
+        events: run.events.iter().map(|e| (e.id, fate.clone())).collect(),
+    };
+    // The first claim's late "dead" is dropped; the second's "delivered" holds.
+    let dead = Fate::Dead {
+        status: Some(400),
+        error: "late".into(),
+    };
+    assert_eq!(store.finish(1, &[outcome(&first[0], dead)]).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .finish(2, &[outcome(&second[0], Fate::Delivered)])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(db.scalar("SELECT count(*)::text FROM dead_letters").await.as_deref(), Some("0"));
+    assert_eq!(db.scalar("SELECT count(*)::text FROM jobs").await.as_deref(), Some("0"));
+}
+
+/// #11.7: partition DDL never makes ingest wait behind a reader holding a lock (a `pg_dump`,
+/// an idle-in-transaction session): it gives up within its lock timeout and tries again later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upkeep_behind_a_locking_reader_neither_waits_nor_stalls_ingest() {
+    let db = TestDatabase::create("ddl_reader").await;
+    let sink = MockServer::start().await;
+    let sy = start_switchyard(&hook_config(&sink, ""), &db.url).await;
+    let store = Store::connect(&db.url, 2).await.unwrap();
+    let day = today();
+    // An archive day past any retention, that upkeep will want to drop.
+    let mut reader = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let old = day - 30;
+    sqlx::query(&format!(
+        "CREATE TABLE events_d{old} PARTITION OF events FOR VALUES FROM ({old}) TO ({})",
+        old + 1
+    ))
+    .execute(&mut reader)
+    .await
+    .unwrap();
+    // A reader holds a lock on the archive, as pg_dump does.
+    sqlx::query("BEGIN").execute(&mut reader).await.unwrap();
+    sqlx::query("SELECT count(*) FROM events").execute(&mut reader).await.unwrap();
+    let upkeep = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let report = store.upkeep(Duration::from_secs(86_400)).await;
+            (started.elapsed(), report)
+        })
+    };
+    let base = format!("http://{}", sy.addr);
+    for i in 0..20 {
+        let started = std::time::Instant::now();
+        let batch = vec![json!({"type": "track", "event": "E", "userId": "u", "messageId": format!("d-{i}")})];
+        assert_eq!(post_batch(&base, &batch).await, 200);
+        assert!(started.elapsed() < Duration::from_secs(1), "ingest waited {:?}", started.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (took, report) = upkeep.await.unwrap();
+    let report = report.unwrap();
+    assert!(took < Duration::from_secs(2), "upkeep waited {took:?}");
+    assert!(report.deferred >= 1, "{report:?}");
+    sqlx::query("ROLLBACK").execute(&mut reader).await.unwrap();
+    // Once the reader is gone, the next pass drops the day.
+    let report = store.upkeep(Duration::from_secs(86_400)).await.unwrap();
+    assert!(report.dropped_days >= 1, "{report:?}");
+    sy.shutdown().await.unwrap();
+}
+
+/// #11.13: a destination removed from the config between two runs leaves no queued work
+/// behind: it becomes dead letters at start, and no longer counts against `max_queued`.
+#[tokio::test]
+async fn work_of_a_destination_removed_between_runs_is_dead_lettered_at_start() {
+    let db = TestDatabase::create("removed_between").await;
+    let sink = MockServer::start().await;
+    let down = MockServer::scripted(|_, _| Reply::status(503)).await;
+    let both = format!(
+        "{}\n[[destinations]]\nname = \"gone\"\nkind = \"webhook\"\nurl = \"{}\"\nretry = {{ initial_backoff = \"5m\" }}\n\n[limits]\nmax_queued = 100\n",
+        hook_config(&sink, ""),
+        down.url("/down")
+    );
+    let sy = start_switchyard(&both, &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    let batch: Vec<_> = (0..40)
+        .map(|i| json!({"type": "track", "event": "E", "userId": "u", "messageId": format!("g-{i}")}))
+        .collect();
+    assert_eq!(post_batch(&base, &batch).await, 200);
+    assert!(down.wait_until(Duration::from_secs(10), |s| s.received().len() >= 40).await);
+    sy.shutdown().await.unwrap();
+
+    let only_hook = format!("{}\n[limits]\nmax_queued = 100\n", hook_config(&sink, ""));
+    let sy = start_switchyard(&only_hook, &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    let dead = db
+        .scalar("SELECT count(*)::text FROM dead_letters d JOIN destinations n ON n.id = d.destination_id WHERE n.name = 'gone'")
+        .await;
+    assert_eq!(dead.as_deref(), Some("40"));
+    // The queue holds nothing of it, so 70 more events fit under max_queued = 100.
+    let batch: Vec<_> = (0..70)
+        .map(|i| json!({"type": "track", "event": "E", "userId": "u", "messageId": format!("h-{i}")}))
+        .collect();
+    assert_eq!(post_batch(&base, &batch).await, 200);
     sy.shutdown().await.unwrap();
 }

@@ -52,6 +52,23 @@ impl Server {
             })
     }
 
+    /// The settings that decide how a queue behaves on this server.
+    pub async fn settings(&self) -> anyhow::Result<String> {
+        let mut admin = self.admin().await?;
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT name, setting FROM pg_settings WHERE name IN ('autovacuum', \
+             'shared_buffers', 'synchronous_commit', 'fsync', 'max_wal_size', \
+             'checkpoint_timeout', 'max_connections') ORDER BY name",
+        )
+        .fetch_all(&mut admin)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+
     /// `SHOW server_version`.
     pub async fn version(&self) -> anyhow::Result<String> {
         let mut admin = self.admin().await?;

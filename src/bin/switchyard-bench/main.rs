@@ -22,7 +22,7 @@ mod sink;
 mod switchyard;
 mod timing;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -48,9 +48,20 @@ struct Cli {
     #[arg(long)]
     json: Option<PathBuf>,
     /// The Postgres server to use (its database part is ignored: each scenario makes its own).
+    /// Without it, the bench starts a private server with PostgreSQL's default settings
+    /// (autovacuum on) in `target/bench-postgres`, as a real deployment would run.
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
+    /// Minutes of the `soak` scenario.
+    #[arg(long, default_value_t = 10)]
+    soak_minutes: u64,
+    /// Exit non-zero when a scenario fails or a soak is not flat (for CI).
+    #[arg(long)]
+    check: bool,
 }
+
+/// The private server's port, off the standard ones.
+const PRIVATE_PORT: u16 = 54330;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -84,8 +95,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             binary.display()
         );
     }
-    let server = Server::new(cli.database_url.as_deref())?;
+    let mut private = None;
+    let database_url = match cli.database_url.clone() {
+        Some(url) => url,
+        None => {
+            let data_dir = binary
+                .parent()
+                .and_then(Path::parent)
+                .unwrap_or(Path::new("."))
+                .join("bench-postgres");
+            private = ::switchyard::bootstrap::start_private_in(
+                data_dir,
+                PRIVATE_PORT,
+                "DATABASE_URL was not set: the bench runs on a server with default settings",
+            )
+            .await?;
+            format!("postgres://postgres@127.0.0.1:{PRIVATE_PORT}/postgres")
+        }
+    };
+    let server = Server::new(Some(&database_url))?;
     let version = server.version().await?;
+    let settings = server.settings().await?;
     let postmaster = server.postmaster().await?;
     let work_dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
     let env = Env {
@@ -93,11 +123,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         binary,
         work_dir: work_dir.clone(),
         postmaster,
+        soak_minutes: cli.soak_minutes.max(1),
     };
     if postmaster.is_none() {
         eprintln!("Postgres does not run on this machine: its CPU share is not measured");
     }
     println!("{}", machine(&version));
+    println!("postgres settings: {settings}");
 
     let mut plan = if cli.scenarios.is_empty() {
         Scenario::DEFAULT.to_vec()
@@ -135,6 +167,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("logs and configs: {}", work_dir.display());
     } else {
         let _ = std::fs::remove_dir_all(&work_dir);
+    }
+    if let Some(private) = private {
+        private.stop().await;
+    }
+    if cli.check {
+        let failed: Vec<String> = rows
+            .iter()
+            .filter(|r| r.error.is_some() || r.extra.get("flat") == Some(&false.into()))
+            .map(|r| r.scenario.clone())
+            .collect();
+        if !failed.is_empty() {
+            bail!("--check: {} did not pass", failed.join(", "));
+        }
     }
     Ok(())
 }

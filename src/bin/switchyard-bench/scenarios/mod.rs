@@ -27,6 +27,8 @@ pub struct Env {
     pub work_dir: PathBuf,
     /// The Postgres server's main process, if it runs here (for the CPU split).
     pub postmaster: Option<u32>,
+    /// Length of the `soak` scenario.
+    pub soak_minutes: u64,
 }
 
 impl Env {
