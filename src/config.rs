@@ -12,7 +12,7 @@ use std::time::Duration;
 use toml_edit::{ImDocument, Item, Key, TableLike};
 use url::Url;
 
-use crate::destination::{Built, Destination, Kind, SettingError, Settings};
+use crate::destination::{Built, Destination, Kind, RetryAfterCap, SettingError, Settings};
 use crate::destinations;
 use crate::destinations::webhook::parse_http_url;
 
@@ -395,7 +395,8 @@ impl Reader<'_> {
             file: self.file.to_owned(),
             line,
             col,
-            message: message.into(),
+            // Errors are logged and answered by the reload API: no URL's secrets in them.
+            message: crate::redact::urls_in(&message.into()),
         });
     }
 
@@ -524,7 +525,7 @@ impl Reader<'_> {
             ordering: ordering.unwrap_or_default(),
             endpoint,
             enabled: enabled.unwrap_or(true),
-            plugin: built.plugin,
+            plugin: RetryAfterCap::wrap(built.plugin, retry.max_backoff),
         })
     }
 
