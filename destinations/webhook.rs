@@ -641,7 +641,7 @@ mod tests {
                 status: Some(503),
                 retry_after: None,
                 throttled: false,
-                message: "http://down.example/in: HTTP 503: {}".into(),
+                message: "http://down.example/***: HTTP 503: {}".into(),
             },
             "another endpoint is up: no pause for the destination"
         );

@@ -902,7 +902,7 @@ timeout = "soon"
             [
                 "switchyard.toml:1:1: unknown key `colour` \
                  (allowed: sources, destinations, limits, security)",
-                "switchyard.toml:10:1: `url`: `ftp://example.com/in` must be an http:// or https:// URL",
+                "switchyard.toml:10:1: `url`: `ftp://example.com/***` must be an http:// or https:// URL",
                 "switchyard.toml:11:1: unknown key `retries` for a `webhook` destination \
                  (expected one of `url`, `urls`, `secret`, `headers`, `balance`, \
                  `use_utilization`, `ramp_up`, `stats_decay`, or a key every destination takes)",

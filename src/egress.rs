@@ -61,6 +61,31 @@ impl EgressPolicy {
     }
 }
 
+impl EgressPolicy {
+    /// The allowed ones among resolved addresses; `Err` with a refusal when all were refused.
+    fn keep_allowed<T>(
+        &self,
+        resolved: Vec<T>,
+        ip: impl Fn(&T) -> IpAddr,
+    ) -> Result<Vec<T>, Refused> {
+        let mut refused = None;
+        let allowed: Vec<T> = resolved
+            .into_iter()
+            .filter(|address| match self.check(ip(address)) {
+                Ok(()) => true,
+                Err(why) => {
+                    refused = Some(why);
+                    false
+                }
+            })
+            .collect();
+        match refused {
+            Some(why) if allowed.is_empty() => Err(why),
+            _ => Ok(allowed),
+        }
+    }
+}
+
 /// What kind of address it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
@@ -162,21 +187,10 @@ pub async fn resolve_allowed(
             .map(|addr| addr.ip())
             .collect(),
     };
-    let mut refused = None;
-    let allowed: Vec<IpAddr> = resolved
-        .into_iter()
-        .filter(|address| match policy.check(*address) {
-            Ok(()) => true,
-            Err(why) => {
-                refused = Some(why);
-                false
-            }
-        })
-        .collect();
-    match (allowed.is_empty(), refused) {
-        (true, Some(why)) => Err(why.to_string()),
-        (true, None) => Err(format!("{host} resolves to no address")),
-        (false, _) => Ok(allowed),
+    match policy.keep_allowed(resolved, |address| *address) {
+        Ok(allowed) if allowed.is_empty() => Err(format!("{host} resolves to no address")),
+        Ok(allowed) => Ok(allowed),
+        Err(why) => Err(why.to_string()),
     }
 }
 
@@ -197,20 +211,9 @@ impl reqwest::dns::Resolve for GuardedResolver {
                     .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?
                     .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?
                     .collect();
-            let mut refused = None;
-            let allowed: Vec<SocketAddr> = resolved
-                .into_iter()
-                .filter(|addr| match policy.check(addr.ip()) {
-                    Ok(()) => true,
-                    Err(why) => {
-                        refused = Some(why);
-                        false
-                    }
-                })
-                .collect();
-            match (allowed.is_empty(), refused) {
-                (true, Some(why)) => Err(Box::new(why) as Box<dyn std::error::Error + Send + Sync>),
-                _ => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
+            match policy.keep_allowed(resolved, SocketAddr::ip) {
+                Ok(allowed) => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
+                Err(why) => Err(Box::new(why) as Box<dyn std::error::Error + Send + Sync>),
             }
         })
     }
