@@ -11,6 +11,9 @@
 //! sent as `user_properties` of the user's request in the same batch; an identify with no
 //! event beside it, and alias, are counted delivered without a request.
 //!
+//! The users' requests of a batch go out at once, so they all end within the destination's
+//! timeout: a user whose request hangs is retried alone, and the others' deliveries stand.
+//!
 //! GA4 answers 2xx even to invalid data; 429 and 5xx are retried, other answers are permanent.
 
 use std::sync::Arc;
@@ -388,7 +391,7 @@ impl Destination for Ga4 {
     ) -> BoxFuture<'a, Verdict> {
         Box::pin(
             self.plan(events)
-                .deliver(ctx, |_, answer, _| Verdict::All(classify_status(answer))),
+                .deliver_concurrently(ctx, |_, answer, _| Verdict::All(classify_status(answer))),
         )
     }
 }

@@ -498,13 +498,47 @@ impl Plan {
                 }
             }
         }
-        Verdict::PerEvent(
-            outcomes
-                .into_iter()
-                .map(|o| o.unwrap_or_else(|| Outcome::failed("the kind made no request for it")))
-                .collect(),
-        )
+        finish(outcomes)
     }
+
+    /// Sends every part at once and combines the outcomes, for vendors that take one user per
+    /// request (GA4): each request ends within the destination's timeout, so the whole batch
+    /// does too, and one user's slow or hanging request costs the others neither their turn
+    /// nor their result. What was delivered stays delivered; only the rest is retried.
+    pub async fn deliver_concurrently(
+        self,
+        ctx: &DeliveryContext<'_>,
+        classify: impl Fn(&'static str, &HttpResponse, usize) -> Verdict,
+    ) -> Verdict {
+        let mut outcomes = self.outcomes;
+        let classify = &classify;
+        let sent = futures::future::join_all(self.parts.into_iter().map(|part| async move {
+            let verdict = match ctx.http.send(part.request).await {
+                Ok(response) => classify(part.label, &response, part.events.len()),
+                Err(outcome) => Verdict::All(outcome),
+            };
+            (spread(verdict, part.events.len(), part.label), part.events)
+        }))
+        .await;
+        for (verdicts, events) in sent {
+            for (index, outcome) in events.into_iter().zip(verdicts) {
+                if let Some(slot) = outcomes.get_mut(index) {
+                    *slot = Some(outcome);
+                }
+            }
+        }
+        finish(outcomes)
+    }
+}
+
+/// Every event's outcome; one no part carried is a bug of the kind, dead-lettered as such.
+fn finish(outcomes: Vec<Option<Outcome>>) -> Verdict {
+    Verdict::PerEvent(
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Outcome::failed("the kind made no request for it")))
+            .collect(),
+    )
 }
 
 /// A verdict on one request as one outcome per event of it.

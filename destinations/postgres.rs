@@ -20,13 +20,13 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde::Deserialize;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use tokio::sync::OnceCell;
 
 use super::mapping;
 use crate::destination::{
-    Built, DeliveryContext, Destination, Event, Kind, KindDefaults, Outcome, SettingError,
-    Settings, Verdict,
+    Built, DeliveryContext, Destination, Event, HttpSender, Kind, KindDefaults, Outcome,
+    SettingError, Settings, Verdict,
 };
 
 pub static KIND: Kind = Kind {
@@ -156,13 +156,14 @@ ON CONFLICT (message_id) DO NOTHING"#;
 impl Warehouse {
     /// The pool, made (and the table created) on first use; a failure is not kept, so the
     /// next delivery tries again.
-    async fn pool(&self) -> Result<&PgPool, sqlx::Error> {
+    async fn pool(&self, http: &dyn HttpSender) -> Result<&PgPool, Outcome> {
         self.pool
             .get_or_try_init(|| async {
+                let options = self.checked_options(http).await?;
                 let pool = PgPoolOptions::new()
                     .max_connections(MAX_CONNECTIONS)
                     .acquire_timeout(Duration::from_secs(5))
-                    .connect_lazy_with(self.options.clone());
+                    .connect_lazy_with(options);
                 match sqlx::query(&self.create_sql).execute(&pool).await {
                     Ok(_) => Ok(pool),
                     // Another process created it at the same moment.
@@ -171,10 +172,32 @@ impl Warehouse {
                     {
                         Ok(pool)
                     }
-                    Err(error) => Err(error),
+                    Err(error) => Err(classify(&error)),
                 }
             })
             .await
+    }
+
+    /// The connect options after the address policy (`[security]`) had its say: the host is
+    /// resolved and checked as a webhook's would be, and the pool connects to the address that
+    /// was checked. With `sslmode=verify-full` the host name is kept, since the certificate is
+    /// checked against it; the name is then resolved again at connect time. A Unix socket is a
+    /// local address (loopback).
+    async fn checked_options(&self, http: &dyn HttpSender) -> Result<PgConnectOptions, Outcome> {
+        let (host, port) = match self.options.get_socket() {
+            Some(_) => ("127.0.0.1", self.options.get_port()),
+            None => (self.options.get_host(), self.options.get_port()),
+        };
+        let allowed = http
+            .allowed_addresses(host, port)
+            .await
+            .map_err(Outcome::failed)?;
+        let pin = self.options.get_socket().is_none()
+            && !matches!(self.options.get_ssl_mode(), PgSslMode::VerifyFull);
+        match allowed.first() {
+            Some(address) if pin => Ok(self.options.clone().host(&address.to_string())),
+            _ => Ok(self.options.clone()),
+        }
     }
 
     async fn insert(&self, pool: &PgPool, events: &[Event]) -> Result<(), sqlx::Error> {
@@ -187,10 +210,10 @@ impl Warehouse {
             .map(drop)
     }
 
-    async fn store(&self, events: &[Event]) -> Verdict {
-        let pool = match self.pool().await {
+    async fn store(&self, http: &dyn HttpSender, events: &[Event]) -> Verdict {
+        let pool = match self.pool(http).await {
             Ok(pool) => pool,
-            Err(error) => return Verdict::All(classify(&error)),
+            Err(outcome) => return Verdict::All(outcome),
         };
         match self.insert(pool, events).await {
             Ok(()) => Verdict::All(Outcome::Delivered),
@@ -212,10 +235,10 @@ impl Warehouse {
 impl Destination for Warehouse {
     fn deliver<'a>(
         &'a self,
-        _ctx: &'a DeliveryContext<'a>,
+        ctx: &'a DeliveryContext<'a>,
         events: &'a [Event],
     ) -> BoxFuture<'a, Verdict> {
-        Box::pin(self.store(events))
+        Box::pin(self.store(ctx.http, events))
     }
 }
 

@@ -30,6 +30,7 @@ use crate::destination::{
     classify_status, Built, DeliveryContext, Destination, EndpointStats, Event, HttpRequest,
     HttpResponse, Kind, KindDefaults, Outcome, SettingError, Settings, Verdict,
 };
+use crate::redact;
 
 pub static KIND: Kind = Kind {
     name: "webhook",
@@ -118,9 +119,10 @@ fn build(settings: &Settings) -> Result<Built, Vec<SettingError>> {
     let mut urls: Vec<Url> = Vec::new();
     for (key, raw) in raw_urls {
         match parse_http_url(raw) {
-            Ok(url) if urls.contains(&url) => {
-                errors.push(SettingError::new(key, format!("`{raw}` is listed twice")))
-            }
+            Ok(url) if urls.contains(&url) => errors.push(SettingError::new(
+                key,
+                format!("`{}` is listed twice", redact::url(raw)),
+            )),
             Ok(url) => urls.push(url),
             Err(message) => errors.push(SettingError::new(key, message)),
         }
@@ -160,7 +162,7 @@ fn build(settings: &Settings) -> Result<Built, Vec<SettingError>> {
     Ok(Built {
         plugin: Arc::new(Webhook {
             name: settings.name.to_owned(),
-            labels: urls.iter().map(balance::mask).collect(),
+            labels: labels(&urls),
             urls,
             balancer,
             gauges_set: Mutex::new(None),
@@ -238,9 +240,11 @@ fn balancer_for(name: &str, urls: &[Url], policy: Policy) -> Arc<Balancer> {
 
 /// An absolute `http` or `https` URL.
 pub fn parse_http_url(raw: &str) -> Result<Url, String> {
-    let url = Url::parse(raw).map_err(|e| format!("`{raw}` is not a valid URL: {e}"))?;
+    // Errors are logged and answered by the reload API: the URL's secrets stay out of them.
+    let shown = redact::url(raw);
+    let url = Url::parse(raw).map_err(|e| format!("`{shown}` is not a valid URL: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(format!("`{raw}` must be an http:// or https:// URL"));
+        return Err(format!("`{shown}` must be an http:// or https:// URL"));
     }
     Ok(url)
 }
@@ -423,6 +427,24 @@ impl Webhook {
             self.gauge("switchyard_endpoint_error_rate", index, endpoint.error_rate);
         }
     }
+}
+
+/// How each endpoint is named in metric labels and messages: scheme, host and port only
+/// (paths and queries carry tokens), with `#N` (its place in `urls`) where two would look
+/// the same.
+fn labels(urls: &[Url]) -> Vec<String> {
+    let shown: Vec<String> = urls.iter().map(|url| redact::url(url.as_str())).collect();
+    shown
+        .iter()
+        .enumerate()
+        .map(|(index, label)| {
+            if shown.iter().filter(|other| *other == label).count() > 1 {
+                format!("{label}#{index}")
+            } else {
+                label.clone()
+            }
+        })
+        .collect()
 }
 
 /// What an endpoint's answer means: the batch's outcome, what the balancer learns, and the
@@ -619,7 +641,7 @@ mod tests {
                 status: Some(503),
                 retry_after: None,
                 throttled: false,
-                message: "http://down.example/in: HTTP 503: {}".into(),
+                message: "http://down.example/***: HTTP 503: {}".into(),
             },
             "another endpoint is up: no pause for the destination"
         );

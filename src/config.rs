@@ -12,7 +12,7 @@ use std::time::Duration;
 use toml_edit::{ImDocument, Item, Key, TableLike};
 use url::Url;
 
-use crate::destination::{Built, Destination, Kind, SettingError, Settings};
+use crate::destination::{Built, Destination, Kind, RetryAfterCap, SettingError, Settings};
 use crate::destinations;
 use crate::destinations::webhook::parse_http_url;
 
@@ -413,7 +413,8 @@ impl Reader<'_> {
             file: self.file.to_owned(),
             line,
             col,
-            message: message.into(),
+            // Errors are logged and answered by the reload API: no URL's secrets in them.
+            message: crate::redact::urls_in(&message.into()),
         });
     }
 
@@ -558,7 +559,7 @@ impl Reader<'_> {
             ordering: ordering.unwrap_or_default(),
             endpoint,
             enabled: enabled.unwrap_or(true),
-            plugin: built.plugin,
+            plugin: RetryAfterCap::wrap(built.plugin, retry.max_backoff),
         })
     }
 
@@ -935,7 +936,7 @@ timeout = "soon"
             [
                 "switchyard.toml:1:1: unknown key `colour` \
                  (allowed: sources, destinations, limits, security, archive)",
-                "switchyard.toml:10:1: `url`: `ftp://example.com/in` must be an http:// or https:// URL",
+                "switchyard.toml:10:1: `url`: `ftp://example.com/***` must be an http:// or https:// URL",
                 "switchyard.toml:11:1: unknown key `retries` for a `webhook` destination \
                  (expected one of `url`, `urls`, `secret`, `headers`, `balance`, \
                  `use_utilization`, `ramp_up`, `stats_decay`, or a key every destination takes)",

@@ -137,14 +137,77 @@ impl HttpResponse {
     }
 }
 
-/// Parses `Retry-After`: delta seconds, or an HTTP date relative to `now`.
+/// The longest `Retry-After` taken from any vendor, before the destination's own cap
+/// (`retry.max_backoff`, applied by [`RetryAfterCap`]): far enough to mean "a long time",
+/// near enough that adding it to any clock reading cannot overflow.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Parses `Retry-After`: delta seconds, or an HTTP date relative to `now`. Never fails on
+/// size: any run of digits, however long, is at most [`MAX_RETRY_AFTER`]; a date in the past
+/// is zero; anything else (negative, fractional, garbage) is `None`.
 pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        let seconds = value.parse::<u64>().unwrap_or(u64::MAX);
+        return Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER));
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(
+        when.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_RETRY_AFTER),
+    )
+}
+
+/// Caps every `Retry-After` a plugin reports at the destination's `retry.max_backoff`, so a
+/// vendor asking for a pause of years pauses its key for at most that long.
+pub struct RetryAfterCap {
+    pub inner: Arc<dyn Destination>,
+    pub max: Duration,
+}
+
+impl RetryAfterCap {
+    pub fn wrap(inner: Arc<dyn Destination>, max: Duration) -> Arc<dyn Destination> {
+        Arc::new(RetryAfterCap { inner, max })
+    }
+
+    fn cap(&self, outcome: Outcome) -> Outcome {
+        match outcome {
+            Outcome::Retry {
+                status,
+                retry_after,
+                throttled,
+                message,
+            } => Outcome::Retry {
+                status,
+                retry_after: retry_after.map(|after| after.min(self.max)),
+                throttled,
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
+impl Destination for RetryAfterCap {
+    fn deliver<'a>(
+        &'a self,
+        ctx: &'a DeliveryContext<'a>,
+        events: &'a [Event],
+    ) -> BoxFuture<'a, Verdict> {
+        Box::pin(async move {
+            match self.inner.deliver(ctx, events).await {
+                Verdict::All(outcome) => Verdict::All(self.cap(outcome)),
+                Verdict::PerEvent(outcomes) => {
+                    Verdict::PerEvent(outcomes.into_iter().map(|o| self.cap(o)).collect())
+                }
+            }
+        })
+    }
+
+    fn endpoints(&self) -> Vec<EndpointStats> {
+        self.inner.endpoints()
+    }
 }
 
 /// The classification every HTTP vendor shares unless it documents otherwise: 2xx delivered;
@@ -170,6 +233,17 @@ pub fn classify_status(response: &HttpResponse) -> Outcome {
 /// Sends a plugin's HTTP request; implemented by the engine (timeouts, address policy).
 pub trait HttpSender: Send + Sync {
     fn send(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse, Outcome>>;
+
+    /// The addresses `host` resolves to that the security settings let deliveries reach, for
+    /// kinds that connect by themselves (`postgres`); `Err` says why there is none. A sender
+    /// that knows no policy allows nothing.
+    fn allowed_addresses<'a>(
+        &'a self,
+        host: &'a str,
+        _port: u16,
+    ) -> BoxFuture<'a, Result<Vec<std::net::IpAddr>, String>> {
+        Box::pin(async move { Err(format!("no address policy to check {host} against")) })
+    }
 }
 
 /// What a delivery attempt has at hand besides its events.
@@ -418,5 +492,74 @@ mod tests {
             Some(Duration::from_secs(30))
         );
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn retry_after_never_overflows_and_ignores_nonsense() {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for huge in [
+            "99999999999",
+            "9300000000000000000",
+            "18446744073709551616",
+            "999999999999999999999999999999999999",
+        ] {
+            assert_eq!(
+                parse_retry_after(huge, now),
+                Some(MAX_RETRY_AFTER),
+                "{huge}"
+            );
+        }
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(3600));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        let far = httpdate::fmt_http_date(now + Duration::from_secs(300 * 24 * 3600));
+        assert_eq!(parse_retry_after(&far, now), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        for garbage in [
+            "-5",
+            "+5",
+            "1.5",
+            "",
+            "0x10",
+            "7 s",
+            "Tue, 99 Foo 2024",
+            "\u{0}",
+        ] {
+            assert_eq!(parse_retry_after(garbage, now), None, "{garbage:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_capped_at_the_destinations_max_backoff() {
+        let cap = RetryAfterCap {
+            inner: Arc::new(NeverCalled),
+            max: Duration::from_secs(2),
+        };
+        let asked = |after| Outcome::Retry {
+            status: Some(429),
+            retry_after: Some(after),
+            throttled: true,
+            message: "HTTP 429".into(),
+        };
+        assert_eq!(
+            cap.cap(asked(MAX_RETRY_AFTER)),
+            asked(Duration::from_secs(2))
+        );
+        assert_eq!(
+            cap.cap(asked(Duration::from_secs(1))),
+            asked(Duration::from_secs(1))
+        );
+        assert_eq!(cap.cap(Outcome::Delivered), Outcome::Delivered);
+    }
+
+    struct NeverCalled;
+
+    impl Destination for NeverCalled {
+        fn deliver<'a>(
+            &'a self,
+            _: &'a DeliveryContext<'a>,
+            _: &'a [Event],
+        ) -> BoxFuture<'a, Verdict> {
+            unreachable!("the cap is tested without delivering")
+        }
     }
 }

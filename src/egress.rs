@@ -8,7 +8,10 @@
 //! Always refused unless allowed: link-local addresses (169.254.0.0/16, fe80::/10), where cloud
 //! metadata services live, and AWS's IPv6 metadata address fd00:ec2::254. With
 //! `[security] deny_private_networks = true`, loopback, private, shared (CGNAT), unspecified
-//! and unique-local ranges are refused too. `allow_networks` overrides both.
+//! and unique-local ranges are refused too. `allow_networks` overrides both. An IPv6 address
+//! that carries an IPv4 one (mapped `::ffff:a.b.c.d`, compatible `::a.b.c.d`, NAT64
+//! `64:ff9b::/96` and `64:ff9b:1::/48`, 6to4 `2002::/16`, Teredo `2001::/32`) is judged as the
+//! IPv4 address it reaches.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -54,6 +57,31 @@ impl EgressPolicy {
         match reason {
             Some(reason) => Err(Refused { address, reason }),
             None => Ok(()),
+        }
+    }
+}
+
+impl EgressPolicy {
+    /// The allowed ones among resolved addresses; `Err` with a refusal when all were refused.
+    fn keep_allowed<T>(
+        &self,
+        resolved: Vec<T>,
+        ip: impl Fn(&T) -> IpAddr,
+    ) -> Result<Vec<T>, Refused> {
+        let mut refused = None;
+        let allowed: Vec<T> = resolved
+            .into_iter()
+            .filter(|address| match self.check(ip(address)) {
+                Ok(()) => true,
+                Err(why) => {
+                    refused = Some(why);
+                    false
+                }
+            })
+            .collect();
+        match refused {
+            Some(why) if allowed.is_empty() => Err(why),
+            _ => Ok(allowed),
         }
     }
 }
@@ -109,14 +137,60 @@ fn classify_v6(ip: Ipv6Addr) -> Class {
     }
 }
 
-/// IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`) are judged as the IPv4 address they are.
+/// IPv6 forms that carry an IPv4 address are judged as that address: a blocked IPv4 address
+/// stays blocked however it is spelled.
 fn canonical(address: IpAddr) -> IpAddr {
     match address {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => embedded_v4(v6).map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
+    }
+}
+
+/// The IPv4 address an IPv6 one reaches, for the forms that embed one.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    let low = Ipv4Addr::from(u128::from(ip) as u32);
+    if let Some(mapped) = ip.to_ipv4_mapped() {
+        return Some(mapped);
+    }
+    match s {
+        // IPv4-compatible (deprecated, still routed by some stacks); not `::` and `::1`.
+        [0, 0, 0, 0, 0, 0, hi, _] if hi != 0 => Some(low),
+        // NAT64, well-known prefix (RFC 6052) and local-use prefix (RFC 8215).
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] | [0x64, 0xff9b, 1, ..] => Some(low),
+        // 6to4 (RFC 3056): 2002:AABB:CCDD::/48 reaches AA.BB.CC.DD.
+        [0x2002, a, b, ..] => Some(Ipv4Addr::from((u32::from(a) << 16) | u32::from(b))),
+        // Teredo (RFC 4380): the client's address, inverted, in the last 32 bits.
+        [0x2001, 0, ..] => Some(Ipv4Addr::from(!(u128::from(ip) as u32))),
+        _ => None,
+    }
+}
+
+/// Resolves `host` (a name or a literal address) and keeps the addresses the policy allows;
+/// `Err` when none is left, saying why (for kinds that connect by themselves, such as
+/// `postgres`).
+pub async fn resolve_allowed(
+    policy: &EgressPolicy,
+    host: &str,
+    port: u16,
+) -> Result<Vec<IpAddr>, String> {
+    let name = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let resolved: Vec<IpAddr> = match name.parse::<IpAddr>() {
+        Ok(literal) => vec![literal],
+        Err(_) => tokio::task::spawn_blocking(move || (name.as_str(), port).to_socket_addrs())
+            .await
+            .map_err(|e| format!("resolving {host} failed: {e}"))?
+            .map_err(|e| format!("resolving {host} failed: {e}"))?
+            .map(|addr| addr.ip())
+            .collect(),
+    };
+    match policy.keep_allowed(resolved, |address| *address) {
+        Ok(allowed) if allowed.is_empty() => Err(format!("{host} resolves to no address")),
+        Ok(allowed) => Ok(allowed),
+        Err(why) => Err(why.to_string()),
     }
 }
 
@@ -137,20 +211,9 @@ impl reqwest::dns::Resolve for GuardedResolver {
                     .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?
                     .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?
                     .collect();
-            let mut refused = None;
-            let allowed: Vec<SocketAddr> = resolved
-                .into_iter()
-                .filter(|addr| match policy.check(addr.ip()) {
-                    Ok(()) => true,
-                    Err(why) => {
-                        refused = Some(why);
-                        false
-                    }
-                })
-                .collect();
-            match (allowed.is_empty(), refused) {
-                (true, Some(why)) => Err(Box::new(why) as Box<dyn std::error::Error + Send + Sync>),
-                _ => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
+            match policy.keep_allowed(resolved, SocketAddr::ip) {
+                Ok(allowed) => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
+                Err(why) => Err(Box::new(why) as Box<dyn std::error::Error + Send + Sync>),
             }
         })
     }
@@ -202,6 +265,53 @@ mod tests {
         for public in ["8.8.8.8", "172.32.0.1", "100.128.0.1", "2001:4860::8888"] {
             assert_eq!(classify(ip(public)), Class::Public, "{public}");
         }
+    }
+
+    #[test]
+    fn ipv6_forms_of_blocked_ipv4_addresses_are_blocked() {
+        for metadata in [
+            "::ffff:169.254.169.254",
+            "::ffff:a9fe:a9fe",
+            "::169.254.169.254",
+            "64:ff9b::169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a9fe:a9fe",
+            "2002:a9fe:a9fe::",
+            "2002:a9fe:a9fe:1::1",
+            // Teredo: client 169.254.169.254 inverted is 5601:5601.
+            "2001:0:4136:e378:8000:63bf:5601:5601",
+        ] {
+            assert_eq!(classify(ip(metadata)), Class::Metadata, "{metadata}");
+        }
+        for private in [
+            "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b:1::c0a8:101",
+            "2002:7f00:1::",
+            "2002:c0a8:0101::1",
+            "2002:0a00:0001::",
+            "2002:6440:0001::",
+            "2001:0:4136:e378:8000:63bf:80ff:fffe",
+        ] {
+            assert!(
+                matches!(classify(ip(private)), Class::Private(_)),
+                "{private}: {:?}",
+                classify(ip(private))
+            );
+        }
+        for public in ["64:ff9b::8.8.8.8", "2002:0808:0808::", "::ffff:8.8.8.8"] {
+            assert_eq!(classify(ip(public)), Class::Public, "{public}");
+        }
+        assert!(matches!(classify(ip("::")), Class::Private(_)));
+        assert!(matches!(classify(ip("::1")), Class::Private(_)));
+        let strict = EgressPolicy::new(&SecurityConfig {
+            deny_private_networks: true,
+            allow_networks: Vec::new(),
+        });
+        assert!(strict.check(ip("64:ff9b::7f00:1")).is_err());
+        assert!(strict.check(ip("2002:7f00:1::")).is_err());
     }
 
     #[test]

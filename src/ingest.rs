@@ -24,6 +24,14 @@ use crate::store::Target;
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
 pub const MAX_REQUEST_BYTES: usize = 500 * 1024;
 pub const MAX_BATCH_MESSAGES: usize = 2500;
+/// What enrichment may add to a message (`messageId`, `receivedAt`, `sentAt`, `timestamp`,
+/// `originalTimestamp`, `type`) before the rest counts against the limits: a batch-level
+/// `context` copied into every message counts, so a small body cannot grow into a large one.
+const ENRICHMENT_BYTES: usize = 512;
+
+/// Says whether the request may go on once its body's `writeKey` (if any) is known, before
+/// any message is expanded: an unknown key costs no more than reading the body.
+pub type Authorize<'a> = &'a dyn Fn(Option<&str>) -> Result<(), ApiError>;
 
 /// The Segment calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -222,6 +230,16 @@ pub fn request_too_large() -> ApiError {
 /// Parses and validates a decoded body. Request-level problems are errors; problems with single
 /// messages of a batch are listed in `rejected` and the rest goes on.
 pub fn parse(endpoint: Endpoint, body: &[u8], now: OffsetDateTime) -> Result<Parsed, ApiError> {
+    parse_authorized(endpoint, body, now, &|_| Ok(()))
+}
+
+/// [`parse`], asking `authorize` about the body's `writeKey` before any message is enriched.
+pub fn parse_authorized(
+    endpoint: Endpoint,
+    body: &[u8],
+    now: OffsetDateTime,
+    authorize: Authorize,
+) -> Result<Parsed, ApiError> {
     if body.len() > MAX_REQUEST_BYTES {
         return Err(request_too_large());
     }
@@ -236,6 +254,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], now: OffsetDateTime) -> Result<Par
             }
             let object = parse_object(text)?;
             let write_key = write_key_of(&object)?;
+            authorize(write_key.as_deref())?;
             let message = enrich(Some(call), object, &BatchDefaults::default(), now)
                 .map_err(|(code, message)| ApiError::bad_request(code, message))?;
             Ok(Parsed {
@@ -244,7 +263,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], now: OffsetDateTime) -> Result<Par
                 rejected: Vec::new(),
             })
         }
-        Endpoint::Batch => parse_batch(text, now),
+        Endpoint::Batch => parse_batch(text, now, authorize),
     }
 }
 
@@ -256,7 +275,7 @@ struct BatchDefaults {
     integrations: Option<Map<String, Value>>,
 }
 
-fn parse_batch(text: &str, now: OffsetDateTime) -> Result<Parsed, ApiError> {
+fn parse_batch(text: &str, now: OffsetDateTime, authorize: Authorize) -> Result<Parsed, ApiError> {
     let fields: HashMap<String, &RawValue> = serde_json::from_str(text).map_err(json_error)?;
     let items: Vec<&RawValue> = match fields.get("batch") {
         Some(raw) => serde_json::from_str(raw.get()).map_err(|_| {
@@ -293,6 +312,18 @@ fn parse_batch(text: &str, now: OffsetDateTime) -> Result<Parsed, ApiError> {
             ))
         }
     };
+    authorize(write_key.as_deref())?;
+    let shared = ["context", "integrations"]
+        .iter()
+        .filter_map(|name| fields.get(*name))
+        .map(|raw| raw.get().len())
+        .sum::<usize>();
+    if shared > MAX_MESSAGE_BYTES {
+        return Err(ApiError::too_large(format!(
+            "the batch-level `context` and `integrations` are copied into every message, so \
+             together they may be at most {MAX_MESSAGE_BYTES} bytes"
+        )));
+    }
     let sent_at = field("sentAt")?.filter(|v| !v.is_null());
     if let Some(value) = &sent_at {
         time_field(value, "sentAt")
@@ -305,6 +336,7 @@ fn parse_batch(text: &str, now: OffsetDateTime) -> Result<Parsed, ApiError> {
     };
     let mut messages = Vec::with_capacity(items.len());
     let mut rejected = Vec::new();
+    let mut expanded = 0usize;
     for (index, raw) in items.into_iter().enumerate() {
         let outcome = if raw.get().len() > MAX_MESSAGE_BYTES {
             Err((
@@ -313,7 +345,8 @@ fn parse_batch(text: &str, now: OffsetDateTime) -> Result<Parsed, ApiError> {
             ))
         } else {
             match serde_json::from_str::<Value>(raw.get()) {
-                Ok(Value::Object(object)) => enrich(None, object, &defaults, now),
+                Ok(Value::Object(object)) => enrich(None, object, &defaults, now)
+                    .and_then(|message| within_message_limit(message, &mut expanded)),
                 Ok(_) => Err(("invalid_message", "a message must be a JSON object".into())),
                 Err(e) => Err((
                     "invalid_json",
@@ -321,6 +354,12 @@ fn parse_batch(text: &str, now: OffsetDateTime) -> Result<Parsed, ApiError> {
                 )),
             }
         };
+        if expanded > MAX_REQUEST_BYTES {
+            return Err(ApiError::too_large(format!(
+                "with the batch-level `context` and `integrations` copied into each message, \
+                 the batch is larger than {MAX_REQUEST_BYTES} bytes; send smaller batches"
+            )));
+        }
         match outcome {
             Ok(message) => messages.push((index, message)),
             Err((code, message)) => rejected.push(Rejection {
@@ -335,6 +374,23 @@ fn parse_batch(text: &str, now: OffsetDateTime) -> Result<Parsed, ApiError> {
         messages,
         rejected,
     })
+}
+
+/// A message as stored, past what enrichment adds, counts against the per-message limit and
+/// (in `expanded`) the per-request one.
+fn within_message_limit(message: Message, expanded: &mut usize) -> Result<Message, Invalid> {
+    let size = message.payload.len().saturating_sub(ENRICHMENT_BYTES);
+    *expanded += size;
+    if size > MAX_MESSAGE_BYTES {
+        return Err((
+            "too_large",
+            format!(
+                "with the batch-level `context` and `integrations` copied in, the message is \
+                 larger than {MAX_MESSAGE_BYTES} bytes"
+            ),
+        ));
+    }
+    Ok(message)
 }
 
 fn parse_object(text: &str) -> Result<Map<String, Value>, ApiError> {
@@ -785,5 +841,63 @@ mod tests {
         let directory = SourceDirectory::new([("wk_1".to_string(), web)]);
         assert_eq!(directory.find("wk_1").map(|s| s.id), Some(1));
         assert!(directory.find("wk_2").is_none());
+    }
+
+    #[test]
+    fn a_batch_context_copied_into_every_message_counts_against_the_limits() {
+        let message = json!({"type": "track", "event": "E", "userId": "u"});
+        // 2,500 tiny messages and an 8 KB context: 60 KB of body, 20 MB once copied.
+        let amplified = json!({
+            "batch": vec![message.clone(); MAX_BATCH_MESSAGES],
+            "context": {"padding": "x".repeat(8 * 1024)},
+        });
+        let error = parse(Endpoint::Batch, amplified.to_string().as_bytes(), now()).unwrap_err();
+        assert_eq!(error.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(error.code, "too_large");
+        let oversized = json!({
+            "batch": [message.clone()],
+            "context": {"padding": "x".repeat(MAX_MESSAGE_BYTES)},
+        });
+        let error = parse(Endpoint::Batch, oversized.to_string().as_bytes(), now()).unwrap_err();
+        assert_eq!(error.status, StatusCode::PAYLOAD_TOO_LARGE);
+        // One message that the context pushes past 32 KB is rejected alone.
+        let big = json!({"type": "track", "event": "E", "userId": "u",
+                         "properties": {"p": "y".repeat(20 * 1024)}});
+        let mixed = json!({
+            "batch": [message.clone(), big],
+            "context": {"padding": "x".repeat(20 * 1024)},
+        });
+        let parsed = parse(Endpoint::Batch, mixed.to_string().as_bytes(), now()).unwrap();
+        assert_eq!(parsed.messages.len(), 1);
+        assert_eq!(parsed.rejected[0].index, 1);
+        assert_eq!(parsed.rejected[0].code, "too_large");
+        // A modest shared context on a normal batch is fine.
+        let normal = json!({
+            "batch": vec![message; 100],
+            "context": {"library": {"name": "analytics-python", "version": "2.3.2"}},
+        });
+        let parsed = parse(Endpoint::Batch, normal.to_string().as_bytes(), now()).unwrap();
+        assert_eq!(parsed.messages.len(), 100);
+    }
+
+    #[test]
+    fn an_unknown_body_key_is_refused_before_any_message_is_expanded() {
+        let body = json!({"writeKey": "wk_nope", "batch": [{"type": "nonsense"}]});
+        let refuse = |key: Option<&str>| match key {
+            Some("wk_ok") => Ok(()),
+            _ => Err(ApiError::unauthorized("unknown write key")),
+        };
+        let error = parse_authorized(Endpoint::Batch, body.to_string().as_bytes(), now(), &refuse)
+            .unwrap_err();
+        assert_eq!(error.status, StatusCode::UNAUTHORIZED);
+        let single = json!({"writeKey": "wk_nope", "event": "E", "userId": "u"});
+        let error = parse_authorized(
+            Endpoint::Single(CallType::Track),
+            single.to_string().as_bytes(),
+            now(),
+            &refuse,
+        )
+        .unwrap_err();
+        assert_eq!(error.status, StatusCode::UNAUTHORIZED);
     }
 }

@@ -30,6 +30,7 @@ pub mod ingest;
 pub mod live;
 pub mod openapi;
 pub mod pipeline;
+pub mod redact;
 pub mod scheduler;
 pub mod sender;
 pub mod serve;

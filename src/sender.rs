@@ -38,6 +38,8 @@ fn build(resolver: Arc<GuardedResolver>) -> reqwest::Client {
     reqwest::Client::builder()
         .dns_resolver(resolver)
         .redirect(reqwest::redirect::Policy::none())
+        // `HTTP(S)_PROXY` would resolve and connect on our behalf, past the address policy.
+        .no_proxy()
         .connect_timeout(Duration::from_secs(5))
         .pool_max_idle_per_host(256)
         .pool_idle_timeout(Duration::from_secs(60))
@@ -92,6 +94,14 @@ impl HttpSender for Sender {
                 Err(_) => Err(timed_out(timeout)),
             }
         })
+    }
+
+    fn allowed_addresses<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> BoxFuture<'a, Result<Vec<std::net::IpAddr>, String>> {
+        Box::pin(egress::resolve_allowed(&self.http.policy, host, port))
     }
 }
 

@@ -177,7 +177,7 @@ async fn observe(request: Request, next: Next) -> Response {
         .get::<axum::extract::MatchedPath>()
         .map(|path| path.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let span = tracing::info_span!("request", %method, %route);
     let started = std::time::Instant::now();
     let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
@@ -189,6 +189,24 @@ async fn observe(request: Request, next: Next) -> Response {
     metrics::histogram!("switchyard_http_request_duration_seconds", "route" => route)
         .record(elapsed.as_secs_f64());
     response
+}
+
+/// A method as a metric label: the standard ones by name, anything a client makes up as
+/// `other`, so no client can add series.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 /// A handler that panicked (a bug): the client still gets a JSON answer, and the process lives.
@@ -272,6 +290,14 @@ async fn ingest(
             return Err(reject_unknown_key());
         }
     }
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok());
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .filter(|_| encoding.is_none());
+    let mut memory = reserve_memory(declared.unwrap_or(ingest::MAX_REQUEST_BYTES)).await?;
     let limit = state.timeouts.body;
     let read = tokio::time::timeout(limit, axum::body::to_bytes(body, ingest::MAX_REQUEST_BYTES));
     let raw = read
@@ -292,17 +318,19 @@ async fn ingest(
                 ApiError::bad_request("invalid_body", format!("reading the body failed: {error}"))
             }
         })?;
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok());
     let body = ingest::decode_body(encoding, &raw)?;
+    shrink(&mut memory, raw.len() + 2 * body.len());
     let received_at = OffsetDateTime::now_utc();
-    let parsed = ingest::parse(endpoint, &body, received_at)?;
-    let key = basic_key.or(parsed.write_key).ok_or_else(|| {
-        ApiError::unauthorized(
-            "no write key: send it as the HTTP Basic username or as `writeKey` in the body",
-        )
-    })?;
+    let authorize = |body_key: Option<&str>| match (&basic_key, body_key) {
+        (Some(_), _) => Ok(()),
+        (None, Some(key)) if pipeline.sources.find(key).is_some() => Ok(()),
+        (None, Some(_)) => Err(reject_unknown_key()),
+        (None, None) => Err(no_write_key()),
+    };
+    let parsed = ingest::parse_authorized(endpoint, &body, received_at, &authorize)?;
+    drop(body);
+    drop(raw);
+    let key = basic_key.or(parsed.write_key).ok_or_else(no_write_key)?;
     let source = pipeline
         .sources
         .find(&key)
@@ -364,6 +392,46 @@ async fn ingest(
         answer["rejected"] = serde_json::to_value(&parsed.rejected).unwrap_or_default();
     }
     Ok(Json(answer).into_response())
+}
+
+fn no_write_key() -> ApiError {
+    ApiError::unauthorized(
+        "no write key: send it as the HTTP Basic username or as `writeKey` in the body",
+    )
+}
+
+/// Bytes that ingest requests may hold at once, in KiB: their bodies as read and decoded, and
+/// the messages made from them, until they are committed. Past it, requests wait (then get a
+/// 503) instead of growing the process: memory stays bounded however many clients send at
+/// once, and a small gzip body cannot claim more than its decoded size allows.
+const INGEST_MEMORY_KIB: usize = 64 * 1024;
+static INGEST_MEMORY: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(INGEST_MEMORY_KIB);
+/// How long a request waits for its share of [`INGEST_MEMORY`].
+const INGEST_MEMORY_WAIT: Duration = Duration::from_secs(5);
+
+/// What a request of `body` bytes may hold at most: the body as read, decoded, and the
+/// messages made from it.
+fn memory_kib(bytes: usize) -> u32 {
+    (bytes.min(3 * ingest::MAX_REQUEST_BYTES).div_ceil(1024)).max(1) as u32
+}
+
+async fn reserve_memory(body: usize) -> Result<tokio::sync::SemaphorePermit<'static>, ApiError> {
+    let wanted = memory_kib(3 * body.min(ingest::MAX_REQUEST_BYTES));
+    match tokio::time::timeout(INGEST_MEMORY_WAIT, INGEST_MEMORY.acquire_many(wanted)).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(ApiError::overloaded(
+            "too many large requests at once; nothing was stored, retry shortly",
+            Duration::from_secs(1),
+        )),
+    }
+}
+
+/// Gives back what a request reserved beyond `bytes`, once its real size is known.
+fn shrink(permit: &mut tokio::sync::SemaphorePermit<'static>, bytes: usize) {
+    let keep = memory_kib(bytes) as usize;
+    if permit.num_permits() > keep {
+        drop(permit.split(permit.num_permits() - keep));
+    }
 }
 
 fn reject_unknown_key() -> ApiError {

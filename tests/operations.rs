@@ -407,7 +407,24 @@ fn docker_compose_runs_switchyard_after_a_healthy_postgres() {
         env.get("SWITCHYARD_LISTEN").map(String::as_str),
         Some("0.0.0.0:8080")
     );
-    assert!(env.contains_key("SWITCHYARD_ADMIN_TOKEN"));
+    let token = env
+        .get("SWITCHYARD_ADMIN_TOKEN")
+        .expect("SWITCHYARD_ADMIN_TOKEN is passed on");
+    assert!(
+        token.starts_with("${SWITCHYARD_ADMIN_TOKEN:?"),
+        "the admin token comes from the environment, required, with no default: {token}"
+    );
+    assert!(
+        !repository_file("docker-compose.yml").contains("change-me"),
+        "no well-known token"
+    );
+    assert!(
+        ports
+            .iter()
+            .all(|p| p.starts_with("127.0.0.1:")
+                || p.starts_with("${SWITCHYARD_PUBLISH:-127.0.0.1}:")),
+        "published on loopback unless asked otherwise: {ports:?}"
+    );
     let config_path = env
         .get("SWITCHYARD_CONFIG")
         .expect("SWITCHYARD_CONFIG is set");
