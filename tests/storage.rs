@@ -385,3 +385,60 @@ fn md5_like(i: u64) -> u64 {
     x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x ^ (x >> 32)
 }
+
+/// #11.8: a long vendor outage pins no partitions: retrying runs live in the one `jobs`
+/// table, so the partition count stays the same however long it lasts, and the backlog drains
+/// once the vendor is back. Three minutes with `SWITCHYARD_LONG_FAULTS=1`, else 20 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_keeps_the_partition_count_bounded() {
+    let outage = if std::env::var_os("SWITCHYARD_LONG_FAULTS").is_some() {
+        Duration::from_secs(180)
+    } else {
+        Duration::from_secs(20)
+    };
+    let db = TestDatabase::create("long_outage").await;
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sink = {
+        let up = up.clone();
+        MockServer::scripted(move |_, _| {
+            if up.load(std::sync::atomic::Ordering::Relaxed) {
+                Reply::ok()
+            } else {
+                Reply::status(503)
+            }
+        })
+        .await
+    };
+    let retry = "retry = { initial_backoff = \"1s\", max_backoff = \"2s\", max_attempts = 1000 }";
+    let sy = start_switchyard(&hook_config(&sink, retry), &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    let count_partitions = "SELECT count(*)::text FROM pg_inherits";
+    let before: usize = db.scalar(count_partitions).await.unwrap().parse().unwrap();
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    let mut counts = Vec::new();
+    while started.elapsed() < outage {
+        let batch: Vec<_> = (0..20)
+            .map(|i| json!({"type": "track", "event": "E", "userId": "u", "messageId": format!("o-{sent}-{i}")}))
+            .collect();
+        assert_eq!(post_batch(&base, &batch).await, 200);
+        sent += 20;
+        counts.push(db.scalar(count_partitions).await.unwrap().parse::<usize>().unwrap());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        counts.iter().all(|c| *c <= before),
+        "partitions during the outage: {before} at the start, then {counts:?}"
+    );
+    up.store(true, std::sync::atomic::Ordering::Relaxed);
+    let drained = sink
+        .wait_until(Duration::from_secs(60), |s| {
+            let mut ids = s.message_ids();
+            ids.sort();
+            ids.dedup();
+            ids.len() == sent
+        })
+        .await;
+    assert!(drained, "the backlog of {sent} events drains once the vendor is back");
+    sy.shutdown().await.unwrap();
+}
