@@ -222,6 +222,7 @@ mod tests {
                 "10.9.0.0/16".parse().unwrap(),
                 "169.254.169.254/32".parse().unwrap(),
             ],
+            ..SecurityConfig::default()
         });
         let refused = strict.check(ip("192.168.0.10")).unwrap_err();
         assert_eq!(refused.reason, "a private address");
