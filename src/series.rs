@@ -18,6 +18,9 @@ const SAMPLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Creates every series of `pipeline`'s sources and destinations (a reload adds new ones);
 /// values already there are left as they are.
 pub fn register(pipeline: &Pipeline, sources: &[String]) {
+    // The first pipeline is built before the server asks for the recorder: make sure it exists,
+    // or these series would go to no recorder at all.
+    let _ = crate::serve::metrics_handle();
     metrics::gauge!("switchyard_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     for source in sources {
         metrics::counter!("switchyard_ingested_events_total", "source" => source.clone())

@@ -952,4 +952,3 @@ mod tests {
         assert_eq!(parse_notice(&notice_payload(&many)), None);
     }
 }
-
