@@ -251,3 +251,43 @@ url = "{}"
     );
     sy.shutdown().await.unwrap();
 }
+
+#[test]
+fn the_reference_example_is_a_valid_config() {
+    let reference = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md"),
+    )
+    .unwrap();
+    let example = reference
+        .rsplit("```toml\n")
+        .next()
+        .and_then(|tail| tail.split("```").next())
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("sy-ref-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    openssl(&dir, "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=internal -keyout k.pem -out internal-ca.pem");
+    let file = dir.join("switchyard.toml");
+    std::fs::write(&file, example).unwrap();
+    let mut command = Command::new(BIN);
+    command.arg("check").arg(&file);
+    for name in [
+        "WEB_WRITE_KEY",
+        "BACKEND_WRITE_KEY",
+        "ORDERS_WEBHOOK_SECRET",
+        "AMPLITUDE_API_KEY",
+        "WAREHOUSE_PASSWORD",
+    ] {
+        command.env(name, format!("value-of-{name}"));
+    }
+    command.env(
+        "ORDERS_WEBHOOK_SECRET",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    );
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
