@@ -291,3 +291,133 @@ fn the_reference_example_is_a_valid_config() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An HTTPS receiver (Python's http.server over TLS) with a certificate of the test CA; it
+/// answers 200 to every POST. Killed on drop.
+struct HttpsReceiver {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl HttpsReceiver {
+    fn start(certs: &Path) -> HttpsReceiver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let script = format!(
+            r#"
+import http.server, ssl
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", {port}), Ok)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain("{dir}/server.pem", "{dir}/server.key")
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#,
+            dir = certs.display()
+        );
+        let child = Command::new("python3")
+            .args(["-c", &script])
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        HttpsReceiver { child, port }
+    }
+}
+
+impl Drop for HttpsReceiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn outbound_https_trusts_the_ca_file_besides_the_system_store() {
+    let certs = std::env::temp_dir().join(format!("sy-ca-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&certs).unwrap();
+    make_certificates(&certs);
+    let receiver = HttpsReceiver::start(&certs);
+    let config = |security: &str| {
+        format!(
+            r#"
+[[sources]]
+name = "web"
+write_key = "wk_https"
+
+[[destinations]]
+name = "internal"
+kind = "webhook"
+url = "https://127.0.0.1:{}/in"
+retry.initial_backoff = "5s"
+
+{security}
+"#,
+            receiver.port
+        )
+    };
+    let status = |addr: std::net::SocketAddr| async move {
+        let http = reqwest::Client::new();
+        let response = http
+            .post(format!("http://{addr}/v1/track"))
+            .basic_auth("wk_https", Some(""))
+            .json(&json!({"event": "E", "userId": "u"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        for _ in 0..100 {
+            let list: serde_json::Value = http
+                .get(format!("http://{addr}/admin/v1/destinations"))
+                .bearer_auth(switchyard::testkit::ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let internal = list[0].clone();
+            if internal["delivered"] == 1 || !internal["last_error"].is_null() {
+                return internal;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no outcome");
+    };
+
+    let db = TestDatabase::create("https_untrusted").await;
+    let sy = start_switchyard(&config(""), &db.url).await;
+    let untrusted = status(sy.addr).await;
+    assert_eq!(untrusted["delivered"], 0, "{untrusted}");
+    let error = untrusted["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(error.contains("certificate"), "{untrusted}");
+    sy.shutdown().await.unwrap();
+
+    let db = TestDatabase::create("https_trusted").await;
+    let ca_file = format!(
+        "[security]\nca_file = \"{}\"",
+        certs.join("ca.pem").display()
+    );
+    let sy = start_switchyard(&config(&ca_file), &db.url).await;
+    let trusted = status(sy.addr).await;
+    assert_eq!(trusted["delivered"], 1, "{trusted}");
+    sy.shutdown().await.unwrap();
+    drop(receiver);
+    let _ = std::fs::remove_dir_all(&certs);
+}
