@@ -81,6 +81,7 @@ async fn postgres_over_tls_is_verified_against_the_given_ca() {
     assert!(ok, "verify-full with the CA: {log}");
     let (ok, log) = migrate(&format!("{base}?sslmode=verify-full"));
     assert!(!ok, "verify-full without the CA must fail");
+    assert!(log.contains("does not verify"), "{log}");
     assert!(
         log.ends_with('\n') && log.matches("switchyard:").count() == 1,
         "{log}"
