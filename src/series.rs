@@ -3,7 +3,8 @@
 //! series to exist), the build, and gauges sampled when Prometheus scrapes (dead letters, deliveries
 //! in flight, the age of the oldest queued delivery).
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::pipeline::Pipeline;
 use crate::server::AppState;
@@ -51,6 +52,11 @@ pub fn register(pipeline: &Pipeline, sources: &[String]) {
     }
 }
 
+/// When the database was last sampled, and how long that took: the two scans run at most
+/// every ten times their own duration (and every second at most), however often Prometheus
+/// scrapes, so a deep queue is not scanned back to back.
+static LAST_SAMPLE: Mutex<Option<(Instant, Duration)>> = Mutex::new(None);
+
 /// Brings the sampled gauges up to date; called on each scrape. A slow or absent database
 /// leaves the last values.
 pub async fn sample(state: &AppState) {
@@ -59,9 +65,20 @@ pub async fn sample(state: &AppState) {
         metrics::gauge!("switchyard_in_flight", "destination" => lane.config.name.clone())
             .set(lane.in_flight() as f64);
     }
+    let due = LAST_SAMPLE.lock().map_or(true, |last| {
+        last.is_none_or(|(at, took)| at.elapsed() >= (took * 10).max(Duration::from_secs(1)))
+    });
+    if !due {
+        return;
+    }
+    let started = Instant::now();
     let store = &state.store;
     let counts = async { tokio::try_join!(store.dead_counts(), store.oldest_queued_ages()) };
-    let Ok(Ok((dead, ages))) = tokio::time::timeout(SAMPLE_TIMEOUT, counts).await else {
+    let sampled = tokio::time::timeout(SAMPLE_TIMEOUT, counts).await;
+    if let Ok(mut last) = LAST_SAMPLE.lock() {
+        *last = Some((Instant::now(), started.elapsed()));
+    }
+    let Ok(Ok((dead, ages))) = sampled else {
         tracing::debug!("sampling dead letters and queue ages failed; the last values stay");
         return;
     };
