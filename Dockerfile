@@ -2,7 +2,7 @@
 #   docker build -t switchyard .
 #   docker run -e DATABASE_URL=postgres://... -v $PWD/switchyard.toml:/etc/switchyard/switchyard.toml:ro \
 #     -e SWITCHYARD_CONFIG=/etc/switchyard/switchyard.toml -p 8080:8080 switchyard
-# docker-compose.yml runs it together with PostgreSQL.
+# docker-compose.yml runs it together with PostgreSQL (curl is there for its health check).
 
 FROM rust:1-bookworm AS builder
 WORKDIR /src
@@ -12,7 +12,7 @@ RUN cargo build --release --locked --bin switchyard \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --user-group --home-dir /var/lib/switchyard --create-home switchyard
 COPY --from=builder /usr/local/bin/switchyard /usr/local/bin/switchyard

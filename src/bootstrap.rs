@@ -211,9 +211,27 @@ async fn probe(url: &str) -> Probe {
             None if matches!(e, sqlx::Error::Configuration(_) | sqlx::Error::Tls(_)) => {
                 Probe::Fatal(e)
             }
+            // A certificate that does not verify will not verify on the next try either.
+            None if is_certificate_error(&e) => Probe::Fatal(e),
             None => Probe::Retry(e.to_string()),
         },
     }
+}
+
+/// The server's certificate was refused (unknown issuer, wrong name, expired): sqlx reports it
+/// as an I/O error wrapping rustls's.
+fn is_certificate_error(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Io(io) = error else {
+        return false;
+    };
+    io.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|tls| {
+            matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            )
+        })
 }
 
 /// Retries `url` with backoff until it answers or `deadline` has passed, warning at each miss.
@@ -225,6 +243,15 @@ async fn wait_until_reachable(url: &str, deadline: Duration) -> anyhow::Result<(
     loop {
         match probe(url).await {
             Probe::Reachable => return Ok(()),
+            Probe::Fatal(e) if is_certificate_error(&e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "the certificate of the database at {masked} does not verify (give its \
+                         CA as sslrootcert=/path/ca.pem, or use sslmode=require to encrypt \
+                         without verifying)"
+                    )
+                })
+            }
             Probe::Fatal(e) => {
                 return Err(e).with_context(|| format!("the database at {masked} refused us"))
             }

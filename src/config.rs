@@ -23,6 +23,7 @@ pub struct Config {
     pub destinations: Vec<DestinationConfig>,
     pub limits: LimitsConfig,
     pub security: SecurityConfig,
+    pub server: ServerConfig,
     pub archive: ArchiveConfig,
 }
 
@@ -47,6 +48,8 @@ impl Default for ArchiveConfig {
 pub struct SourceConfig {
     pub name: String,
     pub write_key: String,
+    /// Browser origins that may send with this key (`allowed_origins`); empty: none.
+    pub allowed_origins: crate::browser::AllowedOrigins,
 }
 
 /// `[[destinations]]`: where events go, and how.
@@ -137,6 +140,19 @@ pub struct SecurityConfig {
     /// Networks deliveries may reach even when the rules above refuse them (`"10.1.0.0/16"`,
     /// `"169.254.169.254"`).
     pub allow_networks: Vec<ipnet::IpNet>,
+    /// Extra PEM roots outbound HTTPS trusts besides the system store (`ca_file`, relative to
+    /// the config file).
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// `[server]`: how clients reach this service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// The address browsers and apps reach (`https://events.example.com`), used in the
+    /// analytics.js settings; unset: the address each request came to.
+    pub public_url: Option<Url>,
+    /// Proxies whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// One problem in the file, located.
@@ -200,7 +216,10 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         errors: Vec::new(),
     };
     let config = match parse_toml(text) {
-        Ok((values, document)) => {
+        Ok((mut values, document)) => {
+            for (at, message) in crate::env_vars::expand_table(&mut values, &document, text) {
+                reader.error(at, message);
+            }
             let root = Section {
                 values: &values,
                 place: Place {
@@ -271,9 +290,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-const TOP_LEVEL_KEYS: &[&str] = &["sources", "destinations", "limits", "security", "archive"];
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "sources",
+    "destinations",
+    "limits",
+    "security",
+    "server",
+    "archive",
+];
 const ARCHIVE_KEYS: &[&str] = &["retention"];
-const SOURCE_KEYS: &[&str] = &["name", "write_key"];
+const SOURCE_KEYS: &[&str] = &["name", "write_key", "allowed_origins"];
 /// The keys every destination takes; the rest of its table belongs to its kind.
 const DESTINATION_KEYS: &[&str] = &[
     "name",
@@ -296,7 +322,8 @@ const LIMITS_KEYS: &[&str] = &[
     "max_queued_per_source",
     "max_concurrent_deliveries",
 ];
-const SECURITY_KEYS: &[&str] = &["deny_private_networks", "allow_networks"];
+const SECURITY_KEYS: &[&str] = &["deny_private_networks", "allow_networks", "ca_file"];
+const SERVER_KEYS: &[&str] = &["public_url", "trusted_proxies"];
 
 const DEFAULT_MAX_IN_FLIGHT: usize = 32;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -433,6 +460,7 @@ impl Reader<'_> {
             destinations,
             limits: self.limits(root),
             security: self.security(root),
+            server: self.server(root),
             archive: self.archive(root),
         }
     }
@@ -477,10 +505,12 @@ impl Reader<'_> {
                     self.error(table.place.value("write_key"), message);
                 }
             }
+            let allowed_origins = self.allowed_origins(table);
             if let (Some(name), Some(write_key)) = (name, write_key) {
                 sources.push(SourceConfig {
                     name: name.to_owned(),
                     write_key: write_key.to_owned(),
+                    allowed_origins,
                 });
             }
         }
@@ -669,7 +699,69 @@ impl Reader<'_> {
                 )
                 .unwrap_or(defaults.deny_private_networks),
             allow_networks: self.networks(table, "allow_networks"),
+            ca_file: self.ca_file(table),
         }
+    }
+
+    /// `ca_file`: a readable PEM file with at least one certificate.
+    fn ca_file(&mut self, table: Section) -> Option<std::path::PathBuf> {
+        let text = self.text(table, "ca_file")?;
+        let base = Path::new(self.file).parent().unwrap_or(Path::new(""));
+        let path = base.join(text);
+        match crate::sender::read_roots(&path) {
+            Ok(_) => Some(path),
+            Err(message) => {
+                self.error(
+                    table.place.value("ca_file"),
+                    format!("`ca_file`: {message}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn server(&mut self, root: Section) -> ServerConfig {
+        let Some(table) = self.table(root, "server") else {
+            return ServerConfig::default();
+        };
+        self.unknown_keys(table, SERVER_KEYS);
+        let public_url = self.parsed(table, "public_url", "a URL", |text| {
+            let url =
+                Url::parse(text).map_err(|e| format!("`public_url`: bad URL `{text}`: {e}"))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(format!(
+                    "`public_url` must be an http:// or https:// URL with a host, not `{text}`"
+                ));
+            }
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err("`public_url` must not have a query or a fragment".into());
+            }
+            Ok(url)
+        });
+        ServerConfig {
+            public_url,
+            trusted_proxies: self.networks(table, "trusted_proxies"),
+        }
+    }
+
+    /// A source's `allowed_origins`: `"*"` or origins such as `"https://shop.example"`.
+    fn allowed_origins(&mut self, table: Section) -> crate::browser::AllowedOrigins {
+        let mut origins = Vec::new();
+        for (index, text) in self
+            .strings(table, "allowed_origins")
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            match crate::browser::parse_origin(text) {
+                Ok(origin) => origins.push(origin),
+                Err(message) => {
+                    let at = table.place.element("allowed_origins", index).start;
+                    self.error(at, format!("`allowed_origins`: {message}"));
+                }
+            }
+        }
+        crate::browser::AllowedOrigins::new(origins)
     }
 
     /// An array of networks (`"10.0.0.0/8"`) or single addresses.
@@ -935,7 +1027,7 @@ timeout = "soon"
             errors(text),
             [
                 "switchyard.toml:1:1: unknown key `colour` \
-                 (allowed: sources, destinations, limits, security, archive)",
+                 (allowed: sources, destinations, limits, security, server, archive)",
                 "switchyard.toml:10:1: `url`: `ftp://example.com/***` must be an http:// or https:// URL",
                 "switchyard.toml:11:1: unknown key `retries` for a `webhook` destination \
                  (expected one of `url`, `urls`, `secret`, `headers`, `balance`, \
@@ -1079,6 +1171,64 @@ enabled = false
     }
 
     #[test]
+    fn browser_and_server_keys_are_read_and_located() {
+        let text = r#"
+[[sources]]
+name = "web"
+write_key = "wk"
+allowed_origins = ["https://Shop.example/", "shop.example"]
+
+[server]
+public_url = "ftp://events.example.com"
+trusted_proxies = ["10.0.0.0/8"]
+
+[security]
+ca_file = "no-such-file.pem"
+"#;
+        let found = errors(text);
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found[0].starts_with("switchyard.toml:5:45: `allowed_origins`: `shop.example`"));
+        assert!(found[1].starts_with("switchyard.toml:8:14: `public_url` must be"));
+        assert!(found[2].starts_with("switchyard.toml:12:11: `ca_file`: cannot read"));
+        let good = text
+            .replace(", \"shop.example\"", "")
+            .replace("ftp://", "https://")
+            .replace("ca_file = \"no-such-file.pem\"", "");
+        let config = parse(&good, "switchyard.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.sources[0]
+            .allowed_origins
+            .allows("https://shop.example"));
+        assert!(!config.sources[0]
+            .allowed_origins
+            .allows("https://other.example"));
+        let server = &config.server;
+        assert_eq!(
+            server.public_url.as_ref().unwrap().as_str(),
+            "https://events.example.com/"
+        );
+        assert_eq!(
+            server.trusted_proxies,
+            ["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn environment_references_are_expanded_or_located() {
+        // PATH is set wherever tests run; the other name is nowhere.
+        let path = std::env::var("PATH").unwrap();
+        let text = "[[sources]]\nname = \"web\"\nwrite_key = \"wk_${PATH}\"\n\
+                    [[destinations]]\nname = \"d\"\nkind = \"webhook\"\n\
+                    url = \"http://127.0.0.1:9/in\"\nheaders = { x = \"$${PATH}\" }\n";
+        let config = parse(text, "switchyard.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.sources[0].write_key, format!("wk_{path}"));
+        let unset = text.replace("wk_${PATH}", "wk_${SWITCHYARD_SURELY_UNSET_42}");
+        assert_eq!(
+            errors(&unset),
+            ["switchyard.toml:3:17: environment variable `SWITCHYARD_SURELY_UNSET_42` is not set"]
+        );
+    }
+
+    #[test]
     fn a_syntax_error_is_located() {
         let text = "[[sources]]\nname = \"web\nwrite_key = \"wk\"\n";
         assert_eq!(errors(text), ["switchyard.toml:2:12: invalid basic string"]);
@@ -1091,7 +1241,7 @@ enabled = false
         assert_eq!(
             errors(text),
             [
-                "switchyard.toml:4:1: unknown key `bogus` (allowed: name, write_key)",
+                "switchyard.toml:4:1: unknown key `bogus` (allowed: name, write_key, allowed_origins)",
                 "switchyard.toml:6:8: duplicate source name `wéb`",
             ]
         );

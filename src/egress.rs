@@ -308,7 +308,7 @@ mod tests {
         assert!(matches!(classify(ip("::1")), Class::Private(_)));
         let strict = EgressPolicy::new(&SecurityConfig {
             deny_private_networks: true,
-            allow_networks: Vec::new(),
+            ..SecurityConfig::default()
         });
         assert!(strict.check(ip("64:ff9b::7f00:1")).is_err());
         assert!(strict.check(ip("2002:7f00:1::")).is_err());
@@ -332,6 +332,7 @@ mod tests {
                 "10.9.0.0/16".parse().unwrap(),
                 "169.254.169.254/32".parse().unwrap(),
             ],
+            ..SecurityConfig::default()
         });
         let refused = strict.check(ip("192.168.0.10")).unwrap_err();
         assert_eq!(refused.reason, "a private address");

@@ -68,6 +68,13 @@ impl CallType {
     pub fn parse(name: &str) -> Option<CallType> {
         CallType::ALL.into_iter().find(|t| t.as_str() == name)
     }
+
+    /// The one-letter paths of the browser and mobile SDKs (`/v1/t`, `/v1/i`, ...).
+    pub fn parse_short(letter: &str) -> Option<CallType> {
+        CallType::ALL
+            .into_iter()
+            .find(|t| t.as_str().get(..1) == Some(letter))
+    }
 }
 
 /// Which endpoint a request came to.
@@ -83,6 +90,7 @@ pub enum Endpoint {
 pub struct Source {
     pub id: i32,
     pub name: String,
+    pub allowed_origins: crate::browser::AllowedOrigins,
 }
 
 /// Write keys to sources. Keys are held only as SHA-256 digests, so a lookup compares digests
@@ -104,6 +112,13 @@ impl SourceDirectory {
 
     pub fn find(&self, write_key: &str) -> Option<&Arc<Source>> {
         self.by_key.get(&digest(write_key))
+    }
+
+    /// Whether some source allows this browser origin (a preflight names no source).
+    pub fn any_allows(&self, origin: &str) -> bool {
+        self.by_key
+            .values()
+            .any(|source| source.allowed_origins.allows(origin))
     }
 }
 
@@ -230,14 +245,16 @@ pub fn request_too_large() -> ApiError {
 /// Parses and validates a decoded body. Request-level problems are errors; problems with single
 /// messages of a batch are listed in `rejected` and the rest goes on.
 pub fn parse(endpoint: Endpoint, body: &[u8], now: OffsetDateTime) -> Result<Parsed, ApiError> {
-    parse_authorized(endpoint, body, now, &|_| Ok(()))
+    parse_authorized(endpoint, body, now, None, &|_| Ok(()))
 }
 
-/// [`parse`], asking `authorize` about the body's `writeKey` before any message is enriched.
+/// [`parse`] for a request from `client_ip` (which becomes `context.ip` of every message that
+/// has none), asking `authorize` about the body's `writeKey` before any message is enriched.
 pub fn parse_authorized(
     endpoint: Endpoint,
     body: &[u8],
     now: OffsetDateTime,
+    client_ip: Option<std::net::IpAddr>,
     authorize: Authorize,
 ) -> Result<Parsed, ApiError> {
     if body.len() > MAX_REQUEST_BYTES {
@@ -255,7 +272,11 @@ pub fn parse_authorized(
             let object = parse_object(text)?;
             let write_key = write_key_of(&object)?;
             authorize(write_key.as_deref())?;
-            let message = enrich(Some(call), object, &BatchDefaults::default(), now)
+            let defaults = BatchDefaults {
+                client_ip,
+                ..BatchDefaults::default()
+            };
+            let message = enrich(Some(call), object, &defaults, now)
                 .map_err(|(code, message)| ApiError::bad_request(code, message))?;
             Ok(Parsed {
                 write_key,
@@ -263,7 +284,7 @@ pub fn parse_authorized(
                 rejected: Vec::new(),
             })
         }
-        Endpoint::Batch => parse_batch(text, now, authorize),
+        Endpoint::Batch => parse_batch(text, now, client_ip, authorize),
     }
 }
 
@@ -273,9 +294,16 @@ struct BatchDefaults {
     sent_at: Option<Value>,
     context: Option<Map<String, Value>>,
     integrations: Option<Map<String, Value>>,
+    /// The request's client, for `context.ip`.
+    client_ip: Option<std::net::IpAddr>,
 }
 
-fn parse_batch(text: &str, now: OffsetDateTime, authorize: Authorize) -> Result<Parsed, ApiError> {
+fn parse_batch(
+    text: &str,
+    now: OffsetDateTime,
+    client_ip: Option<std::net::IpAddr>,
+    authorize: Authorize,
+) -> Result<Parsed, ApiError> {
     let fields: HashMap<String, &RawValue> = serde_json::from_str(text).map_err(json_error)?;
     let items: Vec<&RawValue> = match fields.get("batch") {
         Some(raw) => serde_json::from_str(raw.get()).map_err(|_| {
@@ -333,6 +361,7 @@ fn parse_batch(text: &str, now: OffsetDateTime, authorize: Authorize) -> Result<
         sent_at,
         context: object_field(field("context")?, "context")?,
         integrations: object_field(field("integrations")?, "integrations")?,
+        client_ip,
     };
     let mut messages = Vec::with_capacity(items.len());
     let mut rejected = Vec::new();
@@ -506,6 +535,9 @@ fn enrich(
 
     merge_defaults(&mut object, "context", defaults.context.as_ref());
     merge_defaults(&mut object, "integrations", defaults.integrations.as_ref());
+    if let Some(ip) = defaults.client_ip {
+        set_client_ip(&mut object, ip);
+    }
     correct_times(&mut object, defaults.sent_at.as_ref(), now)?;
 
     let integrations = match object.get("integrations") {
@@ -559,6 +591,21 @@ fn merge_defaults(
     if let Value::Object(own) = entry {
         for (key, value) in defaults {
             own.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+    }
+}
+
+/// `context.ip` is the client's address unless the SDK sent one.
+fn set_client_ip(object: &mut Map<String, Value>, ip: std::net::IpAddr) {
+    let context = object
+        .entry("context")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if context.is_null() {
+        *context = Value::Object(Map::new());
+    }
+    if let Value::Object(context) = context {
+        if context.get("ip").is_none_or(Value::is_null) {
+            context.insert("ip".into(), Value::String(ip.to_string()));
         }
     }
 }
@@ -766,6 +813,42 @@ mod tests {
     }
 
     #[test]
+    fn the_client_address_fills_context_ip_unless_the_sdk_sent_one() {
+        let ip: std::net::IpAddr = "203.0.113.9".parse().unwrap();
+        let body = json!({"batch": [
+            {"type": "track", "event": "A", "userId": "u", "writeKey": "wk"},
+            {"type": "track", "event": "B", "userId": "u", "context": {"ip": "198.51.100.1"}},
+            {"type": "track", "event": "C", "userId": "u", "context": null}
+        ], "writeKey": "wk"});
+        let parsed = parse_authorized(
+            Endpoint::Batch,
+            body.to_string().as_bytes(),
+            now(),
+            Some(ip),
+            &|_| Ok(()),
+        );
+        let ips: Vec<Value> = parsed
+            .unwrap()
+            .messages
+            .iter()
+            .map(|(_, m)| json_of(m)["context"]["ip"].clone())
+            .collect();
+        assert_eq!(
+            ips,
+            [
+                json!("203.0.113.9"),
+                json!("198.51.100.1"),
+                json!("203.0.113.9")
+            ]
+        );
+        assert_eq!(CallType::parse_short("t"), Some(CallType::Track));
+        assert_eq!(CallType::parse_short("s"), Some(CallType::Screen));
+        assert_eq!(CallType::parse_short("a"), Some(CallType::Alias));
+        assert_eq!(CallType::parse_short("x"), None);
+        assert_eq!(CallType::parse_short(""), None);
+    }
+
+    #[test]
     fn a_malformed_batch_sent_at_is_refused_even_when_no_message_uses_it() {
         let body = json!({"batch": [], "sentAt": "not a date"});
         let error = parse(Endpoint::Batch, body.to_string().as_bytes(), now()).unwrap_err();
@@ -837,6 +920,7 @@ mod tests {
         let web = Arc::new(Source {
             id: 1,
             name: "web".into(),
+            allowed_origins: Default::default(),
         });
         let directory = SourceDirectory::new([("wk_1".to_string(), web)]);
         assert_eq!(directory.find("wk_1").map(|s| s.id), Some(1));
@@ -887,7 +971,7 @@ mod tests {
             Some("wk_ok") => Ok(()),
             _ => Err(ApiError::unauthorized("unknown write key")),
         };
-        let error = parse_authorized(Endpoint::Batch, body.to_string().as_bytes(), now(), &refuse)
+        let error = parse_authorized(Endpoint::Batch, body.to_string().as_bytes(), now(), None, &refuse)
             .unwrap_err();
         assert_eq!(error.status, StatusCode::UNAUTHORIZED);
         let single = json!({"writeKey": "wk_nope", "event": "E", "userId": "u"});
@@ -895,6 +979,7 @@ mod tests {
             Endpoint::Single(CallType::Track),
             single.to_string().as_bytes(),
             now(),
+            None,
             &refuse,
         )
         .unwrap_err();

@@ -11,11 +11,14 @@
 //! - [`server`] is the HTTP surface (ingest, health, metrics, admin) and [`serve`] wires the
 //!   stages together with graceful shutdown.
 //!
-//! [`config`] reads the TOML file every stage is driven by.
+//! [`config`] reads the TOML file every stage is driven by ([`env_vars`] fills `${NAME}` in it),
+//! and [`browser`] adds what websites and apps need: the analytics.js settings, CORS per source
+//! and the client's address.
 
 pub mod backpressure;
 pub mod balance;
 pub mod bootstrap;
+pub mod browser;
 pub mod commit;
 pub mod config;
 pub mod conformance;
@@ -25,6 +28,7 @@ pub mod destination;
 #[path = "../destinations/mod.rs"]
 pub mod destinations;
 pub mod egress;
+pub mod env_vars;
 pub mod error;
 pub mod ingest;
 pub mod live;
@@ -33,6 +37,7 @@ pub mod pipeline;
 pub mod redact;
 pub mod scheduler;
 pub mod sender;
+pub mod series;
 pub mod serve;
 pub mod server;
 pub mod store;

@@ -49,7 +49,11 @@ enum Command {
         database_url: Option<String>,
     },
     /// Validate a config file: exit 0, or print every error as file:line:col: message and exit 2.
-    Check,
+    Check {
+        /// The file to check (default: --config, then ./switchyard.toml).
+        #[arg(value_name = "PATH")]
+        path: Option<PathBuf>,
+    },
     /// A self-contained tour: a demo config, a local sink, sample events, then what arrived.
     Demo {
         /// Keep serving after the tour until Ctrl-C (to open the dashboard).
@@ -82,8 +86,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(run(cli));
     match result {
         Ok(code) => code,
+        // Once, on stderr, ending with a newline (the log would repeat it).
         Err(error) => {
-            tracing::error!("{error:#}");
             eprintln!("switchyard: {error:#}");
             ExitCode::FAILURE
         }
@@ -96,8 +100,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         default.exists().then_some(default)
     });
     match cli.command {
-        Command::Check => {
-            let path = config_path.unwrap_or_else(|| PathBuf::from("switchyard.toml"));
+        Command::Check { path } => {
+            let path = path
+                .or(config_path)
+                .unwrap_or_else(|| PathBuf::from("switchyard.toml"));
             match config::load(&path) {
                 Ok(config) => {
                     println!(
@@ -109,7 +115,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(errors) => {
-                    print!("{errors}");
+                    println!("{errors}");
                     Ok(ExitCode::from(2))
                 }
             }

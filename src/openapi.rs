@@ -62,6 +62,15 @@ pub async fn serve() -> Response {
         routes::alias,
         routes::batch,
         routes::import,
+        routes::track_short,
+        routes::identify_short,
+        routes::page_short,
+        routes::screen_short,
+        routes::group_short,
+        routes::alias_short,
+        routes::batch_short,
+        routes::telemetry,
+        routes::settings,
         routes::destinations,
         routes::dead_letters,
         routes::replay,
@@ -84,6 +93,8 @@ pub async fn serve() -> Response {
         AliasMessage,
         BatchMessage,
         BatchRequest,
+        Telemetry,
+        SdkSettings,
         Accepted,
         Failure,
         Rejection,
@@ -259,6 +270,115 @@ mod routes {
         security(("writeKey" = []), ()),
     )]
     pub fn import() {}
+
+    /// `/v1/track` as analytics.js and the mobile SDKs call it (`text/plain` JSON allowed).
+    #[utoipa::path(
+        post,
+        path = "/v1/t",
+        tag = "ingest",
+        request_body(content = TrackMessage, content_type = "application/json"),
+        responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+        security(("writeKey" = []), ()),
+    )]
+    pub fn track_short() {}
+
+    /// `/v1/identify` as the browser SDK calls it.
+    #[utoipa::path(
+        post,
+        path = "/v1/i",
+        tag = "ingest",
+        request_body(content = IdentifyMessage, content_type = "application/json"),
+        responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+        security(("writeKey" = []), ()),
+    )]
+    pub fn identify_short() {}
+
+    /// `/v1/page` as the browser SDK calls it.
+    #[utoipa::path(
+        post,
+        path = "/v1/p",
+        tag = "ingest",
+        request_body(content = PageMessage, content_type = "application/json"),
+        responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+        security(("writeKey" = []), ()),
+    )]
+    pub fn page_short() {}
+
+    /// `/v1/screen` as the SDKs call it.
+    #[utoipa::path(
+        post,
+        path = "/v1/s",
+        tag = "ingest",
+        request_body(content = ScreenMessage, content_type = "application/json"),
+        responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+        security(("writeKey" = []), ()),
+    )]
+    pub fn screen_short() {}
+
+    /// `/v1/group` as the browser SDK calls it.
+    #[utoipa::path(
+        post,
+        path = "/v1/g",
+        tag = "ingest",
+        request_body(content = GroupMessage, content_type = "application/json"),
+        responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+        security(("writeKey" = []), ()),
+    )]
+    pub fn group_short() {}
+
+    /// `/v1/alias` as the browser SDK calls it.
+    #[utoipa::path(
+        post,
+        path = "/v1/a",
+        tag = "ingest",
+        request_body(content = AliasMessage, content_type = "application/json"),
+        responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+        security(("writeKey" = []), ()),
+    )]
+    pub fn alias_short() {}
+
+    /// `/v1/batch` as the SDKs call it (analytics.js batching, analytics-kotlin, analytics-swift).
+    #[utoipa::path(
+        post,
+        path = "/v1/b",
+        tag = "ingest",
+        request_body(content = BatchRequest, content_type = "application/json"),
+        responses(
+            (status = 200, description = "Every valid message is committed", body = Accepted),
+            IngestErrors,
+        ),
+        security(("writeKey" = []), ()),
+    )]
+    pub fn batch_short() {}
+
+    /// The SDKs' own telemetry: read, answered 200, stored nowhere.
+    #[utoipa::path(
+        post,
+        path = "/v1/m",
+        tag = "ingest",
+        request_body(content = Telemetry, content_type = "application/json"),
+        responses(
+            (status = 200, description = "Read and dropped", body = Accepted),
+            (status = 403, description = "An `Origin` no source allows", body = Failure),
+            (status = 413, description = "Larger than 500 KB", body = Failure),
+        ),
+    )]
+    pub fn telemetry() {}
+
+    /// The analytics.js settings of a source (what `AnalyticsBrowser.load({writeKey, cdnURL})`
+    /// and the mobile SDKs fetch first): the Segment.io integration names this server.
+    #[utoipa::path(
+        get,
+        path = "/v1/projects/{writeKey}/settings",
+        tag = "ingest",
+        params(("writeKey" = String, Path, description = "The source's write key")),
+        responses(
+            (status = 200, description = "The settings", body = SdkSettings),
+            (status = 403, description = "An `Origin` the source does not allow", body = Failure),
+            (status = 404, description = "No source has this write key", body = Failure),
+        ),
+    )]
+    pub fn settings() {}
 
     /// Every destination with its live counts (since this process started, except `queued`,
     /// `retrying` and `dead`, which come from the database).
@@ -805,6 +925,24 @@ fn batch_request() -> Schema {
 
 // ---- Answers ---------------------------------------------------------------------------------
 
+/// What the SDKs report about themselves at `/v1/m`.
+#[derive(ToSchema)]
+pub struct Telemetry {
+    /// Counters such as `analytics_js.invoke`.
+    pub series: Option<Vec<serde_json::Value>>,
+}
+
+/// The analytics.js settings document.
+#[derive(ToSchema)]
+pub struct SdkSettings {
+    /// `{"Segment.io": {"apiKey", "apiHost": "<host>/v1", "protocol": "http" | "https"}}`.
+    pub integrations: serde_json::Value,
+    /// Every call type enabled.
+    pub plan: serde_json::Value,
+    /// SDK telemetry settings (`sampleRate` 0: off).
+    pub metrics: serde_json::Value,
+}
+
 /// The answer to an accepted ingest request.
 #[derive(ToSchema)]
 pub struct Accepted {
@@ -967,6 +1105,15 @@ mod tests {
             "/v1/alias",
             "/v1/batch",
             "/v1/import",
+            "/v1/t",
+            "/v1/i",
+            "/v1/p",
+            "/v1/s",
+            "/v1/g",
+            "/v1/a",
+            "/v1/b",
+            "/v1/m",
+            "/v1/projects/{writeKey}/settings",
             "/admin/v1/destinations",
             "/admin/v1/dead-letters",
             "/admin/v1/dead-letters/replay",

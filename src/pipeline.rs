@@ -26,6 +26,8 @@ pub struct Pipeline {
     /// One lane per enabled destination.
     pub lanes: Vec<Arc<Lane>>,
     pub limits: LimitsConfig,
+    /// `[server]`: the public address and the trusted proxies.
+    pub server: crate::config::ServerConfig,
     /// Names and ids of every configured destination, enabled or not.
     pub destination_ids: HashMap<String, i32>,
 }
@@ -51,6 +53,7 @@ impl Pipeline {
             let entry = Source {
                 id: source_ids[&source.name],
                 name: source.name.clone(),
+                allowed_origins: source.allowed_origins.clone(),
             };
             (source.write_key.clone(), Arc::new(entry))
         }));
@@ -109,13 +112,16 @@ impl Pipeline {
                 Arc::new(Lane::new(id, d, gate, client.clone()).with_stats(stats))
             })
             .collect();
-        Ok(Pipeline {
+        let pipeline = Pipeline {
             sources,
             routes,
             lanes,
             limits: config.limits.clone(),
+            server: config.server.clone(),
             destination_ids,
-        })
+        };
+        crate::series::register(&pipeline, &source_names);
+        Ok(pipeline)
     }
 }
 

@@ -27,15 +27,41 @@ impl HttpClient {
         let resolver = Arc::new(GuardedResolver {
             policy: policy.clone(),
         });
+        // The config check already read the file; should it have gone since, the system roots
+        // still serve and the vendor's certificate decides.
+        let roots = match security.ca_file.as_deref().map(read_roots) {
+            Some(Ok(roots)) => roots,
+            Some(Err(error)) => {
+                tracing::error!(%error, "ca_file cannot be used");
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
         HttpClient {
-            client: build(resolver),
+            client: build(resolver, roots),
             policy,
         }
     }
 }
 
-fn build(resolver: Arc<GuardedResolver>) -> reqwest::Client {
-    reqwest::Client::builder()
+/// The certificates of a PEM file (`[security] ca_file`): roots outbound HTTPS trusts besides
+/// the system store.
+pub fn read_roots(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", path.display()))?;
+    if roots.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(roots)
+}
+
+fn build(resolver: Arc<GuardedResolver>, roots: Vec<reqwest::Certificate>) -> reqwest::Client {
+    roots
+        .into_iter()
+        .fold(reqwest::Client::builder(), |builder, root| {
+            builder.add_root_certificate(root)
+        })
         .dns_resolver(resolver)
         .redirect(reqwest::redirect::Policy::none())
         // `HTTP(S)_PROXY` would resolve and connect on our behalf, past the address policy.

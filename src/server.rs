@@ -23,6 +23,7 @@ use time::OffsetDateTime;
 use arc_swap::ArcSwap;
 
 use crate::backpressure::QueueDepth;
+use crate::browser::Peer;
 use crate::commit::{CommitError, GroupCommit};
 use crate::error::ApiError;
 use crate::ingest::{self, CallType, Endpoint};
@@ -66,8 +67,8 @@ pub async fn serve_http(
             _ = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(%error, "accepting a connection failed");
@@ -80,7 +81,14 @@ pub async fn serve_http(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        // The peer's address rides along with each request (`context.ip`, trusted proxies).
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            tower::ServiceExt::oneshot(app.clone(), request)
+        });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(timeouts.headers)
@@ -139,12 +147,22 @@ pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
         app = app
             .route("/v1/batch", post(batch))
             .route("/v1/import", post(batch))
+            .route("/v1/b", post(batch))
+            .route("/v1/m", post(crate::browser::telemetry))
+            .route(
+                "/v1/projects/{write_key}/settings",
+                get(crate::browser::settings),
+            )
             .route("/v1/{call}", post(single));
     }
     app.fallback(not_found)
         // Around everything, so no route under /admin/v1/ can be left open, wherever it is
         // mounted: even an unknown one answers 401 before 404.
         .layer(middleware::from_fn_with_state(state.clone(), require_admin))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::browser::cors,
+        ))
         .layer(middleware::from_fn(observe))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)
@@ -247,6 +265,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    crate::series::sample(&state).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -256,25 +275,30 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 async fn single(
     State(state): State<Arc<AppState>>,
     axum::extract::Path(call): axum::extract::Path<String>,
+    peer: Peer,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let call = CallType::parse(&call).ok_or_else(|| ApiError::not_found("no such endpoint"))?;
-    ingest(&state, Endpoint::Single(call), &headers, body).await
+    let call = CallType::parse(&call)
+        .or_else(|| CallType::parse_short(&call))
+        .ok_or_else(|| ApiError::not_found("no such endpoint"))?;
+    ingest(&state, Endpoint::Single(call), peer, &headers, body).await
 }
 
 async fn batch(
     State(state): State<Arc<AppState>>,
+    peer: Peer,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    ingest(&state, Endpoint::Batch, &headers, body).await
+    ingest(&state, Endpoint::Batch, peer, &headers, body).await
 }
 
 /// The ingest path: authenticate, decode, validate, route, commit, answer.
 async fn ingest(
     state: &AppState,
     endpoint: Endpoint,
+    peer: Peer,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -327,7 +351,9 @@ async fn ingest(
         (None, Some(_)) => Err(reject_unknown_key()),
         (None, None) => Err(no_write_key()),
     };
-    let parsed = ingest::parse_authorized(endpoint, &body, received_at, &authorize)?;
+    let client_ip = crate::browser::client_ip(peer.0, headers, &pipeline.server);
+    let parsed =
+        ingest::parse_authorized(endpoint, &body, received_at, client_ip, &authorize)?;
     drop(body);
     drop(raw);
     let key = basic_key.or(parsed.write_key).ok_or_else(no_write_key)?;
@@ -336,6 +362,11 @@ async fn ingest(
         .find(&key)
         .ok_or_else(reject_unknown_key)?
         .clone();
+    if let Err(refused) = crate::browser::check_origin(&source.allowed_origins, headers) {
+        metrics::counter!("switchyard_rejected_events_total", "source" => source.name.clone(), "code" => refused.code)
+            .increment((parsed.messages.len() + parsed.rejected.len()) as u64);
+        return Err(refused);
+    }
 
     for rejection in &parsed.rejected {
         metrics::counter!("switchyard_rejected_events_total", "source" => source.name.clone(), "code" => rejection.code)

@@ -1075,6 +1075,23 @@ pub fn parse_notice(payload: &str) -> Option<Vec<i32>> {
     )
 }
 
+// ---- Added on branch `clients` for the oldest-queued-age gauge (issue 14, item 9). ----------
+// Kept apart so the store rewrite can port it: one grouped scan of the queue, run per scrape.
+
+impl Store {
+    /// Seconds since the oldest queued delivery of each destination id was enqueued.
+    pub async fn oldest_queued_ages(&self) -> Result<HashMap<i32, f64>> {
+        let rows: Vec<(i32, f64)> = sqlx::query_as(
+            "SELECT destination_id, \
+                    greatest(extract(epoch FROM now() - min(enqueued_at)), 0)::float8 \
+             FROM jobs GROUP BY destination_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -605,11 +605,22 @@ pub struct PrivateCluster {
     pub port: u16,
     dir: std::path::PathBuf,
     bin: std::path::PathBuf,
+    /// Extra `postgres -c` settings (`ssl=on ...`).
+    settings: String,
 }
 
 impl PrivateCluster {
     /// Initializes and starts a cluster.
     pub fn start() -> PrivateCluster {
+        PrivateCluster::start_with(&[], |_| ())
+    }
+
+    /// Initializes a cluster, lets `prepare` put files in its directory (owned by the server's
+    /// user afterwards), and starts it with `settings` (`("ssl", "on")`).
+    pub fn start_with(
+        settings: &[(&str, &str)],
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> PrivateCluster {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("PostgreSQL server binaries under /usr/lib/postgresql")
             .filter_map(|entry| entry.ok().map(|e| e.path().join("bin")))
@@ -622,8 +633,18 @@ impl PrivateCluster {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let cluster = PrivateCluster { port, dir, bin };
-        cluster.shell("chown postgres: {dir}", true);
+        prepare(&dir);
+        let settings = settings
+            .iter()
+            .map(|(name, value)| format!(" -c {name}={value}"))
+            .collect();
+        let cluster = PrivateCluster {
+            port,
+            dir,
+            bin,
+            settings,
+        };
+        cluster.shell("chown -R postgres: {dir}", true);
         cluster.shell(
             "{bin}/initdb -D {dir}/data -A trust -U postgres -E UTF8 --no-locale >/dev/null",
             false,
@@ -647,9 +668,10 @@ impl PrivateCluster {
     /// Starts it (again).
     pub fn resume(&self) {
         let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {}",
+            "-p {} -c listen_addresses=127.0.0.1 -k {}{}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.settings
         );
         self.shell(
             &format!(
