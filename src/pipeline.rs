@@ -185,28 +185,30 @@ impl Reloader {
         self.pipeline.store(Arc::new(next));
         let mut dead_lettered = 0;
         if !removed.is_empty() {
+            // Requests the removed destinations have in flight end first (within their
+            // timeout), so their outcomes are written before what is left is retired: an event
+            // never ends both delivered and dead-lettered.
+            let patience = retiring
+                .iter()
+                .map(|lane| lane.config.timeout)
+                .max()
+                .unwrap_or_default()
+                + Duration::from_secs(2);
+            let started = tokio::time::Instant::now();
+            while retiring.iter().any(|lane| lane.in_flight() > 0) && started.elapsed() < patience
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
             dead_lettered = self
                 .store
                 .retire_removed(&known)
                 .await
                 .map_err(anyhow::Error::from)?;
-            // Runs the removed destinations had in flight are written when their requests end;
-            // what they leave queued (retries) is retired then.
+            // A claim still open then (a request past its timeout) is retired once it ends.
             let store = self.store.clone();
             tokio::spawn(async move {
-                let patience = retiring
-                    .iter()
-                    .map(|lane| lane.config.timeout)
-                    .max()
-                    .unwrap_or_default()
-                    + Duration::from_secs(10);
-                let started = tokio::time::Instant::now();
-                while retiring.iter().any(|lane| lane.in_flight() > 0)
-                    && started.elapsed() < patience
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(patience + Duration::from_secs(5)).await;
                 if let Err(error) = store.retire_removed(&known).await {
                     tracing::warn!(%error, "retiring removed destinations failed; it runs again at the next start");
                 }
