@@ -57,11 +57,11 @@ try {
     if (response.status() >= 400) failedLoads.push(`${response.status()} ${response.request().method()} ${response.url()}`);
   });
   page.on('requestfailed', (request) => failedLoads.push(`failed (${request.failure()?.errorText}) ${request.method()} ${request.url()}`));
-  let resourceErrors = 0;
+  const resourceErrors = [];
   const consoleErrors = [];
   page.on('console', (message) => {
     if (message.type() !== 'error') return;
-    if (message.text().startsWith('Failed to load resource')) resourceErrors += 1;
+    if (message.text().startsWith('Failed to load resource')) resourceErrors.push(`${message.text()} (${message.location().url})`);
     else consoleErrors.push(message.text());
   });
   page.on('pageerror', (error) => consoleErrors.push(error.message));
@@ -139,7 +139,7 @@ try {
   if (failedLoads.length !== 1 || refusedSignIn.length !== 1) {
     throw new Error(`expected one failed load (the refused sign-in's 401), got: ${failedLoads.join(' | ') || 'none'}`);
   }
-  if (resourceErrors !== 1) throw new Error(`expected one failed-resource console error, got ${resourceErrors}`);
+  if (resourceErrors.length !== 1) throw new Error(`expected one failed-resource console error, got: ${resourceErrors.join(' | ')}`);
 
   console.log(JSON.stringify({
     ok: true,
