@@ -6,7 +6,8 @@
 //! - **mapping**: each fixture is delivered and the request matches (path, query, headers, and
 //!   the body as a JSON subset), or no request is made where none is expected;
 //! - **batching at the limit**: `max_batch_size` events of one user are delivered, every one
-//!   carried, in the expected number of requests;
+//!   carried (counted by the kind's idempotency keys, or by [`Conformance::events_in`] for a
+//!   vendor without them), in the expected number of requests;
 //! - **retry classification**: 200 delivered, 400 permanent, 429 with `Retry-After` retried
 //!   (throttled, honoring the pause), 500 retried, a hung vendor retried after the timeout;
 //! - **idempotency**: the vendor's idempotency field carries each messageId and is the same
@@ -72,6 +73,9 @@ pub fn load_fixtures(path: impl AsRef<Path>) -> Vec<Fixture> {
 /// Pulls the idempotency keys (one per event, in order) out of a request the kind sent.
 pub type IdempotencyKeys = fn(&Received) -> Vec<String>;
 
+/// Counts the events one request the kind sent carries.
+pub type EventsIn = fn(&Received) -> usize;
+
 /// A kind's conformance test.
 pub struct Conformance {
     pub kind: &'static Kind,
@@ -80,6 +84,9 @@ pub struct Conformance {
     pub fixtures: Vec<Fixture>,
     /// `None` for a vendor without an idempotency field (Slack).
     pub idempotency_keys: Option<IdempotencyKeys>,
+    /// For a vendor without idempotency keys: how many events a request carries. One of the two
+    /// is needed, so that the batching check sees every event carried.
+    pub events_in: Option<EventsIn>,
     /// Requests expected for `max_batch_size` events of one user (1 for most vendors).
     pub requests_at_limit: usize,
 }
@@ -91,6 +98,7 @@ impl Conformance {
             settings: settings.to_owned(),
             fixtures,
             idempotency_keys: None,
+            events_in: None,
             requests_at_limit: 1,
         }
     }
@@ -100,8 +108,18 @@ impl Conformance {
         self
     }
 
+    pub fn events_in(mut self, count: EventsIn) -> Conformance {
+        self.events_in = Some(count);
+        self
+    }
+
     /// Runs every check; returns their names. Panics on the first failure.
     pub async fn run(&self) -> Vec<String> {
+        assert!(
+            self.idempotency_keys.is_some() || self.events_in.is_some(),
+            "{}: say how to count the events in a request (`idempotency` or `events_in`)",
+            self.kind.name
+        );
         let mut passed = Vec::new();
         let mock = MockServer::start().await;
         let plugin = build(self.kind, &self.settings, &mock);
@@ -225,6 +243,15 @@ impl Conformance {
             assert!(
                 carried == expected,
                 "{what}: the idempotency keys are not the messageIds"
+            );
+        }
+        if let Some(events_in) = self.events_in {
+            let carried: usize = sent.iter().map(events_in).sum();
+            assert_eq!(
+                carried,
+                count,
+                "{what}: events carried in {}",
+                describe(&sent)
             );
         }
     }

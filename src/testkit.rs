@@ -543,6 +543,27 @@ impl Process {
         self.child.id()
     }
 
+    /// A number from `/proc/PID/status` (`"VmRSS:"` in kB, `"Threads:"`). Panics when it cannot
+    /// be read: a measurement that silently reads zero would pass any bound.
+    pub fn proc_status(&self, field: &str) -> u64 {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    }
+
+    /// Its open file descriptors. Panics when `/proc/PID/fd` cannot be read.
+    pub fn open_files(&self) -> usize {
+        let pid = self.child.id();
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap_or_else(|e| panic!("reading /proc/{pid}/fd: {e}"))
+            .count()
+    }
+
     /// The config file it reads (rewrite it, then SIGHUP or `POST /admin/v1/reload`).
     pub fn config_path(&self) -> &std::path::Path {
         &self.config_path

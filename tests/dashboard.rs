@@ -175,6 +175,13 @@ async fn an_operator_signs_in_sees_deliveries_and_replays_a_dead_letter() {
         "{report}"
     );
     assert_eq!(report["dead_before"], 4, "{report}");
+    let failed = report["failed_loads"]
+        .as_array()
+        .expect("failed loads listed");
+    assert!(
+        failed.len() == 1 && failed[0].as_str().is_some_and(|l| l.starts_with("401 ")),
+        "only the refused sign-in failed to load: {report}"
+    );
 
     let replayed = report["replayed_id"].as_i64().expect("a replayed id");
     let message_id = dead

@@ -86,6 +86,7 @@ async fn ga4_conformance() {
         "measurement_id = \"G-XXXXXXXXXX\"\napi_secret = \"GA4_API_SECRET\"",
         fixtures("ga4"),
     )
+    .events_in(|r| r.json()["events"].as_array().map_or(0, Vec::len))
     .run()
     .await;
 }
@@ -106,6 +107,7 @@ async fn posthog_conformance() {
 async fn slack_conformance() {
     let settings = format!("webhook_url = \"{WEBHOOK_URL}\"\ntemplate = \"{SLACK_TEMPLATE}\"");
     Conformance::new(&slack::KIND, &settings, fixtures("slack"))
+        .events_in(|r| usize::from(r.json()["text"].is_string()))
         .run()
         .await;
 }

@@ -3,10 +3,10 @@
 //! The short variants run in CI. `SWITCHYARD_LONG_FAULTS=1` runs the long ones (more kills, a
 //! minute-long destination outage, a longer slow-sink soak).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchyard::testkit::{
@@ -37,17 +37,43 @@ fn batch(prefix: &str, n: usize, size: usize) -> Vec<Value> {
         .collect()
 }
 
-/// What a loader saw: every answer by status, and the messageIds acknowledged with 200.
+/// What a loader saw: every answer (status, `Retry-After`, when), and the messageIds
+/// acknowledged with 200 with the moment the acknowledged request was sent.
 #[derive(Default)]
 struct Ledger {
     acknowledged: Mutex<Vec<String>>,
-    statuses: Mutex<Vec<u16>>,
+    sent_at: Mutex<HashMap<String, Instant>>,
+    answers: Mutex<Vec<Answer>>,
+}
+
+/// One answer the loader got; status 0: no answer (connection refused, reset, timeout).
+#[derive(Debug, Clone)]
+struct Answer {
+    status: u16,
+    retry_after: Option<String>,
+    at: Instant,
+}
+
+impl Ledger {
+    fn answers_between(&self, from: Instant, to: Instant) -> Vec<Answer> {
+        self.answers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| a.at >= from && a.at <= to)
+            .cloned()
+            .collect()
+    }
+
+    fn acknowledged_set(&self) -> HashSet<String> {
+        self.acknowledged.lock().unwrap().iter().cloned().collect()
+    }
 }
 
 /// Sends batches as an SDK does: until each one is acknowledged, retrying the same messageIds.
 async fn load(
     base: String,
-    prefix: &'static str,
+    prefix: &str,
     batches: usize,
     ledger: Arc<Ledger>,
     stop: Arc<AtomicBool>,
@@ -62,19 +88,38 @@ async fn load(
             if stop.load(Ordering::SeqCst) {
                 return;
             }
-            let status = client
+            let sent = Instant::now();
+            let answer = client
                 .post(format!("{base}/v1/batch"))
                 .basic_auth(KEY, Some(""))
                 .json(&json!({ "batch": events }))
                 .send()
                 .await
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0);
-            ledger.statuses.lock().unwrap().push(status);
+                .map(|r| Answer {
+                    status: r.status().as_u16(),
+                    retry_after: r
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned),
+                    at: Instant::now(),
+                })
+                .unwrap_or(Answer {
+                    status: 0,
+                    retry_after: None,
+                    at: Instant::now(),
+                });
+            let status = answer.status;
+            ledger.answers.lock().unwrap().push(answer);
             if status == 200 {
-                let ids = events
+                let ids: Vec<String> = events
                     .iter()
-                    .map(|e| e["messageId"].as_str().unwrap().to_owned());
+                    .map(|e| e["messageId"].as_str().unwrap().to_owned())
+                    .collect();
+                let mut at = ledger.sent_at.lock().unwrap();
+                for id in &ids {
+                    at.insert(id.clone(), sent);
+                }
                 ledger.acknowledged.lock().unwrap().extend(ids);
                 break;
             }
@@ -112,28 +157,50 @@ async fn kill_9_at_random_moments_under_load_loses_nothing() {
     .await;
     let ledger = Arc::new(Ledger::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let batches = if long() { 2000 } else { 400 };
-    let loader = tokio::spawn(load(sy.base(), "k", batches, ledger.clone(), stop.clone()));
+    // The loader runs until told to stop, after the last kill: every kill lands on live traffic.
+    let loader = tokio::spawn(load(
+        sy.base(),
+        "k",
+        usize::MAX,
+        ledger.clone(),
+        stop.clone(),
+    ));
     let kills = if long() { 20 } else { 5 };
-    for _ in 0..kills {
+    let mut interrupted = Vec::new();
+    for kill in 0..kills {
         let wait = 300 + rand::random::<u64>() % 900;
         tokio::time::sleep(Duration::from_millis(wait)).await;
+        assert!(
+            !loader.is_finished(),
+            "the loader is still sending at kill {kill}"
+        );
+        let killed = Instant::now();
         sy.kill9();
         tokio::time::sleep(Duration::from_millis(100)).await;
         sy.restart().await;
+        let failed = ledger
+            .answers_between(killed, Instant::now())
+            .iter()
+            .filter(|a| a.status != 200)
+            .count();
+        interrupted.push(failed);
     }
-    tokio::time::timeout(Duration::from_secs(120), loader)
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(30), loader)
         .await
-        .expect("the loader finished")
+        .expect("the loader stopped")
         .unwrap();
-    let acknowledged: HashSet<String> = ledger
-        .acknowledged
-        .lock()
-        .unwrap()
-        .iter()
-        .cloned()
-        .collect();
-    assert_eq!(acknowledged.len(), batches * 10);
+    assert!(
+        interrupted.iter().all(|&failed| failed > 0),
+        "each kill interrupted the loader (failed requests per kill: {interrupted:?})"
+    );
+    let acknowledged = ledger.acknowledged_set();
+    assert!(
+        acknowledged.len() >= 1000,
+        "traffic went on between the kills: {} acknowledged",
+        acknowledged.len()
+    );
     let arrived = sink
         .wait_until(Duration::from_secs(60), |s| {
             let got: HashSet<String> = s.message_ids().into_iter().collect();
@@ -153,10 +220,10 @@ async fn kill_9_at_random_moments_under_load_loses_nothing() {
     );
     assert!(
         got.iter().all(|id| acknowledged.contains(id)),
-        "only sent messageIds are ever delivered"
+        "only acknowledged messageIds are ever delivered"
     );
     println!(
-        "kill -9 x{kills}: {} acknowledged, {} deliveries ({} redeliveries), 0 lost",
+        "kill -9 x{kills}: {} acknowledged, {} deliveries ({} redeliveries), 0 lost; failed requests per kill {interrupted:?}",
         acknowledged.len(),
         got.len(),
         got.len() - unique.len()
@@ -191,26 +258,41 @@ async fn a_postgres_outage_under_load_answers_503_and_loses_nothing() {
     tokio::task::spawn_blocking(move || down.pause())
         .await
         .unwrap();
-    let statuses_before = ledger.statuses.lock().unwrap().len();
+    let stopped = Instant::now();
     let acknowledged_before = ledger.acknowledged.lock().unwrap().len();
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let during: Vec<u16> = ledger.statuses.lock().unwrap()[statuses_before..].to_vec();
+    let during: Vec<Answer> = ledger.answers_between(stopped, Instant::now());
     let acknowledged_during = ledger.acknowledged.lock().unwrap().len();
     let up = cluster.clone();
     tokio::task::spawn_blocking(move || up.resume())
         .await
         .unwrap();
+    // The loader waits 100 ms after a refusal, and each 503 takes about 0.4 s (the failed
+    // connection attempt): 20 answers in 10 s when measured; 18 leaves room for a busy machine.
     assert!(
-        during.len() >= 10,
+        during.len() >= 18,
         "503s came quickly: {} answers in 10 s",
         during.len()
     );
     // A request in flight when the server went down may have committed just before: at most
-    // one 200 right at the start; after that, only 503s.
+    // one 200 right at the start; after that, only 503s, each with a Retry-After in seconds.
+    let refused = &during[1..];
     assert!(
-        during.iter().skip(1).all(|&s| s == 503),
+        refused.iter().all(|a| a.status == 503),
         "while Postgres was down ingest answered {:?}",
-        during.iter().collect::<HashSet<_>>()
+        refused.iter().map(|a| a.status).collect::<HashSet<_>>()
+    );
+    assert!(
+        refused.iter().all(|a| a
+            .retry_after
+            .as_deref()
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|secs| (1..=60).contains(&secs))),
+        "every 503 says when to retry: {:?}",
+        refused
+            .iter()
+            .map(|a| a.retry_after.clone())
+            .collect::<HashSet<_>>()
     );
     assert!(
         acknowledged_during <= acknowledged_before + 10,
@@ -241,8 +323,12 @@ async fn a_postgres_outage_under_load_answers_503_and_loses_nothing() {
         "acknowledged events were lost"
     );
     println!(
-        "postgres down 10 s: {} answers while down, all 503; 0 lost",
-        during.len()
+        "postgres down 10 s: {} answers while down, all 503 with Retry-After {:?}; 0 lost",
+        during.len(),
+        during
+            .iter()
+            .filter_map(|a| a.retry_after.clone())
+            .collect::<HashSet<_>>()
     );
     sy.shutdown().await.unwrap();
 }
@@ -380,40 +466,74 @@ async fn an_outage_past_max_age_ends_in_dead_letters_and_replay_delivers_them() 
     sy.shutdown().await.unwrap();
 }
 
-fn proc_status(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn open_files(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+/// The 99th percentile, in milliseconds, of the time from sending to arrival of every event
+/// `sink` received that `ledger` has acknowledged, sent at or after `since`.
+fn p99_latency_ms(sink: &MockServer, ledger: &Ledger, since: Instant) -> u128 {
+    let acknowledged = ledger.sent_at.lock().unwrap().clone();
+    let mut first: HashMap<String, Instant> = HashMap::new();
+    for request in sink.received() {
+        if let Some(id) = request.json()["messageId"].as_str() {
+            first.entry(id.to_owned()).or_insert(request.at);
+        }
+    }
+    let mut latencies: Vec<u128> = first
+        .iter()
+        .filter_map(|(id, arrived)| {
+            let sent = *acknowledged.get(id)?;
+            (sent >= since).then(|| arrived.saturating_duration_since(sent).as_millis())
+        })
+        .collect();
+    assert!(latencies.len() >= 100, "{} latencies", latencies.len());
+    latencies.sort();
+    let at = |p: usize| latencies[(latencies.len() * p).div_ceil(100) - 1];
+    println!(
+        "latency ms p50 {} p90 {} p99 {} max {}",
+        at(50),
+        at(90),
+        at(99),
+        at(100)
+    );
+    at(99)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_that_never_answers_leaks_nothing_and_delays_no_one() {
     let db = TestDatabase::create("slow_sink").await;
-    let hang = MockServer::scripted(|_, _| Reply::Hang).await;
+    // Healthy for a first round (the baseline), then never answering.
+    let hang = MockServer::start().await;
     let good = MockServer::start().await;
     let destinations = format!(
         "{}{}",
         webhook("hang", &hang.url("/in"), "timeout = \"300ms\"\nretry.initial_backoff = \"100ms\"\nretry.max_backoff = \"300ms\"\nretry.max_attempts = 1000"),
         webhook("good", &good.url("/in"), "")
     );
-    let sy = Process::spawn(BIN, &config(&destinations), &db.url).await;
+    let mut sy = Process::spawn(BIN, &config(&destinations), &db.url).await;
     let ledger = Arc::new(Ledger::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let rounds = if long() { 6 } else { 3 };
+    let started = Instant::now();
+    load(sy.base(), "warm", 20, ledger.clone(), stop.clone()).await;
+    assert!(
+        good.wait_until(Duration::from_secs(10), |s| s.events().len() == 200)
+            .await
+            && hang
+                .wait_until(Duration::from_secs(10), |s| s.events().len() == 200)
+                .await
+    );
+    let healthy_p99 = p99_latency_ms(&good, &ledger, started);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let baseline = (
+        sy.proc_status("VmRSS:"),
+        sy.open_files(),
+        sy.proc_status("Threads:"),
+    );
+    hang.script(|_, _| Reply::Hang);
+    let hung_from = Instant::now();
+    let rounds = if long() { 12 } else { 6 };
     let mut samples = Vec::new();
     for round in 0..rounds {
         load(
             sy.base(),
-            if round % 2 == 0 { "slow-a" } else { "slow-b" },
+            &format!("slow-{round}"),
             20,
             ledger.clone(),
             stop.clone(),
@@ -421,30 +541,12 @@ async fn a_sink_that_never_answers_leaks_nothing_and_delays_no_one() {
         .await;
         tokio::time::sleep(Duration::from_secs(4)).await;
         samples.push((
-            proc_status(sy.pid(), "VmRSS:"),
-            open_files(sy.pid()),
-            proc_status(sy.pid(), "Threads:"),
+            sy.proc_status("VmRSS:"),
+            sy.open_files(),
+            sy.proc_status("Threads:"),
         ));
     }
-    let (first_rss, _, _) = samples[0];
-    let (last_rss, last_files, threads) = samples[samples.len() - 1];
-    assert!(
-        hang.received().len() > 100,
-        "the hanging sink was tried again and again"
-    );
-    assert!(last_files < 150, "open files stay bounded: {samples:?}");
-    assert!(threads < 64, "{samples:?}");
-    assert!(
-        last_rss < first_rss + 30 * 1024,
-        "memory stays flat (kB): {samples:?}"
-    );
-    let acknowledged: HashSet<String> = ledger
-        .acknowledged
-        .lock()
-        .unwrap()
-        .iter()
-        .cloned()
-        .collect();
+    let acknowledged = ledger.acknowledged_set();
     assert!(
         good.wait_until(Duration::from_secs(10), |s| {
             let got: HashSet<String> = s.message_ids().into_iter().collect();
@@ -453,9 +555,41 @@ async fn a_sink_that_never_answers_leaks_nothing_and_delays_no_one() {
         .await,
         "the other destination got everything"
     );
+    let hung_p99 = p99_latency_ms(&good, &ledger, hung_from);
     println!(
-        "slow sink: {} attempts timed out; rss/fds/threads {samples:?}",
-        hang.received().len()
+        "slow sink: {} attempts timed out; rss kB/fds/threads {baseline:?} then {samples:?}; healthy destination p99 {healthy_p99} ms before, {hung_p99} ms next to the hung one",
+        hang.received().len() - 200
+    );
+    // Delays no one: the healthy destination stays about as prompt as before the other one hung
+    // (measured 50 to 340 ms on a busy machine); waiting behind the hung one's 300 ms timeouts
+    // would take seconds.
+    assert!(
+        hung_p99 <= healthy_p99 * 3 + 500,
+        "the healthy destination's p99 went from {healthy_p99} ms to {hung_p99} ms"
+    );
+    let timed_out = hang.received().len() - 200;
+    assert!(
+        timed_out > 100,
+        "the hanging sink was tried again and again ({timed_out})"
+    );
+    for (rss, files, threads) in &samples {
+        assert!(
+            *files <= baseline.1 + 16,
+            "open files stay bounded: {baseline:?} then {samples:?}"
+        );
+        assert!(
+            *threads <= baseline.2 + 4,
+            "threads stay bounded: {baseline:?} then {samples:?}"
+        );
+        assert!(
+            *rss <= baseline.0 + 5 * 1024,
+            "memory stays flat (kB): {baseline:?} then {samples:?}"
+        );
+    }
+    assert_eq!(
+        sy.terminate(Duration::from_secs(20)).await,
+        Some(0),
+        "a clean exit with requests still hung"
     );
 }
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use switchyard::testkit::{start_switchyard, MockServer, TestDatabase};
+use switchyard::testkit::{start_switchyard, MockServer, Process, TestDatabase};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -99,7 +99,7 @@ async fn huge_headers_are_refused() {
     let _ = stream.write_all(request.as_bytes()).await;
     let answer = read_to_close(&mut stream, Duration::from_secs(5))
         .await
-        .unwrap_or_default();
+        .expect("refused and closed within 5 s, not left hanging");
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
         "{}",
@@ -111,16 +111,16 @@ async fn huge_headers_are_refused() {
 
 #[tokio::test]
 async fn many_idle_connections_do_not_block_real_clients() {
-    let (_db, _sink, sy) = setup("many_connections").await;
-    let rss = || {
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let before = rss();
+    // The real binary, so that its memory is measured apart from this test's own.
+    let db = TestDatabase::create("many_connections").await;
+    let sink = MockServer::start().await;
+    let config = format!(
+        "[[sources]]\nname = \"web\"\nwrite_key = \"{KEY}\"\n\n[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}\"\n",
+        sink.url("/in")
+    );
+    let sy = Process::spawn(env!("CARGO_BIN_EXE_switchyard"), &config, &db.url).await;
+    assert!(healthy(sy.addr).await, "warmed up before the baseline");
+    let before = sy.proc_status("VmRSS:");
     let mut idle = Vec::new();
     for _ in 0..1000 {
         idle.push(TcpStream::connect(sy.addr).await.unwrap());
@@ -129,12 +129,22 @@ async fn many_idle_connections_do_not_block_real_clients() {
         healthy(sy.addr).await,
         "a real client is served next to 1,000 idle connections"
     );
-    let grown = rss().saturating_sub(before);
-    assert!(grown < 100 * 1024, "1,000 idle connections cost {grown} kB");
-    // The idle ones are closed by the header timeout.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let open = sy.open_files();
+    assert!(
+        open >= 1000,
+        "the server holds the 1,000 connections: {open} open files"
+    );
+    let grown = sy.proc_status("VmRSS:").saturating_sub(before);
+    println!("1,000 idle connections: server RSS {before} kB + {grown} kB, {open} open files");
+    assert!(
+        grown < 50 * 1024,
+        "1,000 idle connections cost the server {grown} kB"
+    );
+    // The idle ones are closed by the header timeout (15 s in the binary).
     let mut closed = 0;
     for stream in idle.iter_mut().take(20) {
-        if read_to_close(stream, Duration::from_secs(10))
+        if read_to_close(stream, Duration::from_secs(25))
             .await
             .is_some()
         {
@@ -142,5 +152,5 @@ async fn many_idle_connections_do_not_block_real_clients() {
         }
     }
     assert_eq!(closed, 20);
-    sy.shutdown().await.unwrap();
+    drop(sink);
 }

@@ -153,6 +153,23 @@ url = "{}"
             &["route=\"/v1/batch\""]
         ) >= 1.0
     );
-    assert!(value("switchyard_db_pool_connections", &["state=\"idle\""]) >= 0.0);
+    // The pool's connections as Postgres sees them: the gauges must add up to a real count, at
+    // least one (the service is running) and at most the pool's size.
+    let idle = value("switchyard_db_pool_connections", &["state=\"idle\""]);
+    let used = value("switchyard_db_pool_connections", &["state=\"used\""]);
+    let seen: i64 = db
+        .scalar("SELECT count(*)::text FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        .await
+        .and_then(|n| n.parse().ok())
+        .expect("pg_stat_activity answers");
+    assert!(
+        idle >= 0.0 && used >= 0.0 && idle + used >= 1.0 && idle + used <= 32.0,
+        "db pool gauges: idle {idle}, used {used}"
+    );
+    assert!(
+        (idle + used) as i64 <= seen,
+        "the pool reports {} connections, Postgres sees {seen}",
+        idle + used
+    );
     sy.shutdown().await.unwrap();
 }

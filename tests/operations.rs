@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use sqlx::Connection as _;
 use switchyard::testkit::{self, start_switchyard, MockServer, TestDatabase, ADMIN_TOKEN};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WEB_KEY: &str = "wk_ops_web";
 const APP_KEY: &str = "wk_ops_app";
@@ -161,14 +162,29 @@ async fn a_viewer_that_never_reads_does_not_slow_ingest() {
     let db = TestDatabase::create("live_slow").await;
     let sink = MockServer::start().await;
     let sy = start_switchyard(&config(&sink), &db.url).await;
-    // Subscribed, and never read from: the socket's buffers fill and the feed drops messages
-    // for this viewer instead of waiting for it.
-    let stalled = subscribe(sy.addr, "").await;
+    // Subscribed over a socket with a small receive buffer, and not read from: the buffers fill
+    // and the feed drops messages for this viewer instead of waiting for it. 3,000 messages of
+    // 8 kB (24 MB) are far more than the socket buffers and the 1,024-message feed can hold.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(sy.addr).await.unwrap();
+    stalled
+        .write_all(
+            format!(
+                "GET /admin/v1/live HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = [0; 12];
+    stalled.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200", "the viewer is subscribed");
 
-    let padding = "x".repeat(2000);
+    let padding = "x".repeat(8000);
     let client = reqwest::Client::new();
     let started = Instant::now();
-    for request in 0..20 {
+    for request in 0..60 {
         let batch: Vec<Value> = (0..50)
             .map(|i| {
                 json!({"type": "track", "userId": "u1", "event": "Bulk",
@@ -187,14 +203,40 @@ async fn a_viewer_that_never_reads_does_not_slow_ingest() {
     }
     let took = started.elapsed();
     assert!(
-        took < Duration::from_secs(20),
-        "1,000 events took {took:?} with a stalled viewer"
+        took < Duration::from_secs(60),
+        "3,000 events took {took:?} with a stalled viewer"
     );
     assert!(
-        sink.wait_until(Duration::from_secs(60), |s| s.events().len() == 1000)
+        sink.wait_until(Duration::from_secs(120), |s| s.events().len() == 3000)
             .await,
         "delivery went on too"
     );
+    // Now read: somewhere in the stream, the viewer is told how much it missed.
+    let skipped = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut seen: Vec<u8> = Vec::new();
+        let mut buffer = vec![0; 64 * 1024];
+        loop {
+            let n = stalled.read(&mut buffer).await.unwrap();
+            assert!(n > 0, "the stream ended without a lagged frame");
+            seen.extend_from_slice(&buffer[..n]);
+            let text = String::from_utf8_lossy(&seen);
+            if let Some(at) = text.find("event: lagged\ndata: ") {
+                let rest = &text[at + "event: lagged\ndata: ".len()..];
+                if let Some(end) = rest.find('\n') {
+                    let data: Value = serde_json::from_str(&rest[..end]).unwrap();
+                    return data["skipped"].as_u64().expect("skipped is a count");
+                }
+            }
+            // Keep only a tail that may hold the start of the frame.
+            if seen.len() > 64 * 1024 {
+                seen.drain(..seen.len() - 1024);
+            }
+        }
+    })
+    .await
+    .expect("a lagged frame within 30 s of reading");
+    assert!(skipped > 0, "the lagged frame says what was skipped");
+    println!("stalled viewer: {skipped} messages skipped");
     drop(stalled);
     sy.shutdown().await.expect("a clean shutdown");
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchyard::testkit::{MockServer, Process, Reply, TestDatabase};
@@ -92,10 +92,21 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
     );
     let code = sy.terminate(Duration::from_secs(20)).await;
     assert_eq!(code, Some(0), "log:\n{}", sy.log());
-    // Every request that had started was answered, and its outcome recorded: after a restart,
-    // the rest arrives and nothing that was delivered is lost.
-    let started = sink.received().len();
-    assert!(started >= 4);
+    // Every request that had started was answered before the exit (none cut off), and the
+    // shutdown came mid-way (some events still undelivered).
+    let started = sink.received();
+    assert!(
+        started.iter().all(|r| r.status == 200),
+        "in-flight requests finished: {:?}",
+        started.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    let answered: HashSet<String> = sink.message_ids().into_iter().collect();
+    assert!(
+        !answered.is_empty() && answered.len() < ids.len(),
+        "the shutdown came mid-delivery ({} of {} answered)",
+        answered.len(),
+        ids.len()
+    );
     let log = sy.log();
     assert!(log.contains("shutting down"), "{log}");
     sink.script(|_, _| Reply::ok());
@@ -107,6 +118,59 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
         })
         .await
     );
+    // Their outcomes were recorded: nothing answered before the exit is delivered again.
+    let delivered = sink.message_ids();
+    for id in &answered {
+        let times = delivered.iter().filter(|d| *d == id).count();
+        assert_eq!(
+            times, 1,
+            "{id}, answered before the exit, was delivered {times} times"
+        );
+    }
+    assert_eq!(sy.terminate(Duration::from_secs(20)).await, Some(0));
+}
+
+#[tokio::test]
+async fn sigterm_releases_deliveries_that_outlive_the_grace_period() {
+    let db = TestDatabase::create("sigterm_grace").await;
+    // Never answers; with a 120 s timeout a claim's lease is 150 s, far past the 10 s grace.
+    let sink = MockServer::scripted(|_, _| Reply::Hang).await;
+    let toml = format!(
+        "[[sources]]\nname = \"web\"\nwrite_key = \"{KEY}\"\n\n[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}\"\nmax_in_flight = 4\ntimeout = \"120s\"\n",
+        sink.url("/in")
+    );
+    let mut sy = Process::spawn(BIN, &toml, &db.url).await;
+    let ids: Vec<String> = (0..8).map(|i| format!("g-{i}")).collect();
+    assert_eq!(send_batch(&sy.base(), &ids).await, 200);
+    assert!(
+        sink.wait_until(Duration::from_secs(10), |s| !s.received().is_empty())
+            .await
+    );
+    let claimed = Instant::now();
+    let code = sy.terminate(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "log:\n{}", sy.log());
+    let took = claimed.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "the exit came after the 10 s grace, not at the lease: {took:?}"
+    );
+    sink.script(|_, _| Reply::ok());
+    sy.restart().await;
+    let all: HashSet<String> = ids.iter().cloned().collect();
+    let arrived = sink
+        .wait_until(Duration::from_secs(20), |s| {
+            all.is_subset(&s.message_ids().into_iter().collect())
+        })
+        .await;
+    let waited = claimed.elapsed();
+    assert!(
+        arrived,
+        "the abandoned claims were released at shutdown and redelivered well before the 150 s lease ({} of {} after {waited:?})",
+        sink.message_ids().len(),
+        ids.len()
+    );
+    assert!(waited < Duration::from_secs(60), "{waited:?}");
+    println!("hung past the grace period: exit after {took:?}, all redelivered {waited:?} after the claim");
     assert_eq!(sy.terminate(Duration::from_secs(20)).await, Some(0));
 }
 

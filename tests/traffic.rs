@@ -283,6 +283,118 @@ url = \"{}\"
     sy.shutdown().await.unwrap();
 }
 
+/// The most requests a mock had open at once, each taken as open from its arrival for `held`.
+fn peak_open(requests: &[Received], held: Duration) -> usize {
+    let mut edges: Vec<(Instant, i32)> = requests
+        .iter()
+        .flat_map(|r| [(r.at, 1), (r.at + held, -1)])
+        .collect();
+    edges.sort();
+    let mut open = 0;
+    let mut peak = 0;
+    for (_, change) in edges {
+        open += change;
+        peak = peak.max(open);
+    }
+    peak as usize
+}
+
+// Fails today (healthy p50 1.04 s, p99 1.67 s with a pool of 8 held by a 1 s destination): the
+// scheduler gives a destination every free permit up to its own limit, so a slow one holds the
+// whole pool. Run with `--ignored` once the scheduler keeps permits for the others.
+#[ignore = "the shared pool does not isolate yet: a slow destination holds every permit"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_destination_saturating_the_pool_does_not_slow_the_others() {
+    let _serial = SERIAL.lock().await;
+    let db = TestDatabase::create("pool_pressure").await;
+    const POOL: usize = 8;
+    let held = Duration::from_millis(1000);
+    let slow = MockServer::scripted(move |_, _| Reply::ok().after(held)).await;
+    let good = MockServer::start().await;
+    let config = format!(
+        "{}
+[limits]
+max_concurrent_deliveries = {POOL}
+
+[[destinations]]
+name = \"slow\"
+kind = \"webhook\"
+url = \"{}\"
+max_in_flight = 32
+timeout = \"10s\"
+
+[[destinations]]
+name = \"good\"
+kind = \"webhook\"
+url = \"{}\"
+",
+        source(),
+        slow.url("/in"),
+        good.url("/in")
+    );
+    let sy = start_switchyard(&config, &db.url).await;
+    // A backlog the slow destination cannot finish during the test: it asks for far more than
+    // the pool has, all the time.
+    backlog(sy.addr, "backlog", "E", 300).await;
+    assert!(
+        good.wait_until(Duration::from_secs(20), |s| s.events().len() == 300)
+            .await
+    );
+    let mut sent = HashMap::new();
+    let mut reported_limit = 0;
+    for round in 0..40 {
+        let batch: Vec<Value> = (0..10)
+            .map(|i| track(&format!("p-{round}-{i}"), "E", &format!("u{i}")))
+            .collect();
+        let now = Instant::now();
+        for event in &batch {
+            sent.insert(event["messageId"].as_str().unwrap().to_owned(), now);
+        }
+        send(sy.addr, &batch).await;
+        if round % 5 == 0 {
+            let state = destinations(sy.addr)
+                .await
+                .into_iter()
+                .find(|d| d["name"] == "slow")
+                .unwrap();
+            reported_limit = reported_limit.max(state["concurrency_limit"].as_u64().unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        good.wait_until(Duration::from_secs(20), |s| s.events().len() == 700)
+            .await
+    );
+    let latencies: Vec<Duration> = good
+        .received()
+        .iter()
+        .filter_map(|r| Some(r.at - *sent.get(r.json()["messageId"].as_str()?)?))
+        .collect();
+    assert_eq!(latencies.len(), 400);
+    let p50 = percentile(latencies.clone(), 0.5);
+    let p99 = percentile(latencies, 0.99);
+    let slow_requests = slow.received();
+    let peak = peak_open(&slow_requests, held);
+    println!(
+        "pool of {POOL}: slow destination peak {peak} open (AIMD limit reported {reported_limit}), {} requests; healthy p50 {p50:?}, p99 {p99:?}",
+        slow_requests.len()
+    );
+    assert!(
+        peak <= POOL && peak as u64 <= reported_limit,
+        "the slow destination had {peak} requests open; pool {POOL}, AIMD limit {reported_limit}"
+    );
+    assert!(
+        peak >= POOL - 2,
+        "the slow destination saturated the pool ({peak} of {POOL} open)"
+    );
+    // A healthy request that waited for a slow one's permit would wait up to a second.
+    assert!(
+        p99 < Duration::from_millis(500),
+        "the healthy destination's p99 is {p99:?} next to a saturated pool (p50 {p50:?})"
+    );
+    sy.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_pauses_only_that_key() {
     let _serial = SERIAL.lock().await;

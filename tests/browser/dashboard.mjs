@@ -50,12 +50,19 @@ try {
   page.setDefaultTimeout(TIMEOUT);
   const requested = [];
   page.on('request', (request) => requested.push(request.url()));
+  // Every answer >= 400 and every request that failed outright. The one expected: the refused
+  // sign-in below, a 401 (which Chromium also logs as a failed resource load).
+  const failedLoads = [];
+  page.on('response', (response) => {
+    if (response.status() >= 400) failedLoads.push(`${response.status()} ${response.request().method()} ${response.url()}`);
+  });
+  page.on('requestfailed', (request) => failedLoads.push(`failed (${request.failure()?.errorText}) ${request.method()} ${request.url()}`));
+  const resourceErrors = [];
   const consoleErrors = [];
   page.on('console', (message) => {
-    // The refused sign-in below is a 401 that Chromium reports as a failed resource load.
-    if (message.type() === 'error' && !message.text().startsWith('Failed to load resource')) {
-      consoleErrors.push(message.text());
-    }
+    if (message.type() !== 'error') return;
+    if (message.text().startsWith('Failed to load resource')) resourceErrors.push(`${message.text()} (${message.location().url})`);
+    else consoleErrors.push(message.text());
   });
   page.on('pageerror', (error) => consoleErrors.push(error.message));
 
@@ -128,6 +135,11 @@ try {
   const leaked = requested.filter((url) => url.includes(token));
   if (leaked.length > 0) throw new Error(`the token appeared in a URL: ${leaked.join(', ')}`);
   if (consoleErrors.length > 0) throw new Error(`the page logged errors: ${consoleErrors.join(' | ')}`);
+  const refusedSignIn = failedLoads.filter((load) => load.startsWith('401 '));
+  if (failedLoads.length !== 1 || refusedSignIn.length !== 1) {
+    throw new Error(`expected one failed load (the refused sign-in's 401), got: ${failedLoads.join(' | ') || 'none'}`);
+  }
+  if (resourceErrors.length !== 1) throw new Error(`expected one failed-resource console error, got: ${resourceErrors.join(' | ')}`);
 
   console.log(JSON.stringify({
     ok: true,
@@ -136,6 +148,7 @@ try {
     dead_before: deadBefore,
     replayed_id: replayedId,
     live_message_id: messageId,
+    failed_loads: failedLoads,
     screenshot,
   }));
 } finally {
