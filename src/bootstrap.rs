@@ -105,8 +105,8 @@ pub async fn resolve(explicit: Option<String>) -> anyhow::Result<Database> {
     }
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let why = format!("nothing answered at {DEFAULT_ADDR} and DATABASE_URL was not set");
-    let private = start_private_in(cwd.join(".switchyard").join("postgres"), PRIVATE_PORT, &why)
-        .await?;
+    let private =
+        start_private_in(cwd.join(".switchyard").join("postgres"), PRIVATE_PORT, &why).await?;
     wait_until_reachable(PRIVATE_DATABASE_URL, REACH_DEADLINE).await?;
     Ok(Database {
         url: PRIVATE_DATABASE_URL.to_string(),

@@ -971,8 +971,14 @@ mod tests {
             Some("wk_ok") => Ok(()),
             _ => Err(ApiError::unauthorized("unknown write key")),
         };
-        let error = parse_authorized(Endpoint::Batch, body.to_string().as_bytes(), now(), None, &refuse)
-            .unwrap_err();
+        let error = parse_authorized(
+            Endpoint::Batch,
+            body.to_string().as_bytes(),
+            now(),
+            None,
+            &refuse,
+        )
+        .unwrap_err();
         assert_eq!(error.status, StatusCode::UNAUTHORIZED);
         let single = json!({"writeKey": "wk_nope", "event": "E", "userId": "u"});
         let error = parse_authorized(

@@ -195,8 +195,7 @@ impl Reloader {
                 .unwrap_or_default()
                 + Duration::from_secs(2);
             let started = tokio::time::Instant::now();
-            while retiring.iter().any(|lane| lane.in_flight() > 0) && started.elapsed() < patience
-            {
+            while retiring.iter().any(|lane| lane.in_flight() > 0) && started.elapsed() < patience {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;

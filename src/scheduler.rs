@@ -243,6 +243,7 @@ impl Pool {
             lanes: HashMap::new(),
             order: Vec::new(),
             permits: Arc::new(Semaphore::new(max_concurrent)),
+            pool_size: max_concurrent.max(1),
             instance,
             woken,
             wake: wake.clone(),
@@ -312,6 +313,7 @@ struct Scheduler {
     /// Round-robin order of every destination.
     order: Vec<i32>,
     permits: Arc<Semaphore>,
+    pool_size: usize,
     instance: i32,
     woken: mpsc::UnboundedReceiver<Wake>,
     wake: mpsc::UnboundedSender<Wake>,
@@ -344,7 +346,14 @@ impl Scheduler {
                     queued.remove(&id);
                     continue;
                 };
-                match self.visit(&lane).await {
+                // Others with work waiting or in flight: each gets a fair share of the pool.
+                let others = ready.len()
+                    + self
+                        .lanes
+                        .values()
+                        .filter(|other| other.id != id && other.in_flight() > 0)
+                        .count();
+                match self.visit(&lane, others).await {
                     Visit::Dispatched { more } => {
                         progressed = true;
                         if more {
@@ -471,8 +480,15 @@ impl Scheduler {
     }
 
     /// Claims and starts what one destination can take now.
-    async fn visit(&self, lane: &Arc<Lane>) -> Visit {
-        let slots = lane.free_slots().min(self.permits.available_permits());
+    /// `others` is how many other destinations have work waiting or in flight: while there
+    /// are any, this one holds at most its fair share of the pool, so a slow destination that
+    /// could take every permit leaves room for the rest.
+    async fn visit(&self, lane: &Arc<Lane>, others: usize) -> Visit {
+        let share = (self.pool_size / (others + 1)).max(1);
+        let slots = lane
+            .free_slots()
+            .min(self.permits.available_permits())
+            .min(share.saturating_sub(lane.in_flight()));
         let waiting = lane.pending().len();
         // While requests are in flight, wait until a quarter of the slots are free: one claim
         // then starts several requests, instead of one query per finished request.

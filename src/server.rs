@@ -352,8 +352,7 @@ async fn ingest(
         (None, None) => Err(no_write_key()),
     };
     let client_ip = crate::browser::client_ip(peer.0, headers, &pipeline.server);
-    let parsed =
-        ingest::parse_authorized(endpoint, &body, received_at, client_ip, &authorize)?;
+    let parsed = ingest::parse_authorized(endpoint, &body, received_at, client_ip, &authorize)?;
     drop(body);
     drop(raw);
     let key = basic_key.or(parsed.write_key).ok_or_else(no_write_key)?;

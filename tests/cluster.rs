@@ -57,13 +57,21 @@ async fn every_rate_limit_key_is_served_by_workers_whatever_the_roles_and_kills(
     let _second = Process::spawn_with(BIN, &config, &db.url, &worker).await;
     assert_eq!(send(&front.base(), "a", 40).await, 200);
     let all_served = |want: usize| move |s: &MockServer| per_path(s, 6).iter().all(|n| *n >= want);
-    let served = sink.wait_until(Duration::from_secs(40), all_served(40)).await;
+    let served = sink
+        .wait_until(Duration::from_secs(40), all_served(40))
+        .await;
     assert!(served, "per key after 40 s: {:?}", per_path(&sink, 6));
 
     first.kill9();
     assert_eq!(send(&front.base(), "b", 40).await, 200);
-    let served = sink.wait_until(Duration::from_secs(40), all_served(80)).await;
-    assert!(served, "per key after a worker was killed: {:?}", per_path(&sink, 6));
+    let served = sink
+        .wait_until(Duration::from_secs(40), all_served(80))
+        .await;
+    assert!(
+        served,
+        "per key after a worker was killed: {:?}",
+        per_path(&sink, 6)
+    );
 }
 
 /// #11.12: a process whose liveness connection is cut, but which keeps running and
@@ -101,7 +109,12 @@ async fn a_cut_liveness_connection_does_not_make_a_running_process_dead() {
     unique.sort();
     unique.dedup();
     assert_eq!(unique.len(), 40, "every event delivered");
-    assert_eq!(ids.len(), 40, "nothing delivered twice: {} requests", ids.len());
+    assert_eq!(
+        ids.len(),
+        40,
+        "nothing delivered twice: {} requests",
+        ids.len()
+    );
     // Their liveness is back: the locks are held again.
     let locks = db
         .scalar(
@@ -110,5 +123,9 @@ async fn a_cut_liveness_connection_does_not_make_a_running_process_dead() {
              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         )
         .await;
-    assert_eq!(locks.as_deref(), Some("2"), "both processes hold their lock again");
+    assert_eq!(
+        locks.as_deref(),
+        Some("2"),
+        "both processes hold their lock again"
+    );
 }

@@ -36,9 +36,15 @@ async fn an_idle_destination_with_new_work_does_not_wait_for_a_busy_one() {
     let sy = start_switchyard(&config, &db.url).await;
     let base = format!("http://{}", sy.addr);
     for round in 0..4 {
-        assert_eq!(send(&base, "Load", &format!("load{round}"), 1000).await, 200);
+        assert_eq!(
+            send(&base, "Load", &format!("load{round}"), 1000).await,
+            200
+        );
     }
-    assert!(busy.wait_until(Duration::from_secs(10), |s| s.received().len() >= 50).await);
+    assert!(
+        busy.wait_until(Duration::from_secs(10), |s| s.received().len() >= 50)
+            .await
+    );
     let mut waits = Vec::new();
     for i in 0..5 {
         let before = idle.received().len();
@@ -51,8 +57,14 @@ async fn an_idle_destination_with_new_work_does_not_wait_for_a_busy_one() {
         waits.push(sent.elapsed());
     }
     let still_busy = busy.received().len() < 4000;
-    assert!(still_busy, "the busy destination must still have a backlog for this to mean anything");
+    assert!(
+        still_busy,
+        "the busy destination must still have a backlog for this to mean anything"
+    );
     let worst = waits.iter().max().copied().unwrap_or_default();
-    assert!(worst < Duration::from_millis(800), "the idle destination waited {waits:?}");
+    assert!(
+        worst < Duration::from_millis(800),
+        "the idle destination waited {waits:?}"
+    );
     sy.shutdown().await.unwrap();
 }

@@ -194,7 +194,10 @@ async fn a_very_long_user_id_on_a_per_user_destination_is_accepted_and_delivered
         json!({"type": "track", "event": "E", "userId": long, "messageId": "long-1"}),
         json!({"type": "track", "event": "E", "userId": "short", "messageId": "short-1"}),
     ];
-    assert_eq!(post_batch(&format!("http://{}", sy.addr), &batch).await, 200);
+    assert_eq!(
+        post_batch(&format!("http://{}", sy.addr), &batch).await,
+        200
+    );
     assert!(
         sink.wait_until(Duration::from_secs(10), |s| s.events().len() == 2)
             .await
@@ -210,7 +213,10 @@ async fn a_nul_byte_in_an_error_body_still_makes_a_dead_letter() {
     let sink = MockServer::scripted(|_, _| Reply::status(400).with_body("bad\u{0}input")).await;
     let sy = start_switchyard(&hook_config(&sink, ""), &db.url).await;
     let batch = vec![json!({"type": "track", "event": "E", "userId": "u", "messageId": "nul-1"})];
-    assert_eq!(post_batch(&format!("http://{}", sy.addr), &batch).await, 200);
+    assert_eq!(
+        post_batch(&format!("http://{}", sy.addr), &batch).await,
+        200
+    );
     let mut dead = None;
     for _ in 0..100 {
         dead = db
@@ -281,7 +287,10 @@ async fn a_late_outcome_never_overwrites_a_newer_claim() {
         status: Some(400),
         error: "late".into(),
     };
-    assert_eq!(store.finish(1, &[outcome(&first[0], dead)]).await.unwrap(), 0);
+    assert_eq!(
+        store.finish(1, &[outcome(&first[0], dead)]).await.unwrap(),
+        0
+    );
     assert_eq!(
         store
             .finish(2, &[outcome(&second[0], Fate::Delivered)])
@@ -289,8 +298,18 @@ async fn a_late_outcome_never_overwrites_a_newer_claim() {
             .unwrap(),
         1
     );
-    assert_eq!(db.scalar("SELECT count(*)::text FROM dead_letters").await.as_deref(), Some("0"));
-    assert_eq!(db.scalar("SELECT count(*)::text FROM jobs").await.as_deref(), Some("0"));
+    assert_eq!(
+        db.scalar("SELECT count(*)::text FROM dead_letters")
+            .await
+            .as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*)::text FROM jobs")
+            .await
+            .as_deref(),
+        Some("0")
+    );
 }
 
 /// #11.7: partition DDL never makes ingest wait behind a reader holding a lock (a `pg_dump`,
@@ -314,7 +333,10 @@ async fn upkeep_behind_a_locking_reader_neither_waits_nor_stalls_ingest() {
     .unwrap();
     // A reader holds a lock on the archive, as pg_dump does.
     sqlx::query("BEGIN").execute(&mut reader).await.unwrap();
-    sqlx::query("SELECT count(*) FROM events").execute(&mut reader).await.unwrap();
+    sqlx::query("SELECT count(*) FROM events")
+        .execute(&mut reader)
+        .await
+        .unwrap();
     let upkeep = {
         let store = store.clone();
         tokio::spawn(async move {
@@ -326,9 +348,15 @@ async fn upkeep_behind_a_locking_reader_neither_waits_nor_stalls_ingest() {
     let base = format!("http://{}", sy.addr);
     for i in 0..20 {
         let started = std::time::Instant::now();
-        let batch = vec![json!({"type": "track", "event": "E", "userId": "u", "messageId": format!("d-{i}")})];
+        let batch = vec![
+            json!({"type": "track", "event": "E", "userId": "u", "messageId": format!("d-{i}")}),
+        ];
         assert_eq!(post_batch(&base, &batch).await, 200);
-        assert!(started.elapsed() < Duration::from_secs(1), "ingest waited {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "ingest waited {:?}",
+            started.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (took, report) = upkeep.await.unwrap();
@@ -360,7 +388,10 @@ async fn work_of_a_destination_removed_between_runs_is_dead_lettered_at_start() 
         .map(|i| json!({"type": "track", "event": "E", "userId": "u", "messageId": format!("g-{i}")}))
         .collect();
     assert_eq!(post_batch(&base, &batch).await, 200);
-    assert!(down.wait_until(Duration::from_secs(10), |s| s.received().len() >= 40).await);
+    assert!(
+        down.wait_until(Duration::from_secs(10), |s| s.received().len() >= 40)
+            .await
+    );
     sy.shutdown().await.unwrap();
 
     let only_hook = format!("{}\n[limits]\nmax_queued = 100\n", hook_config(&sink, ""));
@@ -423,7 +454,13 @@ async fn a_long_outage_keeps_the_partition_count_bounded() {
             .collect();
         assert_eq!(post_batch(&base, &batch).await, 200);
         sent += 20;
-        counts.push(db.scalar(count_partitions).await.unwrap().parse::<usize>().unwrap());
+        counts.push(
+            db.scalar(count_partitions)
+                .await
+                .unwrap()
+                .parse::<usize>()
+                .unwrap(),
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     assert!(
@@ -439,6 +476,9 @@ async fn a_long_outage_keeps_the_partition_count_bounded() {
             ids.len() == sent
         })
         .await;
-    assert!(drained, "the backlog of {sent} events drains once the vendor is back");
+    assert!(
+        drained,
+        "the backlog of {sent} events drains once the vendor is back"
+    );
     sy.shutdown().await.unwrap();
 }

@@ -147,7 +147,10 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
     let mut broken = Vec::new();
     for (minute, r) in rates.iter().enumerate() {
         if (r - rate).abs() > rate * 0.10 {
-            broken.push(format!("minute {}: {r:.0}/s is not within 10% of {rate:.0}/s", minute + 1));
+            broken.push(format!(
+                "minute {}: {r:.0}/s is not within 10% of {rate:.0}/s",
+                minute + 1
+            ));
         }
     }
     for (minute, p99) in p99s.iter().enumerate() {
@@ -157,7 +160,10 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
     }
     for (minute, backlog) in backlogs.iter().enumerate() {
         if *backlog > rate * 5.0 {
-            broken.push(format!("minute {}: {backlog:.0} events behind (over 5 s of load)", minute + 1));
+            broken.push(format!(
+                "minute {}: {backlog:.0} events behind (over 5 s of load)",
+                minute + 1
+            ));
         }
     }
     let growth = |sizes: &[f64]| match (sizes.first(), sizes.last()) {
