@@ -114,6 +114,14 @@ impl SourceDirectory {
         self.by_key.get(&digest(write_key))
     }
 
+    /// A source's id by its name.
+    pub fn id_of(&self, name: &str) -> Option<i32> {
+        self.by_key
+            .values()
+            .find(|source| source.name == name)
+            .map(|source| source.id)
+    }
+
     /// Whether some source allows this browser origin (a preflight names no source).
     pub fn any_allows(&self, origin: &str) -> bool {
         self.by_key
@@ -145,7 +153,7 @@ pub struct Route {
 }
 
 impl Route {
-    fn accepts(&self, source_id: i32, message: &Message) -> bool {
+    pub fn accepts(&self, source_id: i32, message: &Message) -> bool {
         if let Some(sources) = &self.sources {
             if !sources.contains(&source_id) {
                 return false;
@@ -198,6 +206,29 @@ pub struct Message {
     pub event: Option<String>,
     pub integrations: Option<Map<String, Value>>,
     pub payload: Vec<u8>,
+}
+
+impl Message {
+    /// A message as stored (enriched JSON), read back for a replay's routing. `None` when the
+    /// payload is not a message (it never is: ingest wrote it).
+    pub fn from_stored(payload: &[u8]) -> Option<Message> {
+        let value: Value = serde_json::from_slice(payload).ok()?;
+        let object = value.as_object()?;
+        let text = |key: &str| object.get(key).and_then(Value::as_str).map(str::to_owned);
+        Some(Message {
+            call: CallType::parse(object.get("type")?.as_str()?)?,
+            message_id: text("messageId").unwrap_or_default(),
+            user_key: text("userId")
+                .or_else(|| text("anonymousId"))
+                .unwrap_or_default(),
+            event: text("event"),
+            integrations: object
+                .get("integrations")
+                .and_then(Value::as_object)
+                .cloned(),
+            payload: Vec::new(),
+        })
+    }
 }
 
 /// The result of parsing a request body.
@@ -686,6 +717,13 @@ pub struct Routes {
 impl Routes {
     pub fn new(routes: Vec<Route>) -> Routes {
         Routes { routes }
+    }
+
+    /// The route to one destination, if it is configured and enabled.
+    pub fn route(&self, destination_id: i32) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|route| route.destination_id == destination_id)
     }
 
     /// The destinations that get `message` from `source_id`.

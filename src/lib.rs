@@ -15,6 +15,7 @@
 //! and [`browser`] adds what websites and apps need: the analytics.js settings, CORS per source
 //! and the client's address.
 
+pub mod archive;
 pub mod backpressure;
 pub mod balance;
 pub mod bootstrap;
@@ -35,6 +36,7 @@ pub mod live;
 pub mod openapi;
 pub mod pipeline;
 pub mod redact;
+pub mod replay;
 pub mod scheduler;
 pub mod sender;
 pub mod series;

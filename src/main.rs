@@ -54,12 +54,60 @@ enum Command {
         #[arg(value_name = "PATH")]
         path: Option<PathBuf>,
     },
+    /// Replay archived events received in [--from, --to) to one destination (a running
+    /// `switchyard serve` on the same database delivers them; follow with --wait).
+    Replay {
+        /// The destination to deliver to.
+        #[arg(long)]
+        destination: String,
+        /// Start of the range (RFC 3339), inclusive.
+        #[arg(long)]
+        from: String,
+        /// End of the range (RFC 3339), exclusive.
+        #[arg(long)]
+        to: String,
+        /// Only events of these sources (repeatable; default: every source).
+        #[arg(long = "source")]
+        sources: Vec<String>,
+        /// Print progress until the replay is done.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+    },
+    /// The event archive.
+    Archive {
+        #[command(subcommand)]
+        command: ArchiveCommand,
+    },
     /// A self-contained tour: a demo config, a local sink, sample events, then what arrived.
     Demo {
         /// Keep serving after the tour until Ctrl-C (to open the dashboard).
         #[arg(long)]
         keep: bool,
         /// The PostgreSQL server to make the throwaway database on.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ArchiveCommand {
+    /// Write archived events received in [--from, --to) as NDJSON (gzip when the output file
+    /// ends in .gz), oldest first, to --output or stdout.
+    Export {
+        /// Start of the range (RFC 3339), inclusive.
+        #[arg(long)]
+        from: String,
+        /// End of the range (RFC 3339), exclusive.
+        #[arg(long)]
+        to: String,
+        /// Only events of these sources (repeatable; default: every source).
+        #[arg(long = "source")]
+        sources: Vec<String>,
+        /// The file to write (default: stdout).
+        #[arg(long)]
+        output: Option<PathBuf>,
         #[arg(long, env = "DATABASE_URL")]
         database_url: Option<String>,
     },
@@ -126,6 +174,60 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 keep_running: keep,
             })
             .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay {
+            destination,
+            from,
+            to,
+            sources,
+            wait,
+            database_url,
+        } => {
+            let store = open_store(database_url).await?;
+            let range = (rfc3339(&from, "--from")?, rfc3339(&to, "--to")?);
+            anyhow::ensure!(range.0 < range.1, "--from must be before --to");
+            let destination_id = store
+                .destination_id(&destination)
+                .await?
+                .with_context(|| format!("no destination `{destination}` in this database"))?;
+            let sources = source_ids(&store, &sources).await?;
+            let replay = store
+                .create_replay(destination_id, range.0, range.1, sources.as_deref())
+                .await?;
+            println!(
+                "{}",
+                serde_json::json!({ "id": replay.id, "events": replay.events })
+            );
+            while wait {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(now) = store.replay(replay.id).await? else {
+                    break;
+                };
+                println!("{}", switchyard::server::replay_json(&now));
+                if matches!(now.state.as_str(), "done" | "cancelled") {
+                    break;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Archive {
+            command:
+                ArchiveCommand::Export {
+                    from,
+                    to,
+                    sources,
+                    output,
+                    database_url,
+                },
+        } => {
+            let store = open_store(database_url).await?;
+            let range = (rfc3339(&from, "--from")?, rfc3339(&to, "--to")?);
+            let sources = source_ids(&store, &sources).await?;
+            let written =
+                switchyard::archive::export(&store, range, sources.as_deref(), output.as_deref())
+                    .await?;
+            eprintln!("exported {written} events");
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate { database_url } => {
@@ -221,4 +323,32 @@ fn init_logging(format: LogFormat, default_level: &str) {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// The store of `database_url` (or the default database), migrated.
+async fn open_store(database_url: Option<String>) -> anyhow::Result<Store> {
+    let database = bootstrap::resolve(database_url).await?;
+    let store = Store::connect(&database.url, 2).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+fn rfc3339(text: &str, flag: &str) -> anyhow::Result<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("{flag} `{text}` is not an RFC 3339 time (2026-11-01T00:00:00Z)"))
+}
+
+async fn source_ids(store: &Store, names: &[String]) -> anyhow::Result<Option<Vec<i32>>> {
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let mut ids = Vec::with_capacity(names.len());
+    for name in names {
+        let id = store
+            .source_id(name)
+            .await?
+            .with_context(|| format!("no source `{name}` in this database"))?;
+        ids.push(id);
+    }
+    Ok(Some(ids))
 }

@@ -514,23 +514,32 @@ impl Scheduler {
             let run_size = Lane::run_size(&lane.config);
             let limit = (requests * batch).div_ceil(run_size).max(1);
             let ordered = lane.config.ordering == config::Ordering::PerUser;
-            let runs = match self
-                .store
-                .claim(
-                    lane.id,
-                    limit,
-                    lane.lease(limit * run_size),
-                    self.instance,
-                    ordered,
-                )
-                .await
-            {
+            let lease = lane.lease(limit * run_size);
+            let claim = |lane_kind: store::Lane, limit: usize| {
+                self.store
+                    .claim(lane.id, limit, lease, self.instance, ordered, lane_kind)
+            };
+            let mut runs = match claim(store::Lane::Live, limit).await {
                 Ok(runs) => runs,
                 Err(error) => {
                     tracing::warn!(%error, destination = %lane.config.name, "claiming work failed");
                     return Visit::Failed;
                 }
             };
+            // Replays yield to live traffic: their runs are claimed only when no live run is
+            // due, and for at most half of what could start, so live events arriving meanwhile
+            // find room at once.
+            let mut limit = limit;
+            if runs.is_empty() {
+                limit = limit.div_ceil(2);
+                runs = match claim(store::Lane::Replay, limit).await {
+                    Ok(runs) => runs,
+                    Err(error) => {
+                        tracing::warn!(%error, destination = %lane.config.name, "claiming replay work failed");
+                        return Visit::Failed;
+                    }
+                };
+            }
             if runs.is_empty() {
                 return Visit::Idle;
             }

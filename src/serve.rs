@@ -218,6 +218,14 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         lanes.clone(),
         stop.clone(),
     ));
+    // Processes that deliver also select replay work from the archive.
+    let replays = delivers.then(|| {
+        tokio::spawn(crate::replay::run(
+            store.clone(),
+            state.pipeline.clone(),
+            stop.clone(),
+        ))
+    });
     let app = server::router(state.clone(), roles);
     let grace = settings.grace;
     let done = tokio::spawn({
@@ -245,6 +253,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             }
             maintenance.abort();
             counting.abort();
+            if let Some(replays) = replays {
+                replays.abort();
+            }
             match store.release_owned(instance_id).await {
                 Ok(0) => {}
                 Ok(released) => tracing::info!(released, "released unfinished claims"),

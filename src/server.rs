@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -179,6 +179,11 @@ fn admin_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ("/admin/v1/dead-letters/replay", post(replay)),
         ("/admin/v1/reload", post(reload)),
         ("/admin/v1/live", get(live)),
+        ("/admin/v1/replays", post(start_replay).get(list_replays)),
+        (
+            "/admin/v1/replays/{id}",
+            get(show_replay).delete(cancel_replay),
+        ),
     ]
 }
 
@@ -637,7 +642,7 @@ async fn replay(
         .transpose()?;
     let requeued = state
         .store
-        .replay(
+        .requeue_dead_letters(
             lane.id,
             ids.as_deref(),
             lane.config.ordering == crate::config::Ordering::PerUser,
@@ -673,6 +678,135 @@ async fn live(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(query_error)?;
     Ok(state.live.sse(query.source))
+}
+
+/// `POST /admin/v1/replays`: `{"destination", "from", "to", "sources"?}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayArchiveRequest {
+    destination: String,
+    #[serde(with = "time::serde::rfc3339")]
+    from: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    to: OffsetDateTime,
+    sources: Option<Vec<String>>,
+}
+
+async fn start_replay(
+    State(state): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let request: ReplayArchiveRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!(
+                "expected {{\"destination\", \"from\", \"to\", \"sources\"?}} with RFC 3339 times: {e}"
+            ),
+        )
+    })?;
+    if request.from >= request.to {
+        return Err(ApiError::bad_request(
+            "invalid_range",
+            "`from` must be before `to`",
+        ));
+    }
+    let pipeline = state.pipeline.load();
+    let destination_id = *pipeline
+        .destination_ids
+        .get(&request.destination)
+        .ok_or_else(|| ApiError::not_found(format!("no destination `{}`", request.destination)))?;
+    let sources = match &request.sources {
+        None => None,
+        Some(names) => {
+            let mut ids = Vec::with_capacity(names.len());
+            for name in names {
+                let id = pipeline
+                    .sources
+                    .id_of(name)
+                    .ok_or_else(|| ApiError::not_found(format!("no source `{name}`")))?;
+                ids.push(id);
+            }
+            Some(ids)
+        }
+    };
+    let replay = state
+        .store
+        .create_replay(destination_id, request.from, request.to, sources.as_deref())
+        .await
+        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": replay.id, "events": replay.events })),
+    ))
+}
+
+async fn list_replays(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let replays = state
+        .store
+        .replays(None)
+        .await
+        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+    Ok(Json(json!({
+        "replays": replays.iter().map(replay_json).collect::<Vec<_>>()
+    })))
+}
+
+async fn show_replay(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = replay_id(&id)?;
+    let replay = state
+        .store
+        .replay(id)
+        .await
+        .map_err(|_| ApiError::unavailable("the database is unavailable"))?
+        .ok_or_else(|| ApiError::not_found(format!("no replay {id}")))?;
+    Ok(Json(replay_json(&replay)))
+}
+
+async fn cancel_replay(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = replay_id(&id)?;
+    let found = state
+        .store
+        .cancel_replay(id)
+        .await
+        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+    if !found {
+        return Err(ApiError::not_found(format!("no replay {id}")));
+    }
+    let replay = state
+        .store
+        .replay(id)
+        .await
+        .map_err(|_| ApiError::unavailable("the database is unavailable"))?
+        .ok_or_else(|| ApiError::not_found(format!("no replay {id}")))?;
+    Ok(Json(replay_json(&replay)))
+}
+
+fn replay_id(text: &str) -> Result<i64, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::bad_request("invalid_id", "a replay id is a whole number"))
+}
+
+/// A replay as the admin API shows it.
+pub fn replay_json(replay: &crate::store::Replay) -> Value {
+    json!({
+        "id": replay.id,
+        "destination": replay.destination,
+        "state": replay.state,
+        "from": ingest::format_time(replay.from_at),
+        "to": ingest::format_time(replay.to_at),
+        "events": replay.events,
+        "selected": replay.selected,
+        "delivered": replay.delivered,
+        "failed": replay.failed,
+        "created_at": ingest::format_time(replay.created_at),
+        "finished_at": replay.finished_at.map(ingest::format_time),
+    })
 }
 
 fn integral(number: &serde_json::Number) -> Option<i64> {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use sqlx::Connection;
-use switchyard::store::{today, Fate, NameTable, NewEvent, RunOutcome, Store, Target};
+use switchyard::store::{today, Fate, Lane, NameTable, NewEvent, RunOutcome, Store, Target};
 use switchyard::testkit::{start_switchyard, MockServer, Reply, TestDatabase};
 
 async fn partitions(db: &TestDatabase, parent: &str) -> Vec<String> {
@@ -265,12 +265,19 @@ async fn a_late_outcome_never_overwrites_a_newer_claim() {
     store.insert_events(&[event], true).await.unwrap();
     // Owner 1 claims with a lease that runs out at once; owner 2 claims again.
     let first = store
-        .claim(destination, 10, Duration::ZERO, 1, false)
+        .claim(destination, 10, Duration::ZERO, 1, false, Lane::Live)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     let second = store
-        .claim(destination, 10, Duration::from_secs(60), 2, false)
+        .claim(
+            destination,
+            10,
+            Duration::from_secs(60),
+            2,
+            false,
+            Lane::Live,
+        )
         .await
         .unwrap();
     assert_eq!((first.len(), second.len()), (1, 1));

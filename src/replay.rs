@@ -1,0 +1,98 @@
+//! Replays: archived events delivered again to one destination, in bounded memory.
+//!
+//! A replay is a row in Postgres with a cursor. Each serving process runs [`run`], which pages
+//! through the archive from the cursor (a few thousand events at a time), keeps the events the
+//! destination's route accepts (its `sources`, `events`, `integrations`), cuts them into runs
+//! marked with the replay's id, and moves the cursor in the same transaction, so a restart
+//! resumes where it was and two processes never queue a page twice. It stays a bounded amount
+//! ahead of delivery, so a replay of millions of events holds only a page in memory and a few
+//! thousand runs in the queue. Delivery is the scheduler's: replay runs have a lane of their own
+//! that yields to live traffic and spends the destination's rate limit like live work.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use crate::ingest::{Message, Route};
+use crate::pipeline::Pipeline;
+use crate::store::{self, ArchivedEvent, Replay, ReplayStep, Store};
+
+/// Archived events read per step.
+const PAGE: i64 = 5_000;
+/// Events a replay may have queued and unfinished before it selects more.
+const AHEAD: i64 = 20_000;
+/// How often replays are looked at when none has anything to do.
+const IDLE: Duration = Duration::from_millis(250);
+
+/// Selects the next pages of every replay until `stop`.
+pub async fn run(store: Store, pipeline: Arc<ArcSwap<Pipeline>>, stop: CancellationToken) {
+    loop {
+        let busy = match step_all(&store, &pipeline).await {
+            Ok(busy) => busy,
+            Err(error) => {
+                tracing::warn!(%error, "selecting replay work failed; retrying");
+                false
+            }
+        };
+        let pause = if busy { Duration::ZERO } else { IDLE };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// One step of every replay still selecting; true when any queued something.
+async fn step_all(store: &Store, pipeline: &ArcSwap<Pipeline>) -> store::Result<bool> {
+    store.finish_replays().await?;
+    let mut busy = false;
+    for replay in store.selecting_replays().await? {
+        let pipeline = pipeline.load();
+        // A destination that is not configured (or disabled) now waits; its replay resumes
+        // when it is back.
+        let Some(route) = pipeline.routes.route(replay.destination_id) else {
+            continue;
+        };
+        if store.replay_backlog(replay.id).await? >= AHEAD {
+            continue;
+        }
+        let page = store.replay_page(&replay, PAGE).await?;
+        let step = plan(&replay, route, &page);
+        store.queue_replay_step(&replay, &step).await?;
+        busy |= !page.is_empty();
+    }
+    Ok(busy)
+}
+
+/// The runs one page makes for a replay's destination, and where the cursor goes next.
+pub fn plan(replay: &Replay, route: &Route, page: &[ArchivedEvent]) -> ReplayStep {
+    let done = (page.len() as i64) < PAGE;
+    let cursor = page
+        .last()
+        .map_or((replay.cursor_day, replay.cursor_id), |e| (e.day, e.id));
+    let mut runs: Vec<(i32, i32, Vec<i64>, Option<i64>)> = Vec::new();
+    let mut open: HashMap<(i32, i32, Option<i64>), usize> = HashMap::new();
+    for event in page {
+        let Some(message) = Message::from_stored(&event.payload) else {
+            continue;
+        };
+        if !route.accepts(event.source_id, &message) {
+            continue;
+        }
+        let user = route.ordered.then_some(event.order_key);
+        let key = (event.day, event.source_id, user);
+        match open.get(&key) {
+            Some(&index) if runs[index].2.len() < route.run_size.clamp(1, store::MAX_RUN) => {
+                runs[index].2.push(event.id);
+            }
+            _ => {
+                open.insert(key, runs.len());
+                runs.push((event.day, event.source_id, vec![event.id], user));
+            }
+        }
+    }
+    ReplayStep { runs, cursor, done }
+}

@@ -1,0 +1,350 @@
+//! Replays of the archive: history delivered to a destination added later, its filters
+//! honored, cancelled, resumed after a restart, and exported as NDJSON.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use switchyard::testkit::{
+    start_switchyard_from, MockServer, Process, Reply, TestDatabase, ADMIN_TOKEN,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+const KEY: &str = "wk_replay";
+
+fn destination(name: &str, url: &str, extra: &str) -> String {
+    format!("\n[[destinations]]\nname = \"{name}\"\nkind = \"webhook\"\nurl = \"{url}\"\n{extra}\n")
+}
+
+fn config(destinations: &[String]) -> String {
+    format!(
+        "[[sources]]\nname = \"web\"\nwrite_key = \"{KEY}\"\n{}",
+        destinations.concat()
+    )
+}
+
+/// Sends `count` track events named `event`, ids `{prefix}-{i}`, in batches of 100.
+async fn send(base: &str, prefix: &str, event: &str, count: usize) {
+    for chunk in (0..count).collect::<Vec<_>>().chunks(100) {
+        let batch: Vec<Value> = chunk
+            .iter()
+            .map(|i| json!({"type": "track", "event": event, "userId": format!("u{i}"), "messageId": format!("{prefix}-{i}")}))
+            .collect();
+        let response = reqwest::Client::new()
+            .post(format!("{base}/v1/batch"))
+            .basic_auth(KEY, Some(""))
+            .json(&json!({ "batch": batch }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+}
+
+async fn admin(
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(ADMIN_TOKEN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn unique(ids: &[String]) -> HashSet<String> {
+    ids.iter().cloned().collect()
+}
+
+/// A range around now that holds everything sent in the test.
+fn around_now() -> (String, String) {
+    let now = time::OffsetDateTime::now_utc();
+    let format = &time::format_description::well_known::Rfc3339;
+    (
+        (now - time::Duration::hours(1)).format(format).unwrap(),
+        (now + time::Duration::hours(1)).format(format).unwrap(),
+    )
+}
+
+async fn wait_state(base: &str, id: i64, state: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        let (_, body) = admin(
+            base,
+            reqwest::Method::GET,
+            &format!("/admin/v1/replays/{id}"),
+            None,
+        )
+        .await;
+        if body["state"] == state {
+            return body;
+        }
+        last = body;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("replay {id} never reached {state}: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_added_later_gets_the_archived_history_and_only_what_its_filters_take() {
+    let db = TestDatabase::create("replay_added").await;
+    let first = MockServer::start().await;
+    let later = MockServer::start().await;
+    let dir = std::env::temp_dir().join(format!("sy-replay-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("switchyard.toml");
+    std::fs::write(
+        &path,
+        config(&[destination("first", &first.url("/in"), "")]),
+    )
+    .unwrap();
+    let sy = start_switchyard_from(&path, &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    send(&base, "keep", "Keep", 300).await;
+    send(&base, "drop", "Drop", 200).await;
+    assert!(
+        first
+            .wait_until(Duration::from_secs(20), |s| s.events().len() >= 500)
+            .await
+    );
+
+    // A destination added today, which takes only `Keep` events.
+    std::fs::write(
+        &path,
+        config(&[
+            destination("first", &first.url("/in"), ""),
+            destination("later", &later.url("/in"), "events = [\"Keep\"]"),
+        ]),
+    )
+    .unwrap();
+    let (status, body) = admin(&base, reqwest::Method::POST, "/admin/v1/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let (from, to) = around_now();
+    let (status, body) = admin(
+        &base,
+        reqwest::Method::POST,
+        "/admin/v1/replays",
+        Some(json!({"destination": "later", "from": from, "to": to})),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["events"], 500, "every archived event in range: {body}");
+    let id = body["id"].as_i64().unwrap();
+
+    let done = wait_state(&base, id, "done").await;
+    assert_eq!(
+        done["events"], 300,
+        "the filter selected the Keep events: {done}"
+    );
+    assert_eq!(done["delivered"], 300, "{done}");
+    assert_eq!(done["failed"], 0, "{done}");
+    let got = later.message_ids();
+    assert_eq!(got.len(), 300, "each once");
+    assert!(got.iter().all(|id| id.starts_with("keep-")));
+    assert_eq!(unique(&got).len(), 300);
+    // The other destination got nothing twice.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(first.message_ids().len(), 500);
+
+    let (status, list) = admin(&base, reqwest::Method::GET, "/admin/v1/replays", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(list["replays"][0]["id"], id);
+    let (status, _) = admin(
+        &base,
+        reqwest::Method::GET,
+        "/admin/v1/replays/999999",
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, body) = admin(
+        &base,
+        reqwest::Method::POST,
+        "/admin/v1/replays",
+        Some(json!({"destination": "nope", "from": from, "to": to})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str().is_some()),
+        (404, true),
+        "{body}"
+    );
+    let (status, body) = admin(
+        &base,
+        reqwest::Method::POST,
+        "/admin/v1/replays",
+        Some(json!({"destination": "later", "from": to, "to": from})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    sy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_replay_stops_delivering() {
+    let db = TestDatabase::create("replay_cancel").await;
+    let slow = MockServer::scripted(|_, _| Reply::ok().after(Duration::from_millis(100))).await;
+    let dir = std::env::temp_dir().join(format!("sy-replay-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("switchyard.toml");
+    // Not receiving from any source: only replays reach it.
+    std::fs::write(
+        &path,
+        config(&[destination(
+            "slow",
+            &slow.url("/in"),
+            "max_in_flight = 1\nevents = [\"Never\"]",
+        )]),
+    )
+    .unwrap();
+    let sy = start_switchyard_from(&path, &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    send(&base, "c", "E", 300).await;
+    std::fs::write(
+        &path,
+        config(&[destination("slow", &slow.url("/in"), "max_in_flight = 1")]),
+    )
+    .unwrap();
+    admin(&base, reqwest::Method::POST, "/admin/v1/reload", None).await;
+    let (from, to) = around_now();
+    let (_, body) = admin(
+        &base,
+        reqwest::Method::POST,
+        "/admin/v1/replays",
+        Some(json!({"destination": "slow", "from": from, "to": to})),
+    )
+    .await;
+    let id = body["id"].as_i64().unwrap();
+    assert!(
+        slow.wait_until(Duration::from_secs(20), |s| s.received().len() >= 10)
+            .await
+    );
+    let (status, body) = admin(
+        &base,
+        reqwest::Method::DELETE,
+        &format!("/admin/v1/replays/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (200, Some("cancelled")),
+        "{body}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let settled = slow.received().len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        slow.received().len(),
+        settled,
+        "nothing more after the cancel settled"
+    );
+    assert!(
+        settled < 300,
+        "{settled} of 300 delivered before the cancel took"
+    );
+    sy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_resumes_after_a_restart_and_the_archive_exports_as_ndjson() {
+    let db = TestDatabase::create("replay_restart").await;
+    let sink = MockServer::scripted(|_, _| Reply::ok().after(Duration::from_millis(20))).await;
+    let config = config(&[destination(
+        "hook",
+        &sink.url("/in"),
+        "max_in_flight = 2\nevents = [\"Other\"]",
+    )]);
+    let mut sy = Process::spawn(BIN, &config, &db.url).await;
+    send(&sy.base(), "r", "E", 400).await;
+    // Live, the destination took none of them (its `events` filter); now it takes all.
+    std::fs::write(sy.config_path(), config.replace("events = [\"Other\"]", "")).unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &sy.pid().to_string()])
+        .status();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(sink.received().is_empty());
+    let (from, to) = around_now();
+    // The CLI records the replay; the running process delivers it.
+    let output = std::process::Command::new(BIN)
+        .args([
+            "replay",
+            "--destination",
+            "hook",
+            "--from",
+            &from,
+            "--to",
+            &to,
+        ])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed["events"], 400, "{printed}");
+    assert!(
+        sink.wait_until(Duration::from_secs(30), |s| s.received().len() >= 100)
+            .await
+    );
+    assert_eq!(sy.terminate(Duration::from_secs(20)).await, Some(0));
+    let before = sink.message_ids().len();
+    assert!(
+        before < 400,
+        "the restart came mid-replay ({before} of 400)"
+    );
+    sy.restart().await;
+    assert!(
+        sink.wait_until(Duration::from_secs(60), |s| unique(&s.message_ids()).len()
+            == 400)
+            .await,
+        "the replay resumed: {} of 400",
+        unique(&sink.message_ids()).len()
+    );
+
+    // The export round-trips: every archived event, once, as it was stored.
+    let file = std::env::temp_dir().join(format!(
+        "sy-export-{}.ndjson.gz",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let output = std::process::Command::new(BIN)
+        .args([
+            "archive", "export", "--from", &from, "--to", &to, "--source", "web", "--output",
+        ])
+        .arg(&file)
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&file).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    let exported: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: HashSet<String> = exported
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!((exported.len(), ids.len()), (400, 400));
+    assert!(exported
+        .iter()
+        .all(|e| e["event"] == "E" && e.get("writeKey").is_none()));
+    let _ = std::fs::remove_file(&file);
+}
