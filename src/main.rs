@@ -199,14 +199,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "{}",
                 serde_json::json!({ "id": replay.id, "events": replay.events })
             );
-            while wait {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let Some(now) = store.replay(replay.id).await? else {
-                    break;
-                };
-                println!("{}", switchyard::server::replay_json(&now));
-                if matches!(now.state.as_str(), "done" | "cancelled") {
-                    break;
+            if wait {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let Some(now) = store.replay(replay.id).await? else {
+                        break;
+                    };
+                    println!("{}", switchyard::server::replay_json(&now));
+                    if matches!(now.state.as_str(), "done" | "cancelled") {
+                        break;
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)
