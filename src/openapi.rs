@@ -74,6 +74,10 @@ pub async fn serve() -> Response {
         routes::destinations,
         routes::dead_letters,
         routes::replay,
+        routes::start_replay,
+        routes::list_replays,
+        routes::show_replay,
+        routes::cancel_replay,
         routes::live,
         routes::reload,
         routes::dashboard,
@@ -83,6 +87,10 @@ pub async fn serve() -> Response {
         routes::openapi_json,
     ),
     components(schemas(
+        ArchiveReplayRequest,
+        ArchiveReplayStarted,
+        ArchiveReplay,
+        ArchiveReplays,
         Identity,
         CommonFields,
         TrackMessage,
@@ -429,6 +437,71 @@ mod routes {
         security(("adminToken" = [])),
     )]
     pub fn replay() {}
+
+    /// Replay archived events received in `[from, to)` (of `sources`, or every source) to one
+    /// destination: every event its filters take is delivered to it alone, on a lane that
+    /// yields to live traffic, under its rate limit, retries and dead letters. Events are sent
+    /// with their original `messageId`, so a vendor that dedupes drops what it already has.
+    #[utoipa::path(
+        post,
+        path = "/admin/v1/replays",
+        tag = "admin",
+        request_body(content = ArchiveReplayRequest, content_type = "application/json"),
+        responses(
+            (status = 202, description = "Recorded; delivery has begun", body = ArchiveReplayStarted),
+            (status = 400, description = "The body is not a replay request", body = Failure),
+            (status = 404, description = "No such destination or source", body = Failure),
+            AdminErrors,
+        ),
+        security(("adminToken" = [])),
+    )]
+    pub fn start_replay() {}
+
+    /// Every replay, newest first.
+    #[utoipa::path(
+        get,
+        path = "/admin/v1/replays",
+        tag = "admin",
+        responses(
+            (status = 200, description = "The replays", body = ArchiveReplays),
+            AdminErrors,
+        ),
+        security(("adminToken" = [])),
+    )]
+    pub fn list_replays() {}
+
+    /// One replay's progress.
+    #[utoipa::path(
+        get,
+        path = "/admin/v1/replays/{id}",
+        tag = "admin",
+        params(("id" = i64, Path, description = "The replay's id")),
+        responses(
+            (status = 200, description = "The replay", body = ArchiveReplay),
+            (status = 400, description = "The id is not a number", body = Failure),
+            (status = 404, description = "No such replay", body = Failure),
+            AdminErrors,
+        ),
+        security(("adminToken" = [])),
+    )]
+    pub fn show_replay() {}
+
+    /// Cancel a replay: nothing more is selected, and its queued events not in flight are
+    /// dropped.
+    #[utoipa::path(
+        delete,
+        path = "/admin/v1/replays/{id}",
+        tag = "admin",
+        params(("id" = i64, Path, description = "The replay's id")),
+        responses(
+            (status = 200, description = "The replay, cancelled", body = ArchiveReplay),
+            (status = 400, description = "The id is not a number", body = Failure),
+            (status = 404, description = "No such replay", body = Failure),
+            AdminErrors,
+        ),
+        security(("adminToken" = [])),
+    )]
+    pub fn cancel_replay() {}
 
     /// The live debugger: every accepted message as it arrives, as server-sent events.
     ///
@@ -1057,6 +1130,52 @@ pub struct ReplayRequest {
 pub struct Replayed {
     /// Dead letters queued for delivery again.
     pub requeued: u64,
+}
+
+/// `POST /admin/v1/replays`.
+#[derive(ToSchema)]
+pub struct ArchiveReplayRequest {
+    /// The destination's name.
+    pub destination: String,
+    /// Start of the range (RFC 3339), inclusive.
+    pub from: String,
+    /// End of the range (RFC 3339), exclusive.
+    pub to: String,
+    /// Source names (default: every source).
+    pub sources: Option<Vec<String>>,
+}
+
+/// The answer to `POST /admin/v1/replays`.
+#[derive(ToSchema)]
+pub struct ArchiveReplayStarted {
+    pub id: i64,
+    /// Archived events in range (the destination's filters may select fewer).
+    pub events: i64,
+}
+
+/// A replay's progress.
+#[derive(ToSchema)]
+pub struct ArchiveReplay {
+    pub id: i64,
+    pub destination: String,
+    /// `queued`, `running`, `done` or `cancelled`.
+    pub state: String,
+    pub from: String,
+    pub to: String,
+    /// Archived events in range until selection is done, then the events selected.
+    pub events: i64,
+    /// Events selected so far.
+    pub selected: i64,
+    pub delivered: i64,
+    pub failed: i64,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// `GET /admin/v1/replays`.
+#[derive(ToSchema)]
+pub struct ArchiveReplays {
+    pub replays: Vec<ArchiveReplay>,
 }
 
 /// The answer to a reload.

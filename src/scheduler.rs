@@ -484,7 +484,17 @@ impl Scheduler {
     /// are any, this one holds at most its fair share of the pool, so a slow destination that
     /// could take every permit leaves room for the rest.
     async fn visit(&self, lane: &Arc<Lane>, others: usize) -> Visit {
-        let share = (self.pool_size / (others + 1)).max(1);
+        // Alone with work, a destination still leaves a quarter of the pool free when there are
+        // others, so one that gets an event finds a permit at once instead of waiting for a
+        // slow destination's request to end.
+        let share = if others > 0 {
+            self.pool_size / (others + 1)
+        } else if self.lanes.len() > 1 {
+            self.pool_size - self.pool_size / 4
+        } else {
+            self.pool_size
+        }
+        .max(1);
         let slots = lane
             .free_slots()
             .min(self.permits.available_permits())
