@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use switchyard::cli::bootstrap;
+use switchyard::cli::serve::{self, Role};
 use switchyard::config::{self, Config};
-use switchyard::serve::{self, Role};
-use switchyard::{bootstrap, store::Store};
+use switchyard::store::Store;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
@@ -121,7 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Demo { keep, database_url } => {
-            switchyard::demo::run_with(switchyard::demo::Options {
+            switchyard::cli::demo::run_with(switchyard::cli::demo::Options {
                 database_url,
                 keep_running: keep,
             })

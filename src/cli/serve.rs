@@ -12,13 +12,13 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::backpressure::QueueDepth;
-use crate::bootstrap;
-use crate::commit::GroupCommit;
+use crate::cli::bootstrap;
 use crate::config::Config;
+use crate::delivery::scheduler::{LaneSet, Pool};
+use crate::http::server::{self, AppState, HttpTimeouts, Roles};
+use crate::ingest::backpressure::QueueDepth;
 use crate::pipeline::{Pipeline, Reloader};
-use crate::scheduler::{LaneSet, Pool};
-use crate::server::{self, AppState, HttpTimeouts, Roles};
+use crate::store::commit::GroupCommit;
 use crate::store::Store;
 
 /// Which stages this process runs.
@@ -117,7 +117,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     store.upkeep(retention).await?;
     store.prepare_today().await?;
 
-    let client = crate::sender::HttpClient::new(&config.security);
+    let client = crate::delivery::sender::HttpClient::new(&config.security);
     let pipeline = Pipeline::build(&store, config, &client, None).await?;
     // Destinations removed from the config while no process ran: their queued work becomes
     // dead letters now instead of waiting forever and counting against `max_queued`.

@@ -27,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{self, DestinationConfig, RetryPolicy};
+use crate::delivery::sender::{HttpClient, Sender};
+use crate::delivery::traffic::{Closed, Concurrency, KeyGate};
 use crate::destination::{DeliveryContext, Event, Outcome, Verdict};
-use crate::sender::{HttpClient, Sender};
 use crate::store::{self, ClaimedRun, Fate, RunOutcome, Store};
-use crate::traffic::{Closed, Concurrency, KeyGate};
 
 /// Rows claimed in one statement at most.
 const MAX_CLAIM: usize = 1000;

@@ -15,8 +15,8 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use sqlx::Connection as _;
 
-use crate::bootstrap;
-use crate::serve::{self, Role, Running};
+use crate::cli::bootstrap;
+use crate::cli::serve::{self, Role, Running};
 use crate::testkit::{MockServer, Received};
 
 /// The demo source's write key (printed, so the reader can send events of their own).

@@ -14,6 +14,8 @@
 //! - Partition DDL runs ahead of need, with a short `lock_timeout`, and is retried later when
 //!   a reader holds a lock: ingest never waits on it.
 
+pub mod commit;
+
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
