@@ -25,4 +25,5 @@ pub mod http;
 pub mod ingest;
 pub mod pipeline;
 pub mod store;
+#[cfg(feature = "testkit")]
 pub mod testkit;

@@ -17,7 +17,9 @@ use sqlx::Connection as _;
 
 use crate::cli::bootstrap;
 use crate::cli::serve::{self, Role, Running};
-use crate::testkit::{MockServer, Received};
+use sink::{Received, Sink};
+
+mod sink;
 
 /// The demo source's write key (printed, so the reader can send events of their own).
 const WRITE_KEY: &str = "wk_demo";
@@ -118,7 +120,7 @@ const DESTINATIONS: [DemoDestination; 3] = [
     },
 ];
 
-fn demo_config(sink: &MockServer, secret: &str) -> String {
+fn demo_config(sink: &Sink, secret: &str) -> String {
     format!(
         r#"
 [[sources]]
@@ -150,7 +152,7 @@ events = ["Order Completed"]
 }
 
 async fn tour(database_url: &str, options: &Options) -> anyhow::Result<()> {
-    let sink = MockServer::start().await;
+    let sink = Sink::start().await.context("starting the demo sink")?;
     let secret = format!(
         "whsec_{}",
         base64::engine::general_purpose::STANDARD.encode(uuid::Uuid::new_v4().as_bytes())
@@ -177,7 +179,7 @@ async fn tour(database_url: &str, options: &Options) -> anyhow::Result<()> {
 
 async fn show(
     running: &Running,
-    sink: &MockServer,
+    sink: &Sink,
     admin_token: &str,
     database_url: &str,
     options: &Options,
@@ -345,7 +347,7 @@ fn sample_calls() -> Vec<(&'static str, Value)> {
 }
 
 /// Events delivered (answered 2xx) to one path of the sink.
-fn events_at(sink: &MockServer, path: &str) -> usize {
+fn events_at(sink: &Sink, path: &str) -> usize {
     sink.received()
         .iter()
         .filter(|r| r.path == path && (200..300).contains(&r.status))
