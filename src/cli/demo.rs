@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use serde_json::{json, Value};
-use sqlx::Connection as _;
 
 use crate::cli::bootstrap;
 use crate::cli::serve::{self, Role, Running};
@@ -56,7 +55,7 @@ pub async fn run_with(options: Options) -> anyhow::Result<()> {
         tour(&url, &options).await
     }
     .await;
-    let dropped = drop_database(&url).await;
+    let dropped = bootstrap::drop_database(&url).await;
     if let Some(private) = server.private {
         private.stop().await;
     }
@@ -70,24 +69,6 @@ fn demo_database_url(server_url: &str) -> anyhow::Result<String> {
         .with_context(|| format!("the database URL {}", bootstrap::mask_password(server_url)))?;
     url.set_path(&format!("/switchyard_demo_{}", std::process::id()));
     Ok(url.to_string())
-}
-
-async fn drop_database(url: &str) -> anyhow::Result<()> {
-    let mut maintenance = url::Url::parse(url)?;
-    let name = maintenance.path().trim_start_matches('/').to_owned();
-    maintenance.set_path("/postgres");
-    let mut connection = sqlx::PgConnection::connect(maintenance.as_str())
-        .await
-        .context("connecting to drop the demo database")?;
-    sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-        name.replace('"', "\"\"")
-    ))
-    .execute(&mut connection)
-    .await
-    .with_context(|| format!("dropping the demo database {name}"))?;
-    let _ = connection.close().await;
-    Ok(())
 }
 
 /// The destinations of the demo config: what each one shows off.

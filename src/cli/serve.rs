@@ -260,7 +260,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
                 }
                 Err(error) => tracing::debug!(%error, "the liveness task failed"),
             }
-            store.pool().close().await;
+            store.close().await;
             if let Some(private) = database.private {
                 private.stop().await;
             }
@@ -316,11 +316,9 @@ async fn count_queue(
                 continue;
             }
         }
-        let pool = store.pool();
-        let idle = pool.num_idle() as f64;
-        metrics::gauge!("switchyard_db_pool_connections", "state" => "idle").set(idle);
-        metrics::gauge!("switchyard_db_pool_connections", "state" => "used")
-            .set(pool.size() as f64 - idle);
+        let (idle, used) = store.connections();
+        metrics::gauge!("switchyard_db_pool_connections", "state" => "idle").set(idle as f64);
+        metrics::gauge!("switchyard_db_pool_connections", "state" => "used").set(used as f64);
         for lane in lanes.load().iter() {
             let (queued, _) = depth.destination(lane.id);
             metrics::gauge!("switchyard_queue_depth", "destination" => lane.config.name.clone())
