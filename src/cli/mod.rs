@@ -4,3 +4,4 @@
 pub mod bootstrap;
 pub mod demo;
 pub mod serve;
+pub mod shutdown;

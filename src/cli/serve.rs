@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::bootstrap;
+use crate::cli::shutdown::Shutdown;
 use crate::config::Config;
 use crate::delivery::scheduler::{LaneSet, Pool};
 use crate::http::server::{self, AppState, HttpTimeouts, Roles};
@@ -230,41 +230,22 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
                 async move { server::serve_http(listener, app, timeouts, http_stop).await }
             });
             stop.cancelled().await;
-            tracing::info!("shutting down: intake stopped, finishing deliveries");
-            state.draining.store(true, Ordering::Release);
-            state.live.close();
-            // Requests already inside finish their commits; new ones get 503 meanwhile.
-            http_stop.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
-            drop(state);
-            let mut writers = writers;
-            let drain = async { while writers.join_next().await.is_some() {} };
-            let _ = tokio::time::timeout(Duration::from_secs(15), drain).await;
-            if let Some(pool) = pool {
-                pool.shutdown(grace).await;
+            Shutdown {
+                state,
+                server,
+                http_stop,
+                writers,
+                pool,
+                grace,
+                maintenance,
+                counting,
+                store,
+                instance_id,
+                liveness,
+                private: database.private,
             }
-            maintenance.abort();
-            counting.abort();
-            match store.release_owned(instance_id).await {
-                Ok(0) => {}
-                Ok(released) => tracing::info!(released, "released unfinished claims"),
-                Err(error) => {
-                    tracing::warn!(%error, "releasing claims failed; their leases will expire")
-                }
-            }
-            match liveness.await {
-                Ok(instance) => {
-                    if let Err(error) = instance.close(&store).await {
-                        tracing::debug!(%error, "deregistering failed");
-                    }
-                }
-                Err(error) => tracing::debug!(%error, "the liveness task failed"),
-            }
-            store.close().await;
-            if let Some(private) = database.private {
-                private.stop().await;
-            }
-            tracing::info!("stopped");
+            .run()
+            .await;
             Ok(())
         }
     });
