@@ -13,6 +13,9 @@
 //! retried, as are I/O errors and pool timeouts; everything else (permission denied, a table
 //! of another shape, ...) is permanent. When a batch fails on data (class 22 or 23), its events
 //! are inserted one by one so only the bad ones are dead-lettered.
+//!
+//! The one kind that imports `sqlx` outside the store: its vendor *is* a Postgres database
+//! (another one, the user's), reached with a pool of its own.
 
 use std::str::FromStr;
 use std::sync::Arc;

@@ -5,13 +5,15 @@
 //! specifies (`webhook-id`, `webhook-timestamp`, `webhook-signature`).
 //!
 //! With several `urls` (replicas of one receiver), each request goes to the endpoint
-//! [`crate::balance`] chooses: the power of two choices over this process's requests in flight,
+//! [`balancer`] chooses: the power of two choices over this process's requests in flight,
 //! each endpoint's recent errors and the utilization it reports in `X-Server-Utilization`,
 //! with unhealthy and saturated endpoints left out, probation, ramp-up, and retries sent
 //! elsewhere. A failure with another endpoint available is that endpoint's, not the receiver's:
 //! it is retried without slowing the whole destination down (no `throttled`, no
 //! `Retry-After` pause; the endpoint itself is set aside for its `Retry-After`). Per-endpoint
 //! stats are in `GET /admin/v1/destinations` and the `switchyard_endpoint_*` metrics.
+
+pub mod balancer;
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,12 +27,12 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use url::Url;
 
-use crate::balance::{self, Answer, Balancer, Policy, Report, Strategy};
+use crate::config::redact;
 use crate::destination::{
     classify_status, Built, DeliveryContext, Destination, EndpointStats, Event, HttpRequest,
     HttpResponse, Kind, KindDefaults, Outcome, SettingError, Settings, Verdict,
 };
-use crate::redact;
+use balancer::{Answer, Balancer, Policy, Report, Strategy};
 
 pub static KIND: Kind = Kind {
     name: "webhook",
@@ -484,7 +486,7 @@ fn judge(result: Result<HttpResponse, Outcome>) -> (Outcome, Report, &'static st
 fn utilization(response: &HttpResponse) -> Option<f64> {
     response
         .headers
-        .get(balance::UTILIZATION_HEADER)?
+        .get(balancer::UTILIZATION_HEADER)?
         .to_str()
         .ok()?
         .trim()
@@ -595,7 +597,7 @@ mod tests {
                 503
             } else {
                 headers.insert(
-                    balance::UTILIZATION_HEADER,
+                    balancer::UTILIZATION_HEADER,
                     HeaderValue::from_static("0.25"),
                 );
                 200

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use switchyard::cli::bootstrap;
+use switchyard::cli::serve::{self, Role};
 use switchyard::config::{self, Config};
-use switchyard::serve::{self, Role};
-use switchyard::{bootstrap, store::Store};
+use switchyard::store::Store;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
@@ -169,7 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Demo { keep, database_url } => {
-            switchyard::demo::run_with(switchyard::demo::Options {
+            switchyard::cli::demo::run_with(switchyard::cli::demo::Options {
                 database_url,
                 keep_running: keep,
             })
@@ -205,7 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let Some(now) = store.replay(replay.id).await? else {
                         break;
                     };
-                    println!("{}", switchyard::server::replay_json(&now));
+                    println!("{}", switchyard::http::server::replay_json(&now));
                     if matches!(now.state.as_str(), "done" | "cancelled") {
                         break;
                     }
@@ -226,9 +227,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = open_store(database_url).await?;
             let range = (rfc3339(&from, "--from")?, rfc3339(&to, "--to")?);
             let sources = source_ids(&store, &sources).await?;
-            let written =
-                switchyard::archive::export(&store, range, sources.as_deref(), output.as_deref())
-                    .await?;
+            let written = switchyard::cli::archive::export(
+                &store,
+                range,
+                sources.as_deref(),
+                output.as_deref(),
+            )
+            .await?;
             eprintln!("exported {written} events");
             Ok(ExitCode::SUCCESS)
         }

@@ -14,9 +14,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::config::{self, Config, LimitsConfig, Ordering};
+use crate::delivery::scheduler::{self, Lane, LaneSet};
+use crate::delivery::sender::HttpClient;
 use crate::ingest::{Route, Routes, Source, SourceDirectory};
-use crate::scheduler::{self, Lane, LaneSet};
-use crate::sender::HttpClient;
 use crate::store::{NameTable, Store};
 
 /// The config in force, as ingest and the admin API use it.
@@ -120,7 +120,7 @@ impl Pipeline {
             server: config.server.clone(),
             destination_ids,
         };
-        crate::series::register(&pipeline, &source_names);
+        crate::http::series::register(&pipeline, &source_names);
         Ok(pipeline)
     }
 }

@@ -7,9 +7,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use switchyard::conformance::{self, load_fixtures, Conformance, Fixture};
 use switchyard::destination::{Destination, Outcome, Settings, Verdict};
 use switchyard::destinations::{amplitude, ga4, mixpanel, postgres, posthog, segment, slack};
+use switchyard::testkit::conformance::{self, load_fixtures, Conformance, Fixture};
 use switchyard::testkit::{start_switchyard, MockServer, Received, Reply, TestDatabase};
 
 const WEBHOOK_URL: &str =

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 
 const KEY: &str = "wk_limits";
 
-async fn setup(label: &str) -> (TestDatabase, MockServer, switchyard::serve::Running) {
+async fn setup(label: &str) -> (TestDatabase, MockServer, switchyard::cli::serve::Running) {
     let db = TestDatabase::create(label).await;
     let sink = MockServer::start().await;
     let config = format!(

@@ -12,19 +12,20 @@ async fn every_admin_route_requires_the_token() {
     let db = TestDatabase::create("admin_walk").await;
     let sy = start_switchyard("[[sources]]\nname = \"web\"\nwrite_key = \"wk\"\n", &db.url).await;
     let client = reqwest::Client::new();
-    let mut paths: Vec<String> = switchyard::server::admin_paths()
+    let mut paths: Vec<String> = switchyard::http::server::admin_paths()
         .into_iter()
         .map(str::to_owned)
         .collect();
     assert!(paths.len() >= 5, "{paths:?}");
     // Every admin path the OpenAPI document names, and ones no route has.
-    let document: serde_json::Value = serde_json::from_str(&switchyard::openapi::json()).unwrap();
+    let document: serde_json::Value =
+        serde_json::from_str(&switchyard::http::openapi::json()).unwrap();
     paths.extend(
         document["paths"]
             .as_object()
             .unwrap()
             .keys()
-            .filter(|path| path.starts_with(switchyard::server::ADMIN_API))
+            .filter(|path| path.starts_with(switchyard::http::server::ADMIN_API))
             .cloned(),
     );
     paths.extend([

@@ -104,7 +104,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .and_then(Path::parent)
                 .unwrap_or(Path::new("."))
                 .join("bench-postgres");
-            private = ::switchyard::bootstrap::start_private_in(
+            private = ::switchyard::cli::bootstrap::start_private_in(
                 data_dir,
                 PRIVATE_PORT,
                 "DATABASE_URL was not set: the bench runs on a server with default settings",

@@ -4,6 +4,8 @@
 //! The mock records every request and answers as scripted: 200, any status with headers (a 429
 //! with `Retry-After`), after a delay, or never (a hung vendor).
 
+pub mod conformance;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,7 +18,7 @@ use serde_json::Value;
 use sqlx::Connection;
 use tokio::sync::Notify;
 
-use crate::serve::{self, Role, Running};
+use crate::cli::serve::{self, Role, Running};
 
 /// The server every test database lives on.
 pub fn server_url() -> String {
@@ -737,8 +739,8 @@ impl Drop for PrivateCluster {
 }
 
 /// Short client timeouts, so tests of slow clients finish quickly.
-fn test_timeouts() -> crate::server::HttpTimeouts {
-    crate::server::HttpTimeouts {
+fn test_timeouts() -> crate::http::server::HttpTimeouts {
+    crate::http::server::HttpTimeouts {
         headers: Duration::from_secs(2),
         body: Duration::from_secs(2),
     }

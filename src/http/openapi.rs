@@ -1,6 +1,6 @@
 //! The OpenAPI 3.1 description of the ingest and admin APIs, served at `GET /openapi.json`.
 //!
-//! The handlers live in [`crate::server`]; the `#[utoipa::path]` signatures below describe each
+//! The handlers live in [`crate::http::server`]; the `#[utoipa::path]` signatures below describe each
 //! route exactly as it answers there (statuses, bodies, `Retry-After`, which credential), so
 //! that a client generator or a fuzzer (schemathesis) can rely on the document. Schemas say
 //! what the server accepts, no more and no less: Segment messages allow any extra field, and
@@ -157,7 +157,7 @@ impl Modify for SecuritySchemes {
     }
 }
 
-/// Documentation-only signatures: the handlers are in `crate::server`, and these functions
+/// Documentation-only signatures: the handlers are in `crate::http::server`, and these functions
 /// exist so `#[utoipa::path]` has something to describe each route on.
 #[allow(dead_code)]
 mod routes {

@@ -10,7 +10,7 @@ use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use crate::config::LimitsConfig;
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::store::Store;
 
 /// How long clients are asked to wait when the queue is full.

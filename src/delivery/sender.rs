@@ -8,8 +8,8 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 
 use crate::config::SecurityConfig;
+use crate::delivery::egress::{self, EgressPolicy, GuardedResolver};
 use crate::destination::{HttpRequest, HttpResponse, HttpSender, Outcome};
-use crate::egress::{self, EgressPolicy, GuardedResolver};
 
 /// Bytes of a vendor's answer kept at most (enough for any error body worth reading).
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;

@@ -3,6 +3,9 @@
 //! Loading parses the TOML once for values and once (with `toml_edit`) for positions, so that
 //! `switchyard check` can print each problem as `file:line:col: message`.
 
+pub mod env_vars;
+pub mod redact;
+
 use std::collections::HashSet;
 use std::fmt;
 use std::path::Path;
@@ -49,7 +52,7 @@ pub struct SourceConfig {
     pub name: String,
     pub write_key: String,
     /// Browser origins that may send with this key (`allowed_origins`); empty: none.
-    pub allowed_origins: crate::browser::AllowedOrigins,
+    pub allowed_origins: crate::http::browser::AllowedOrigins,
 }
 
 /// `[[destinations]]`: where events go, and how.
@@ -217,7 +220,8 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
     };
     let config = match parse_toml(text) {
         Ok((mut values, document)) => {
-            for (at, message) in crate::env_vars::expand_table(&mut values, &document, text) {
+            for (at, message) in crate::config::env_vars::expand_table(&mut values, &document, text)
+            {
                 reader.error(at, message);
             }
             let root = Section {
@@ -441,7 +445,7 @@ impl Reader<'_> {
             line,
             col,
             // Errors are logged and answered by the reload API: no URL's secrets in them.
-            message: crate::redact::urls_in(&message.into()),
+            message: crate::config::redact::urls_in(&message.into()),
         });
     }
 
@@ -708,7 +712,7 @@ impl Reader<'_> {
         let text = self.text(table, "ca_file")?;
         let base = Path::new(self.file).parent().unwrap_or(Path::new(""));
         let path = base.join(text);
-        match crate::sender::read_roots(&path) {
+        match crate::delivery::sender::read_roots(&path) {
             Ok(_) => Some(path),
             Err(message) => {
                 self.error(
@@ -745,7 +749,7 @@ impl Reader<'_> {
     }
 
     /// A source's `allowed_origins`: `"*"` or origins such as `"https://shop.example"`.
-    fn allowed_origins(&mut self, table: Section) -> crate::browser::AllowedOrigins {
+    fn allowed_origins(&mut self, table: Section) -> crate::http::browser::AllowedOrigins {
         let mut origins = Vec::new();
         for (index, text) in self
             .strings(table, "allowed_origins")
@@ -753,7 +757,7 @@ impl Reader<'_> {
             .iter()
             .enumerate()
         {
-            match crate::browser::parse_origin(text) {
+            match crate::http::browser::parse_origin(text) {
                 Ok(origin) => origins.push(origin),
                 Err(message) => {
                     let at = table.place.element("allowed_origins", index).start;
@@ -761,7 +765,7 @@ impl Reader<'_> {
                 }
             }
         }
-        crate::browser::AllowedOrigins::new(origins)
+        crate::http::browser::AllowedOrigins::new(origins)
     }
 
     /// An array of networks (`"10.0.0.0/8"`) or single addresses.

@@ -19,8 +19,8 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use crate::config::ServerConfig;
-use crate::error::ApiError;
-use crate::server::AppState;
+use crate::http::error::ApiError;
+use crate::http::server::AppState;
 
 /// The origins a source accepts browser requests from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

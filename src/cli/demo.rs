@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use serde_json::{json, Value};
-use sqlx::Connection as _;
 
-use crate::bootstrap;
-use crate::serve::{self, Role, Running};
-use crate::testkit::{MockServer, Received};
+use crate::cli::bootstrap;
+use crate::cli::serve::{self, Role, Running};
+use sink::{Received, Sink};
+
+mod sink;
 
 /// The demo source's write key (printed, so the reader can send events of their own).
 const WRITE_KEY: &str = "wk_demo";
@@ -54,7 +55,7 @@ pub async fn run_with(options: Options) -> anyhow::Result<()> {
         tour(&url, &options).await
     }
     .await;
-    let dropped = drop_database(&url).await;
+    let dropped = bootstrap::drop_database(&url).await;
     if let Some(private) = server.private {
         private.stop().await;
     }
@@ -68,24 +69,6 @@ fn demo_database_url(server_url: &str) -> anyhow::Result<String> {
         .with_context(|| format!("the database URL {}", bootstrap::mask_password(server_url)))?;
     url.set_path(&format!("/switchyard_demo_{}", std::process::id()));
     Ok(url.to_string())
-}
-
-async fn drop_database(url: &str) -> anyhow::Result<()> {
-    let mut maintenance = url::Url::parse(url)?;
-    let name = maintenance.path().trim_start_matches('/').to_owned();
-    maintenance.set_path("/postgres");
-    let mut connection = sqlx::PgConnection::connect(maintenance.as_str())
-        .await
-        .context("connecting to drop the demo database")?;
-    sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-        name.replace('"', "\"\"")
-    ))
-    .execute(&mut connection)
-    .await
-    .with_context(|| format!("dropping the demo database {name}"))?;
-    let _ = connection.close().await;
-    Ok(())
 }
 
 /// The destinations of the demo config: what each one shows off.
@@ -118,7 +101,7 @@ const DESTINATIONS: [DemoDestination; 3] = [
     },
 ];
 
-fn demo_config(sink: &MockServer, secret: &str) -> String {
+fn demo_config(sink: &Sink, secret: &str) -> String {
     format!(
         r#"
 [[sources]]
@@ -150,7 +133,7 @@ events = ["Order Completed"]
 }
 
 async fn tour(database_url: &str, options: &Options) -> anyhow::Result<()> {
-    let sink = MockServer::start().await;
+    let sink = Sink::start().await.context("starting the demo sink")?;
     let secret = format!(
         "whsec_{}",
         base64::engine::general_purpose::STANDARD.encode(uuid::Uuid::new_v4().as_bytes())
@@ -177,7 +160,7 @@ async fn tour(database_url: &str, options: &Options) -> anyhow::Result<()> {
 
 async fn show(
     running: &Running,
-    sink: &MockServer,
+    sink: &Sink,
     admin_token: &str,
     database_url: &str,
     options: &Options,
@@ -345,7 +328,7 @@ fn sample_calls() -> Vec<(&'static str, Value)> {
 }
 
 /// Events delivered (answered 2xx) to one path of the sink.
-fn events_at(sink: &MockServer, path: &str) -> usize {
+fn events_at(sink: &Sink, path: &str) -> usize {
     sink.received()
         .iter()
         .filter(|r| r.path == path && (200..300).contains(&r.status))

@@ -23,8 +23,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use url::Url;
 
+use crate::delivery::sender::{self, Sender};
 use crate::destination::{DeliveryContext, Destination, Event, Kind, Outcome, Settings, Verdict};
-use crate::sender::{self, Sender};
 use crate::testkit::{MockServer, Received, Reply};
 
 /// One Segment message and what the kind must send for it.

@@ -22,12 +22,12 @@ use time::OffsetDateTime;
 
 use arc_swap::ArcSwap;
 
-use crate::backpressure::QueueDepth;
-use crate::browser::Peer;
-use crate::commit::{CommitError, GroupCommit};
-use crate::error::ApiError;
+use crate::http::browser::Peer;
+use crate::http::error::ApiError;
+use crate::ingest::backpressure::QueueDepth;
 use crate::ingest::{self, CallType, Endpoint};
 use crate::pipeline::{Pipeline, ReloadError, Reloader};
+use crate::store::commit::{CommitError, GroupCommit};
 use crate::store::{NewEvent, Store};
 
 /// Connections served at once at most; more are closed at accept.
@@ -125,7 +125,7 @@ pub struct AppState {
     pub depth: Arc<QueueDepth>,
     pub timeouts: HttpTimeouts,
     /// The live debugger's feed (`GET /admin/v1/live`).
-    pub live: crate::live::LiveFeed,
+    pub live: crate::http::live::LiveFeed,
 }
 
 pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
@@ -138,20 +138,20 @@ pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(crate::openapi::serve))
+        .route("/openapi.json", get(crate::http::openapi::serve))
         // The dashboard's page and assets hold no data: a browser cannot send a bearer token
         // when it navigates, so they are served openly and fetch everything from /admin/v1/*.
-        .merge(crate::dashboard::router())
+        .merge(crate::http::dashboard::router())
         .merge(admin);
     if roles.ingest {
         app = app
             .route("/v1/batch", post(batch))
             .route("/v1/import", post(batch))
             .route("/v1/b", post(batch))
-            .route("/v1/m", post(crate::browser::telemetry))
+            .route("/v1/m", post(crate::http::browser::telemetry))
             .route(
                 "/v1/projects/{write_key}/settings",
-                get(crate::browser::settings),
+                get(crate::http::browser::settings),
             )
             .route("/v1/{call}", post(single));
     }
@@ -161,7 +161,7 @@ pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), require_admin))
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::browser::cors,
+            crate::http::browser::cors,
         ))
         .layer(middleware::from_fn(observe))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
@@ -270,7 +270,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    crate::series::sample(&state).await;
+    crate::http::series::sample(&state).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -356,7 +356,7 @@ async fn ingest(
         (None, Some(_)) => Err(reject_unknown_key()),
         (None, None) => Err(no_write_key()),
     };
-    let client_ip = crate::browser::client_ip(peer.0, headers, &pipeline.server);
+    let client_ip = crate::http::browser::client_ip(peer.0, headers, &pipeline.server);
     let parsed = ingest::parse_authorized(endpoint, &body, received_at, client_ip, &authorize)?;
     drop(body);
     drop(raw);
@@ -366,7 +366,7 @@ async fn ingest(
         .find(&key)
         .ok_or_else(reject_unknown_key)?
         .clone();
-    if let Err(refused) = crate::browser::check_origin(&source.allowed_origins, headers) {
+    if let Err(refused) = crate::http::browser::check_origin(&source.allowed_origins, headers) {
         metrics::counter!("switchyard_rejected_events_total", "source" => source.name.clone(), "code" => refused.code)
             .increment((parsed.messages.len() + parsed.rejected.len()) as u64);
         return Err(refused);
@@ -674,7 +674,7 @@ async fn reload(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiEr
 
 async fn live(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<crate::live::LiveQuery>, QueryRejection>,
+    query: Result<Query<crate::http::live::LiveQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(query_error)?;
     Ok(state.live.sse(query.source))

@@ -27,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{self, DestinationConfig, RetryPolicy};
+use crate::delivery::sender::{HttpClient, Sender};
+use crate::delivery::traffic::{Closed, Concurrency, KeyGate};
 use crate::destination::{DeliveryContext, Event, Outcome, Verdict};
-use crate::sender::{HttpClient, Sender};
-use crate::store::{self, ClaimedRun, Fate, RunOutcome, Store};
-use crate::traffic::{Closed, Concurrency, KeyGate};
+use crate::store::{self, ClaimedRun, Fate, JobsNotice, RunOutcome, Store};
 
 /// Rows claimed in one statement at most.
 const MAX_CLAIM: usize = 1000;
@@ -1017,7 +1017,7 @@ async fn flush(store: &Store, instance: i32, pending: &mut Vec<RunOutcome>) {
 /// since notifications may have been missed meanwhile.
 async fn listen(store: Store, wake: mpsc::UnboundedSender<Wake>, stop: CancellationToken) {
     loop {
-        let mut listener = match sqlx::postgres::PgListener::connect_with(store.pool()).await {
+        let mut listener = match store.listen_jobs().await {
             Ok(listener) => listener,
             Err(error) => {
                 tracing::warn!(%error, "LISTEN connection failed; retrying");
@@ -1027,35 +1027,22 @@ async fn listen(store: Store, wake: mpsc::UnboundedSender<Wake>, stop: Cancellat
                 }
             }
         };
-        if let Err(error) = listener.listen(store::JOBS_CHANNEL).await {
-            tracing::warn!(%error, "LISTEN failed; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
         let _ = wake.send(Wake::All);
         loop {
-            let notification = tokio::select! {
+            let notice = tokio::select! {
                 _ = stop.cancelled() => return,
-                n = listener.try_recv() => n,
+                n = listener.next() => n,
             };
-            match notification {
-                Ok(Some(notification)) => {
-                    let message = match store::parse_notice(notification.payload()) {
-                        Some(ids) => Wake::Destinations(ids),
-                        None => Wake::All,
-                    };
-                    if wake.send(message).is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => {
-                    // Reconnected: notifications may have been lost.
-                    let _ = wake.send(Wake::All);
-                }
+            let message = match notice {
+                Ok(JobsNotice::Destinations(ids)) => Wake::Destinations(ids),
+                Ok(JobsNotice::All) => Wake::All,
                 Err(error) => {
                     tracing::warn!(%error, "LISTEN connection lost; reconnecting");
                     break;
                 }
+            };
+            if wake.send(message).is_err() {
+                return;
             }
         }
     }

@@ -4,6 +4,10 @@
 //! minute and then reported, never swapped for another server. Without one, Switchyard uses the
 //! default local server, and when nothing answers there it starts a private PostgreSQL from the
 //! installed server binaries, so that a fresh machine needs no database set-up at all.
+//!
+//! It talks to Postgres itself (`sqlx`), outside the store: it runs before there is a database
+//! for the store to open (to create it, or to drop the demo's), on the server's `postgres`
+//! maintenance database.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -659,6 +663,26 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
         (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// Drops the database `url` names (the demo's throwaway one), connecting to `postgres` on
+/// the same server.
+pub async fn drop_database(url: &str) -> anyhow::Result<()> {
+    let mut maintenance = url::Url::parse(url)?;
+    let name = maintenance.path().trim_start_matches('/').to_owned();
+    maintenance.set_path("/postgres");
+    let mut connection = PgConnection::connect(maintenance.as_str())
+        .await
+        .context("connecting to drop the database")?;
+    sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+        name.replace('"', "\"\"")
+    ))
+    .execute(&mut connection)
+    .await
+    .with_context(|| format!("dropping the database {name}"))?;
+    let _ = connection.close().await;
+    Ok(())
 }
 
 #[cfg(test)]

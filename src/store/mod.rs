@@ -14,6 +14,11 @@
 //! - Partition DDL runs ahead of need, with a short `lock_timeout`, and is retried later when
 //!   a reader holds a lock: ingest never waits on it.
 
+pub mod commit;
+mod listen;
+
+pub use listen::{JobsListener, JobsNotice};
+
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -461,8 +466,19 @@ impl Store {
         Ok(Store { pool })
     }
 
-    pub fn pool(&self) -> &PgPool {
+    fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The pool's connections: (idle, in use).
+    pub fn connections(&self) -> (usize, usize) {
+        let idle = self.pool.num_idle();
+        (idle, (self.pool.size() as usize).saturating_sub(idle))
+    }
+
+    /// Closes every connection, once nothing is left to write.
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 
     /// Applies the migrations in `migrations/` (concurrent callers wait on sqlx's lock).

@@ -6,8 +6,8 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::http::server::AppState;
 use crate::pipeline::Pipeline;
-use crate::server::AppState;
 
 /// Per-message rejection codes, listed at zero for every source.
 const REJECTION_CODES: &[&str] = &["invalid_message", "invalid_json", "too_large"];
@@ -21,7 +21,7 @@ const SAMPLE_TIMEOUT: Duration = Duration::from_secs(2);
 pub fn register(pipeline: &Pipeline, sources: &[String]) {
     // The first pipeline is built before the server asks for the recorder: make sure it exists,
     // or these series would go to no recorder at all.
-    let _ = crate::serve::metrics_handle();
+    let _ = crate::cli::serve::metrics_handle();
     metrics::gauge!("switchyard_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     for source in sources {
         metrics::counter!("switchyard_ingested_events_total", "source" => source.clone())

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -12,13 +11,14 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::backpressure::QueueDepth;
-use crate::bootstrap;
-use crate::commit::GroupCommit;
+use crate::cli::bootstrap;
+use crate::cli::shutdown::Shutdown;
 use crate::config::Config;
+use crate::delivery::scheduler::{LaneSet, Pool};
+use crate::http::server::{self, AppState, HttpTimeouts, Roles};
+use crate::ingest::backpressure::QueueDepth;
 use crate::pipeline::{Pipeline, Reloader};
-use crate::scheduler::{LaneSet, Pool};
-use crate::server::{self, AppState, HttpTimeouts, Roles};
+use crate::store::commit::GroupCommit;
 use crate::store::Store;
 
 /// Which stages this process runs.
@@ -117,7 +117,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     store.upkeep(retention).await?;
     store.prepare_today().await?;
 
-    let client = crate::sender::HttpClient::new(&config.security);
+    let client = crate::delivery::sender::HttpClient::new(&config.security);
     let pipeline = Pipeline::build(&store, config, &client, None).await?;
     // Destinations removed from the config while no process ran: their queued work becomes
     // dead letters now instead of waiting forever and counting against `max_queued`.
@@ -220,7 +220,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     ));
     // Processes that deliver also select replay work from the archive.
     let replays = delivers.then(|| {
-        tokio::spawn(crate::replay::run(
+        tokio::spawn(crate::delivery::replay::run(
             store.clone(),
             state.pipeline.clone(),
             stop.clone(),
@@ -238,44 +238,23 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
                 async move { server::serve_http(listener, app, timeouts, http_stop).await }
             });
             stop.cancelled().await;
-            tracing::info!("shutting down: intake stopped, finishing deliveries");
-            state.draining.store(true, Ordering::Release);
-            state.live.close();
-            // Requests already inside finish their commits; new ones get 503 meanwhile.
-            http_stop.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
-            drop(state);
-            let mut writers = writers;
-            let drain = async { while writers.join_next().await.is_some() {} };
-            let _ = tokio::time::timeout(Duration::from_secs(15), drain).await;
-            if let Some(pool) = pool {
-                pool.shutdown(grace).await;
+            Shutdown {
+                state,
+                server,
+                http_stop,
+                writers,
+                pool,
+                grace,
+                maintenance,
+                counting,
+                replays,
+                store,
+                instance_id,
+                liveness,
+                private: database.private,
             }
-            maintenance.abort();
-            counting.abort();
-            if let Some(replays) = replays {
-                replays.abort();
-            }
-            match store.release_owned(instance_id).await {
-                Ok(0) => {}
-                Ok(released) => tracing::info!(released, "released unfinished claims"),
-                Err(error) => {
-                    tracing::warn!(%error, "releasing claims failed; their leases will expire")
-                }
-            }
-            match liveness.await {
-                Ok(instance) => {
-                    if let Err(error) = instance.close(&store).await {
-                        tracing::debug!(%error, "deregistering failed");
-                    }
-                }
-                Err(error) => tracing::debug!(%error, "the liveness task failed"),
-            }
-            store.pool().close().await;
-            if let Some(private) = database.private {
-                private.stop().await;
-            }
-            tracing::info!("stopped");
+            .run()
+            .await;
             Ok(())
         }
     });
@@ -327,11 +306,9 @@ async fn count_queue(
                 continue;
             }
         }
-        let pool = store.pool();
-        let idle = pool.num_idle() as f64;
-        metrics::gauge!("switchyard_db_pool_connections", "state" => "idle").set(idle);
-        metrics::gauge!("switchyard_db_pool_connections", "state" => "used")
-            .set(pool.size() as f64 - idle);
+        let (idle, used) = store.connections();
+        metrics::gauge!("switchyard_db_pool_connections", "state" => "idle").set(idle as f64);
+        metrics::gauge!("switchyard_db_pool_connections", "state" => "used").set(used as f64);
         for lane in lanes.load().iter() {
             let (queued, _) = depth.destination(lane.id);
             metrics::gauge!("switchyard_queue_depth", "destination" => lane.config.name.clone())

@@ -6,6 +6,8 @@
 //! `integrations`), and routes each message to the destinations whose filters match. Nothing
 //! here touches the network or the database, so all of it is tested directly.
 
+pub mod backpressure;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::error::{ApiError, Rejection};
+use crate::http::error::{ApiError, Rejection};
 use crate::store::Target;
 
 /// Segment's limits: 32 KB a message, 500 KB a request, 2,500 messages a batch.
@@ -90,7 +92,7 @@ pub enum Endpoint {
 pub struct Source {
     pub id: i32,
     pub name: String,
-    pub allowed_origins: crate::browser::AllowedOrigins,
+    pub allowed_origins: crate::http::browser::AllowedOrigins,
 }
 
 /// Write keys to sources. Keys are held only as SHA-256 digests, so a lookup compares digests

@@ -1,0 +1,9 @@
+//! Delivery: the scheduler and its one worker pool, traffic control per rate-limit key, the
+//! HTTP client plugins send through, which addresses that client may reach, and the replay
+//! selector that feeds archived events to a destination's replay lane.
+
+pub mod egress;
+pub mod replay;
+pub mod scheduler;
+pub mod sender;
+pub mod traffic;
