@@ -393,6 +393,7 @@ impl Webhook {
                 status,
                 message: format!("{endpoint}: {message}"),
             },
+            filtered @ Outcome::Filtered { .. } => filtered,
         }
     }
 

@@ -11,6 +11,9 @@
 //! - [`server`] is the HTTP surface (ingest, health, metrics, admin) and [`serve`] wires the
 //!   stages together with graceful shutdown.
 //!
+//! [`filter`] holds each destination's `where`, `consent`, `sample`, `transform` and property
+//! drops: the first three run at ingest routing, the others at delivery.
+//!
 //! [`config`] reads the TOML file every stage is driven by ([`env_vars`] fills `${NAME}` in it),
 //! and [`browser`] adds what websites and apps need: the analytics.js settings, CORS per source
 //! and the client's address.
@@ -30,6 +33,7 @@ pub mod destinations;
 pub mod egress;
 pub mod env_vars;
 pub mod error;
+pub mod filter;
 pub mod ingest;
 pub mod live;
 pub mod openapi;
