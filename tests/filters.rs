@@ -354,3 +354,116 @@ async fn a_reload_changes_the_transform_while_events_flow() {
     assert!(dead_letters(&base, "r_sink").await.is_empty());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test]
+async fn the_test_endpoint_shows_what_would_be_delivered_and_sends_nothing() {
+    let db = TestDatabase::create("filters_test_endpoint").await;
+    let dir = scratch("test_endpoint");
+    std::fs::write(
+        dir.join("t.js"),
+        "export function transformEvent(event) {\n\
+           if (event.event === 'Drop') return null;\n\
+           if (event.event === 'Fail') throw new Error('nope');\n\
+           event.properties.tier = 'gold';\n\
+           return [event, {...event, event: 'Copy'}];\n\
+         }\n",
+    )
+    .unwrap();
+    let sink = MockServer::start().await;
+    let path = write_config(
+        &dir,
+        &[webhook(
+            "t_sink",
+            &sink,
+            "events = [\"Order\", \"Drop\", \"Fail\"]\nwhere = \"properties.revenue > 10\"\n\
+             consent = [\"Ads\"]\ntransform = \"t.js\"\ndrop_properties = [\"properties.email\"]",
+        )],
+    );
+    let sy = start_switchyard_from(&path, &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    let test = |body: Value| {
+        let base = base.clone();
+        async move {
+            admin(
+                &base,
+                reqwest::Method::POST,
+                "/admin/v1/destinations/t_sink/test",
+                Some(body),
+            )
+            .await
+        }
+    };
+    let order =
+        json!({"event": "Order", "userId": "u", "properties": {"revenue": 20, "email": "a@b"}});
+    let (status, answer) = test(json!({ "event": order })).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["delivered"], true);
+    assert_eq!(answer["filtered"], Value::Null);
+    let events = answer["events"].as_array().unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(
+        events[0]["properties"],
+        json!({"revenue": 20, "tier": "gold"})
+    );
+    assert_eq!(events[1]["event"], "Copy");
+
+    let cases = [
+        (
+            json!({"event": "Other", "properties": {"revenue": 20}}),
+            "routing",
+        ),
+        (
+            json!({"event": "Order", "properties": {"revenue": 5}}),
+            "where",
+        ),
+        (
+            json!({"event": "Order", "properties": {"revenue": 20},
+                   "context": {"consent": {"categoryPreferences": {"Ads": false}}}}),
+            "consent",
+        ),
+        (
+            json!({"event": "Drop", "properties": {"revenue": 20}}),
+            "transform",
+        ),
+    ];
+    for (event, reason) in cases {
+        let (status, answer) = test(json!({ "event": event })).await;
+        assert_eq!(status, 200);
+        assert_eq!(answer["filtered"], reason, "{answer}");
+        assert_eq!(answer["delivered"], false);
+    }
+    let (_, failed) =
+        test(json!({"event": {"event": "Fail", "properties": {"revenue": 20}}})).await;
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("transform failed: Error: nope (at transformEvent ("),
+        "{error}"
+    );
+    assert!(
+        error.ends_with("t.js:3:39))"),
+        "where in the script: {error}"
+    );
+
+    // Bad input is a JSON error, never a 500.
+    let (status, error) = test(json!({"nope": 1})).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (400, Some("invalid_body"))
+    );
+    let (status, error) = test(json!({"event": {"type": "bogus"}})).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (400, Some("invalid_body"))
+    );
+    let (status, _) = admin(
+        &base,
+        reqwest::Method::POST,
+        "/admin/v1/destinations/nobody/test",
+        Some(json!({"event": {}})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(sink.received().is_empty(), "the test sends nothing");
+    std::fs::remove_dir_all(&dir).ok();
+}

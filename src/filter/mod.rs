@@ -314,6 +314,49 @@ impl Destination for Shaped {
     }
 }
 
+/// What a destination would send for `event`, past the routing rules (`routed`: whether its
+/// `sources`, `integrations` and `events` let the event through): the answer of
+/// `POST /admin/v1/destinations/{name}/test`. Nothing is sent.
+pub async fn preview(
+    gate: &Gate,
+    shaping: &Shaping,
+    metadata: &Metadata,
+    routed: bool,
+    message_id: &str,
+    event: Value,
+) -> Value {
+    let answer = |filtered: Option<&str>, error: Option<String>, events: Vec<Value>| {
+        serde_json::json!({
+            "destination": metadata.destination_name,
+            "delivered": !events.is_empty(),
+            "filtered": filtered,
+            "error": error,
+            "events": events,
+        })
+    };
+    if !routed {
+        return answer(Some("routing"), None, Vec::new());
+    }
+    if let Err(reason) = gate.check(&metadata.destination_name, message_id, &event) {
+        return answer(Some(reason.as_str()), None, Vec::new());
+    }
+    let stored = Event {
+        message_id: message_id.to_owned(),
+        payload: to_raw(&event),
+    };
+    match shaping.apply(metadata, &[stored]).await.remove(0) {
+        Err(message) => answer(
+            None,
+            Some(format!("transform failed: {message}")),
+            Vec::new(),
+        ),
+        Ok(events) if events.is_empty() => {
+            answer(Some(Reason::Transform.as_str()), None, Vec::new())
+        }
+        Ok(events) => answer(None, None, events),
+    }
+}
+
 /// Which outcome of the events made from one stored event decides its fate.
 fn severity(outcome: &Outcome) -> u8 {
     match outcome {
