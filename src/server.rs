@@ -555,6 +555,7 @@ async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>,
                 "rate_factor": lane.gate.rate_factor(),
                 "last_error": last_error,
                 "endpoints": lane.config.plugin.endpoints(),
+                "filters": crate::filter::describe(&config.gate, &config.shaping),
             })
         })
         .collect();

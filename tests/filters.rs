@@ -455,6 +455,17 @@ async fn the_test_endpoint_shows_what_would_be_delivered_and_sends_nothing() {
         (status, error["code"].as_str()),
         (400, Some("invalid_body"))
     );
+    // The dashboard's list shows each destination's filters.
+    let (_, list) = admin(&base, reqwest::Method::GET, "/admin/v1/destinations", None).await;
+    let filters = list[0]["filters"].as_array().unwrap();
+    let shown: Vec<&str> = filters.iter().filter_map(Value::as_str).collect();
+    assert_eq!(shown[0], "where: properties.revenue > 10");
+    assert_eq!(shown[1], "consent: Ads");
+    assert!(
+        shown[2].starts_with("transform: ") && shown[2].ends_with("t.js"),
+        "{shown:?}"
+    );
+    assert_eq!(shown[3], "drop_properties: properties.email");
     let (status, _) = admin(
         &base,
         reqwest::Method::POST,

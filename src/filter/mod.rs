@@ -357,6 +357,31 @@ pub async fn preview(
     }
 }
 
+/// A destination's filters in a line each (`where: type = 'track'`), for the dashboard.
+pub fn describe(gate: &Gate, shaping: &Shaping) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(condition) = &gate.condition {
+        lines.push(format!("where: {}", condition.text));
+    }
+    if !gate.consent.is_empty() {
+        lines.push(format!("consent: {}", gate.consent.join(", ")));
+    }
+    if let Some(fraction) = gate.sample {
+        lines.push(format!("sample: {fraction}"));
+    }
+    if let Some(transform) = &shaping.transform {
+        lines.push(format!("transform: {}", transform.file));
+    }
+    let paths: Vec<String> = shaping.drop.iter().map(|p| p.join(".")).collect();
+    if !paths.is_empty() {
+        lines.push(format!("drop_properties: {}", paths.join(", ")));
+    }
+    if let Some(allowed) = &shaping.allow {
+        lines.push(format!("allow_properties: {}", allowed.join(", ")));
+    }
+    lines
+}
+
 /// Which outcome of the events made from one stored event decides its fate.
 fn severity(outcome: &Outcome) -> u8 {
     match outcome {
@@ -454,5 +479,59 @@ mod tests {
             })
         );
         assert_eq!(parse_path("a..b"), None);
+    }
+}
+
+#[cfg(test)]
+mod throughput {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Events per second through [`Shaping::apply`] with and without a small transform, in
+    /// batches of 100: `cargo test --release --lib filter::throughput -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a check"]
+    async fn events_per_second_with_and_without_a_transform() {
+        let payload = serde_json::json!({
+            "type": "track", "event": "Order Completed", "userId": "u-1", "messageId": "m",
+            "properties": {"revenue": 42.5, "currency": "EUR", "email": "a@example.com"},
+            "context": {"ip": "203.0.113.9", "library": {"name": "analytics.js", "version": "2.1"}}
+        });
+        let events: Vec<Event> = (0..100)
+            .map(|i| Event {
+                message_id: format!("m-{i}"),
+                payload: to_raw(&payload),
+            })
+            .collect();
+        let script = "export function transformEvent(event, metadata) {\n\
+            event.properties.total = event.properties.revenue * 1.2;\n\
+            event.properties.destination = metadata(event).destinationName;\n\
+            return event;\n}";
+        let transform = Transform::compile(
+            std::path::Path::new("bench.js"),
+            script.into(),
+            Duration::from_millis(50),
+        )
+        .unwrap();
+        let drops = || vec![parse_path("context.ip").unwrap()];
+        let plain = Shaping {
+            drop: drops(),
+            ..Shaping::default()
+        };
+        let scripted = Shaping {
+            transform: Some(transform),
+            drop: drops(),
+            ..Shaping::default()
+        };
+        let metadata = Metadata::default();
+        for (name, shaping) in [("drops only", &plain), ("transform + drops", &scripted)] {
+            let started = Instant::now();
+            let mut done = 0;
+            while started.elapsed() < Duration::from_secs(3) {
+                done += shaping.apply(&metadata, &events).await.len();
+            }
+            let rate = done as f64 / started.elapsed().as_secs_f64();
+            println!("{name}: {rate:.0} events/s");
+        }
     }
 }

@@ -41,6 +41,8 @@ struct Job {
 
 /// A compiled script, ready to run.
 pub struct Transform {
+    /// The script's file, as the config names it.
+    pub file: String,
     jobs: mpsc::SyncSender<Job>,
     timeout: Duration,
 }
@@ -78,7 +80,11 @@ impl Transform {
             .map_err(|e| format!("cannot start a thread for the transform: {e}"))?;
         let compile_limit = timeout.max(Duration::from_secs(1)) + Duration::from_secs(5);
         match compiled.recv_timeout(compile_limit) {
-            Ok(Ok(())) => Ok(Transform { jobs, timeout }),
+            Ok(Ok(())) => Ok(Transform {
+                file: file.display().to_string(),
+                jobs,
+                timeout,
+            }),
             Ok(Err(message)) => Err(message),
             Err(_) => Err("the script did not load in time".into()),
         }
