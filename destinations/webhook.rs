@@ -395,6 +395,7 @@ impl Webhook {
                 status,
                 message: format!("{endpoint}: {message}"),
             },
+            filtered @ Outcome::Filtered { .. } => filtered,
         }
     }
 

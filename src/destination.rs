@@ -52,6 +52,8 @@ pub enum Outcome {
         status: Option<u16>,
         message: String,
     },
+    /// A filter applied at delivery dropped it (a transform returned `null`): done, not sent.
+    Filtered { reason: crate::filter::Reason },
 }
 
 impl Outcome {

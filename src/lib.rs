@@ -14,6 +14,9 @@
 //!
 //! [`config`] reads the TOML file every stage is driven by, and [`pipeline`] is the config in
 //! force: the routes and lanes built from it, swapped whole on a reload.
+//!
+//! [`filter`] holds each destination's `where`, `consent`, `sample`, `transform` and property
+//! drops: the first three run at ingest routing, the others at delivery.
 
 pub mod cli;
 pub mod config;
@@ -21,6 +24,7 @@ pub mod delivery;
 pub mod destination;
 #[path = "../destinations/mod.rs"]
 pub mod destinations;
+pub mod filter;
 pub mod http;
 pub mod ingest;
 pub mod pipeline;

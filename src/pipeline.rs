@@ -82,6 +82,7 @@ impl Pipeline {
                     events: d.events.clone(),
                     ordered: d.ordering == Ordering::PerUser,
                     run_size: Lane::run_size(d),
+                    gate: d.gate.clone(),
                 })
                 .collect(),
         );

@@ -115,12 +115,12 @@ async fn a_destination_added_later_gets_the_archived_history_and_only_what_its_f
             .await
     );
 
-    // A destination added today, which takes only `Keep` events.
+    // A destination added today, which takes only `Keep` events (by an FQL `where`).
     std::fs::write(
         &path,
         config(&[
             destination("first", &first.url("/in"), ""),
-            destination("later", &later.url("/in"), "events = [\"Keep\"]"),
+            destination("later", &later.url("/in"), "where = 'event = \"Keep\"'"),
         ]),
     )
     .unwrap();

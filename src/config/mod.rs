@@ -76,6 +76,11 @@ pub struct DestinationConfig {
     pub ordering: Ordering,
     pub endpoint: Option<Url>,
     pub enabled: bool,
+    /// `where`, `consent` and `sample`: decided at ingest routing.
+    pub gate: crate::filter::Gate,
+    /// `transform`, `drop_properties` and `allow_properties`: applied at delivery (the plugin
+    /// below already runs behind them).
+    pub shaping: Arc<crate::filter::Shaping>,
     /// The plugin, built from the kind's own keys.
     pub plugin: Arc<dyn Destination>,
 }
@@ -319,6 +324,13 @@ const DESTINATION_KEYS: &[&str] = &[
     "ordering",
     "endpoint",
     "enabled",
+    "where",
+    "drop_properties",
+    "allow_properties",
+    "sample",
+    "transform",
+    "transform_timeout",
+    "consent",
 ];
 const RETRY_KEYS: &[&str] = &["max_attempts", "max_age", "initial_backoff", "max_backoff"];
 const LIMITS_KEYS: &[&str] = &[
@@ -331,6 +343,7 @@ const SERVER_KEYS: &[&str] = &["public_url", "trusted_proxies"];
 
 const DEFAULT_MAX_IN_FLIGHT: usize = 32;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_TRANSFORM_TIMEOUT: Duration = Duration::from_millis(50);
 const A_DURATION: &str = "a duration such as \"10s\"";
 
 /// The file's values, and the same file parsed with positions; or the syntax error, located.
@@ -342,6 +355,56 @@ fn parse_toml(text: &str) -> Result<(toml::Table, ImDocument<&str>), (usize, Str
     let values = toml::from_str::<toml::Table>(text).map_err(|e| syntax(e.span(), e.message()))?;
     let document = ImDocument::parse(text).map_err(|e| syntax(e.span(), e.message()))?;
     Ok((values, document))
+}
+
+/// Where byte `decoded` of a string value sits in the file, relative to the value's start
+/// (`raw`, from its opening quote on): past the quotes, and past each escape in a basic string.
+fn string_offset(raw: &str, decoded: usize) -> usize {
+    let (quote, literal) = if raw.starts_with("'''") || raw.starts_with("\"\"\"") {
+        let skip = if raw[3..].starts_with('\n') { 4 } else { 3 };
+        (skip, raw.starts_with('\''))
+    } else {
+        (1, raw.starts_with('\''))
+    };
+    let body = &raw[quote.min(raw.len())..];
+    if literal {
+        return quote + decoded;
+    }
+    let (mut read, mut written) = (0, 0);
+    let mut chars = body.char_indices();
+    while written < decoded {
+        let Some((at, c)) = chars.next() else {
+            break;
+        };
+        read = at + c.len_utf8();
+        if c == '\\' {
+            // `\uXXXX` and `\UXXXXXXXX` stand for one character; other escapes for one byte.
+            let width = match chars.next() {
+                Some((_, 'u')) => 4,
+                Some((_, 'U')) => 8,
+                Some((at, escaped)) => {
+                    read = at + escaped.len_utf8();
+                    written += 1;
+                    continue;
+                }
+                None => break,
+            };
+            let mut code = String::new();
+            for _ in 0..width {
+                if let Some((at, hex)) = chars.next() {
+                    code.push(hex);
+                    read = at + 1;
+                }
+            }
+            written += u32::from_str_radix(&code, 16)
+                .ok()
+                .and_then(char::from_u32)
+                .map_or(1, char::len_utf8);
+        } else {
+            written += c.len_utf8();
+        }
+    }
+    quote + read
 }
 
 /// 1-based line and character column of a byte offset.
@@ -564,6 +627,8 @@ impl Reader<'_> {
         );
         let endpoint = self.parsed(table, "endpoint", "a URL", parse_http_url);
         let enabled = self.get(table, "enabled", "a boolean", toml::Value::as_bool);
+        let gate = self.gate(table);
+        let shaping = Arc::new(self.shaping(table));
 
         let kind = kind?;
         let built = self.build(table, kind, name.unwrap_or_default(), endpoint.as_ref())?;
@@ -574,6 +639,14 @@ impl Reader<'_> {
             (None, None) => name.to_owned(),
         };
         let defaults = kind.defaults;
+        let batch_size = batch_size
+            .unwrap_or(defaults.batch_size)
+            .min(defaults.max_batch_size);
+        let metadata = crate::filter::Metadata {
+            destination_name: name.to_owned(),
+            destination_kind: kind.name.to_owned(),
+        };
+        let plugin = RetryAfterCap::wrap(built.plugin, retry.max_backoff);
         Some(DestinationConfig {
             name: name.to_owned(),
             kind: kind.name.to_owned(),
@@ -585,16 +658,85 @@ impl Reader<'_> {
             }),
             rate_limit_key,
             max_in_flight: max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
-            batch_size: batch_size
-                .unwrap_or(defaults.batch_size)
-                .min(defaults.max_batch_size),
+            batch_size,
             timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
             retry,
             ordering: ordering.unwrap_or_default(),
             endpoint,
             enabled: enabled.unwrap_or(true),
-            plugin: RetryAfterCap::wrap(built.plugin, retry.max_backoff),
+            gate,
+            plugin: crate::filter::Shaped::wrap(plugin, shaping.clone(), metadata, batch_size),
+            shaping,
         })
+    }
+
+    /// `where`, `consent` and `sample`.
+    fn gate(&mut self, table: Section) -> crate::filter::Gate {
+        let condition = self.text(table, "where").and_then(|text| {
+            match crate::filter::fql::Expr::parse(text) {
+                Ok(expr) => Some(crate::filter::Where {
+                    text: text.to_owned(),
+                    expr,
+                }),
+                Err(error) => {
+                    let start = table.place.value("where");
+                    let at = start + string_offset(&self.text[start..], error.offset);
+                    self.error(at, format!("`where`: {}", error.message));
+                    None
+                }
+            }
+        });
+        let sample = self.get(table, "sample", "a number from 0 to 1", |value| {
+            let fraction = value
+                .as_float()
+                .or_else(|| value.as_integer().map(|n| n as f64))?;
+            (0.0..=1.0).contains(&fraction).then_some(fraction)
+        });
+        crate::filter::Gate {
+            condition,
+            consent: self.strings(table, "consent").unwrap_or_default(),
+            sample,
+        }
+    }
+
+    /// `transform`, `transform_timeout`, `drop_properties` and `allow_properties`.
+    fn shaping(&mut self, table: Section) -> crate::filter::Shaping {
+        let mut drop = Vec::new();
+        let paths = self.strings(table, "drop_properties").unwrap_or_default();
+        for (index, text) in paths.iter().enumerate() {
+            match crate::filter::parse_path(text) {
+                Some(path) => drop.push(path),
+                None => {
+                    let at = table.place.element("drop_properties", index).start;
+                    self.error(at, format!("`drop_properties`: `{text}` is not a dotted path such as \"context.ip\""));
+                }
+            }
+        }
+        let timeout = self
+            .parsed(table, "transform_timeout", A_DURATION, parse_duration)
+            .unwrap_or(DEFAULT_TRANSFORM_TIMEOUT);
+        let transform = self.text(table, "transform").and_then(|text| {
+            let base = Path::new(self.file).parent().unwrap_or(Path::new(""));
+            let path = base.join(text);
+            let loaded = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read `{}`: {e}", path.display()))
+                .and_then(|source| {
+                    crate::filter::transform::Transform::compile(&path, source, timeout)
+                });
+            loaded
+                .map_err(|message| {
+                    self.error(
+                        table.place.value("transform"),
+                        format!("`transform`: {message}"),
+                    )
+                })
+                .ok()
+        });
+        crate::filter::Shaping {
+            transform,
+            drop,
+            allow: self.strings(table, "allow_properties"),
+        }
     }
 
     fn known_kind(&mut self, table: Section, name: &str) -> Option<&'static Kind> {
@@ -1230,6 +1372,103 @@ ca_file = "no-such-file.pem"
             errors(&unset),
             ["switchyard.toml:3:17: environment variable `SWITCHYARD_SURELY_UNSET_42` is not set"]
         );
+    }
+
+    #[test]
+    fn filter_keys_are_read_and_their_errors_located() {
+        let dir = std::env::temp_dir().join(format!("switchyard-filters-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("ok.js"),
+            "function transformEvent(e) { return e; }",
+        )
+        .unwrap();
+        std::fs::write(dir.join("bad.js"), "function transformEvent(e) { return e;").unwrap();
+        let file = dir.join("switchyard.toml");
+        let text = r#"[[destinations]]
+name = "d"
+kind = "webhook"
+url = "http://127.0.0.1:9/in"
+where = "type = 'track' and properties.revenue > 100"
+consent = ["Advertising"]
+sample = 0.5
+drop_properties = ["context.ip"]
+allow_properties = ["revenue"]
+transform = "ok.js"
+transform_timeout = "20ms"
+"#;
+        std::fs::write(&file, text).unwrap();
+        let config = load(&file).unwrap_or_else(|e| panic!("{e}"));
+        let d = &config.destinations[0];
+        assert_eq!(
+            d.gate.condition.as_ref().unwrap().text,
+            "type = 'track' and properties.revenue > 100"
+        );
+        assert_eq!(d.gate.consent, ["Advertising"]);
+        assert_eq!(d.gate.sample, Some(0.5));
+        assert_eq!(
+            d.shaping.drop,
+            [vec!["context".to_owned(), "ip".to_owned()]]
+        );
+        assert_eq!(d.shaping.allow, Some(vec!["revenue".to_owned()]));
+        assert!(d.shaping.transform.is_some());
+
+        let bad = r#"[[destinations]]
+name = "d"
+kind = "webhook"
+url = "http://127.0.0.1:9/in"
+where = "type = 'track' and"
+sample = 1.5
+drop_properties = ["a..b"]
+transform = "bad.js"
+[[destinations]]
+name = "e"
+kind = "webhook"
+url = "http://127.0.0.1:9/in"
+where = "frobnicate(event) = 1"
+[[destinations]]
+name = "f"
+kind = "webhook"
+url = "http://127.0.0.1:9/in"
+where = 'match(event, "x") or contains(\'
+"#;
+        std::fs::write(&file, bad).unwrap();
+        let errors: Vec<String> = load(&file)
+            .err()
+            .expect("errors")
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let name = file.display();
+        assert_eq!(errors.len(), 6, "{errors:?}");
+        assert_eq!(
+            errors[0],
+            format!("{name}:5:28: `where`: the expression ends where a value, a field or `(` was expected")
+        );
+        assert_eq!(
+            errors[1],
+            format!("{name}:6:10: `sample` must be a number from 0 to 1")
+        );
+        assert!(errors[2].starts_with(&format!("{name}:7:20: `drop_properties`: `a..b`")));
+        assert!(
+            errors[3].starts_with(&format!(
+                "{name}:8:13: `transform`: {}",
+                dir.join("bad.js").display()
+            )),
+            "{}",
+            errors[3]
+        );
+        assert!(errors[3].contains("SyntaxError"), "{}", errors[3]);
+        assert!(errors[4].starts_with(&format!(
+            "{name}:13:10: `where`: unknown function `frobnicate`"
+        )));
+        assert!(
+            errors[5].starts_with(&format!("{name}:18:40: `where`: `\\` at the end")),
+            "{}",
+            errors[5]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! A replay is a row in Postgres with a cursor. Each serving process runs [`run`], which pages
 //! through the archive from the cursor (a few thousand events at a time), keeps the events the
-//! destination's route accepts (its `sources`, `events`, `integrations`), cuts them into runs
+//! destination takes (its `sources`, `events`, `integrations`, `where`, `consent`, `sample`),
+//! cuts them into runs
 //! marked with the replay's id, and moves the cursor in the same transaction, so a restart
 //! resumes where it was and two processes never queue a page twice. It stays a bounded amount
 //! ahead of delivery, so a replay of millions of events holds only a page in memory and a few
@@ -76,10 +77,19 @@ pub fn plan(replay: &Replay, route: &Route, page: &[ArchivedEvent]) -> ReplaySte
     let mut runs: Vec<(i32, i32, Vec<i64>, Option<i64>)> = Vec::new();
     let mut open: HashMap<(i32, i32, Option<i64>), usize> = HashMap::new();
     for event in page {
-        let Some(message) = Message::from_stored(&event.payload) else {
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&event.payload) else {
             continue;
         };
-        if !route.accepts(event.source_id, &message) {
+        let Some(message) = Message::from_stored(&value) else {
+            continue;
+        };
+        // The same decision as at ingest: routing, then `where`, `consent` and `sample`.
+        if !route.accepts(event.source_id, &message)
+            || route
+                .gate
+                .check(&route.name, &message.message_id, &value)
+                .is_err()
+        {
             continue;
         }
         let user = route.ordered.then_some(event.order_key);

@@ -169,7 +169,7 @@ impl Lane {
                         pause = Some(pause.map_or(*after, |p| p.max(*after)));
                     }
                 }
-                Outcome::Failed { .. } => {}
+                Outcome::Failed { .. } | Outcome::Filtered { .. } => {}
             }
         }
         if let Some(after) = pause {
@@ -861,6 +861,10 @@ async fn deliver(lane: &Lane, open: &OpenRuns, claimed: Vec<Claimed>) -> Vec<Set
                         (Fate::Dead { status, error }, None)
                     }
                 }
+            }
+            Outcome::Filtered { reason } => {
+                crate::filter::count(&name, reason);
+                (Fate::Delivered, None)
             }
             Outcome::Failed { status, message } => {
                 lane.note_error(&message);

@@ -80,6 +80,7 @@ pub async fn serve() -> Response {
         routes::cancel_replay,
         routes::live,
         routes::reload,
+        routes::test_destination,
         routes::dashboard,
         routes::healthz,
         routes::readyz,
@@ -541,6 +542,25 @@ mod routes {
         security(("adminToken" = [])),
     )]
     pub fn reload() {}
+
+    /// Try a destination's `events`, `integrations`, `where`, `consent`, `sample`, `transform`
+    /// and property drops on a sample event: the answer is what would be delivered. Nothing is
+    /// stored or sent.
+    #[utoipa::path(
+        post,
+        path = "/admin/v1/destinations/{name}/test",
+        tag = "admin",
+        params(("name" = String, Path, description = "The destination")),
+        request_body(content = DestinationTest, description = "`{\"event\": {...}}`"),
+        responses(
+            (status = 200, description = "What the destination would get", body = DestinationTestResult),
+            (status = 400, description = "No `event` object, or an unknown `type`", body = Failure),
+            (status = 404, description = "No enabled destination of that name", body = Failure),
+            AdminErrors,
+        ),
+        security(("adminToken" = [])),
+    )]
+    pub fn test_destination() {}
 
     /// The dashboard. The page itself holds no data and needs no token (a browser cannot send
     /// one when navigating); it asks for the admin token and calls the admin API with it.
@@ -1178,6 +1198,28 @@ pub struct ArchiveReplays {
     pub replays: Vec<ArchiveReplay>,
 }
 
+/// A sample event for `POST /admin/v1/destinations/{name}/test`.
+#[derive(ToSchema)]
+pub struct DestinationTest {
+    /// A Segment message (`type` defaults to `track`; a `messageId` is made when missing).
+    pub event: serde_json::Value,
+}
+
+/// What a destination would make of a sample event.
+#[derive(ToSchema)]
+pub struct DestinationTestResult {
+    pub destination: String,
+    /// Whether anything would be sent.
+    pub delivered: bool,
+    /// What stopped it: `routing` (`events` or `integrations`), `where`, `consent`, `sample`
+    /// or `transform` (the script returned `null`).
+    pub filtered: Option<String>,
+    /// The transform's error: the event would be dead-lettered with it.
+    pub error: Option<String>,
+    /// The events the vendor mapping would get.
+    pub events: Vec<serde_json::Value>,
+}
+
 /// The answer to a reload.
 #[derive(ToSchema)]
 pub struct Reloaded {
@@ -1238,6 +1280,7 @@ mod tests {
             "/admin/v1/dead-letters/replay",
             "/admin/v1/live",
             "/admin/v1/reload",
+            "/admin/v1/destinations/{name}/test",
             "/admin",
             "/healthz",
             "/readyz",

@@ -184,6 +184,7 @@ fn admin_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
             "/admin/v1/replays/{id}",
             get(show_replay).delete(cancel_replay),
         ),
+        ("/admin/v1/destinations/{name}/test", post(test_destination)),
     ]
 }
 
@@ -559,6 +560,7 @@ async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>,
                 "rate_factor": lane.gate.rate_factor(),
                 "last_error": last_error,
                 "endpoints": lane.config.plugin.endpoints(),
+                "filters": crate::filter::describe(&config.gate, &config.shaping),
             })
         })
         .collect();
@@ -670,6 +672,76 @@ async fn reload(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiEr
         )),
         Err(ReloadError::Database(_)) => Err(ApiError::unavailable("the database is unavailable")),
     }
+}
+
+/// `POST /admin/v1/destinations/{name}/test` `{"event": {...}}`: what the
+/// destination's routing, filters and transform make of the event. Nothing is stored or sent.
+async fn test_destination(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let invalid = |message: String| ApiError::bad_request("invalid_body", message);
+    let body: Value =
+        serde_json::from_slice(&body).map_err(|e| invalid(format!("the body is not JSON: {e}")))?;
+    let Some(Value::Object(mut event)) = body.get("event").cloned() else {
+        return Err(invalid(
+            "expected {\"event\": {...}}: the event to try, as an SDK would send it".into(),
+        ));
+    };
+    let pipeline = state.pipeline.load_full();
+    let lane = pipeline
+        .lanes
+        .iter()
+        .find(|lane| lane.config.name == name)
+        .ok_or_else(|| ApiError::not_found(format!("no enabled destination `{name}`")))?;
+    let route = pipeline
+        .routes
+        .find(&name)
+        .ok_or_else(|| ApiError::not_found(format!("no enabled destination `{name}`")))?;
+    let kind = event.get("type").and_then(Value::as_str).unwrap_or("track");
+    let call = CallType::parse(kind).ok_or_else(|| invalid(format!("unknown type `{kind}`")))?;
+    event.insert("type".into(), Value::from(call.as_str()));
+    let message_id = match event.get("messageId").and_then(Value::as_str) {
+        Some(id) => id.to_owned(),
+        None => {
+            let id = uuid::Uuid::new_v4().to_string();
+            event.insert("messageId".into(), Value::from(id.clone()));
+            id
+        }
+    };
+    let message = ingest::Message {
+        call,
+        message_id: message_id.clone(),
+        user_key: String::new(),
+        event: event
+            .get("event")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        integrations: event
+            .get("integrations")
+            .and_then(Value::as_object)
+            .cloned(),
+        payload: Vec::new(),
+    };
+    // A sample event comes from no source: `sources` is not checked.
+    let mut route = route.clone();
+    route.sources = None;
+    let routed = route.accepts(0, &message);
+    let metadata = crate::filter::Metadata {
+        destination_name: lane.config.name.clone(),
+        destination_kind: lane.config.kind.clone(),
+    };
+    let answer = crate::filter::preview(
+        &lane.config.gate,
+        &lane.config.shaping,
+        &metadata,
+        routed,
+        &message_id,
+        Value::Object(event),
+    )
+    .await;
+    Ok(Json(answer))
 }
 
 async fn live(

@@ -152,9 +152,12 @@ pub struct Route {
     pub ordered: bool,
     /// Events per queued run.
     pub run_size: usize,
+    /// `where`, `consent` and `sample`, checked after `sources`, `integrations` and `events`.
+    pub gate: crate::filter::Gate,
 }
 
 impl Route {
+    /// Whether `sources`, `events` and the message's `integrations` let it through.
     pub fn accepts(&self, source_id: i32, message: &Message) -> bool {
         if let Some(sources) = &self.sources {
             if !sources.contains(&source_id) {
@@ -211,10 +214,9 @@ pub struct Message {
 }
 
 impl Message {
-    /// A message as stored (enriched JSON), read back for a replay's routing. `None` when the
-    /// payload is not a message (it never is: ingest wrote it).
-    pub fn from_stored(payload: &[u8]) -> Option<Message> {
-        let value: Value = serde_json::from_slice(payload).ok()?;
+    /// A message as stored (enriched JSON, parsed), read back for a replay's routing. `None`
+    /// when it is not a message (it never is: ingest wrote it).
+    pub fn from_stored(value: &Value) -> Option<Message> {
         let object = value.as_object()?;
         let text = |key: &str| object.get(key).and_then(Value::as_str).map(str::to_owned);
         Some(Message {
@@ -728,17 +730,38 @@ impl Routes {
             .find(|route| route.destination_id == destination_id)
     }
 
-    /// The destinations that get `message` from `source_id`.
+    /// The destinations that get `message` from `source_id`. The filters that read the event
+    /// parse it once for all of them; each one dropped is counted in
+    /// `switchyard_filtered_events_total`.
     pub fn targets(&self, source_id: i32, message: &Message) -> Vec<Target> {
-        self.routes
-            .iter()
-            .filter(|route| route.accepts(source_id, message))
-            .map(|route| Target {
+        let mut parsed: Option<Value> = None;
+        let mut targets = Vec::new();
+        for route in self.routes.iter() {
+            if !route.accepts(source_id, message) {
+                continue;
+            }
+            let event = match route.gate.reads_event() {
+                true => &*parsed.get_or_insert_with(|| {
+                    serde_json::from_slice(&message.payload).unwrap_or(Value::Null)
+                }),
+                false => &Value::Null,
+            };
+            if let Err(reason) = route.gate.check(&route.name, &message.message_id, event) {
+                crate::filter::count(&route.name, reason);
+                continue;
+            }
+            targets.push(Target {
                 destination_id: route.destination_id,
                 ordered: route.ordered,
                 run_size: route.run_size,
-            })
-            .collect()
+            });
+        }
+        targets
+    }
+
+    /// The route of the destination called `name`.
+    pub fn find(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|route| route.name == name)
     }
 }
 

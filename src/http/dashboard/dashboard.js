@@ -190,6 +190,12 @@
           el('ul', { class: 'chips', 'aria-label': `${d.name} endpoints` },
             d.endpoints.map(endpointChip)))));
     }
+    if (Array.isArray(d.filters) && d.filters.length > 0) {
+      rows.push(el('tr', { class: 'endpoints', 'data-filters-of': d.name },
+        el('td', { colspan: 10 },
+          el('ul', { class: 'chips', 'aria-label': `${d.name} filters` },
+            d.filters.map((filter) => el('li', { text: String(filter) }))))));
+    }
     return rows;
   }
 
