@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use switchyard::testkit::{start_switchyard, MockServer, Reply, TestDatabase};
+use switchyard::testkit::{start_switchyard, MockServer, TestDatabase};
 
 async fn send(base: &str, event: &str, prefix: &str, count: usize) -> u16 {
     let batch: Vec<_> = (0..count)
@@ -24,18 +24,24 @@ async fn send(base: &str, event: &str, prefix: &str, count: usize) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_destination_with_new_work_does_not_wait_for_a_busy_one() {
     let db = TestDatabase::create("wakeups").await;
-    let busy = MockServer::scripted(|_, _| Reply::ok().after(Duration::from_millis(20))).await;
+    // Instant receivers and room for many requests: four busy destinations have free slots and
+    // work on every pass of the loop, so the loop never runs out of something to dispatch.
+    let busy = MockServer::start().await;
     let idle = MockServer::start().await;
-    let config = format!(
-        "[[sources]]\nname = \"web\"\nwrite_key = \"wk\"\n\n\
-         [[destinations]]\nname = \"busy\"\nkind = \"webhook\"\nurl = \"{}\"\nevents = [\"Load\"]\nmax_in_flight = 4\n\n\
-         [[destinations]]\nname = \"idle\"\nkind = \"webhook\"\nurl = \"{}\"\nevents = [\"Ping\"]\n",
-        busy.url("/busy"),
+    let mut config = "[[sources]]\nname = \"web\"\nwrite_key = \"wk\"\n".to_string();
+    for d in 0..4 {
+        config += &format!(
+            "\n[[destinations]]\nname = \"busy{d}\"\nkind = \"webhook\"\nurl = \"{}\"\nevents = [\"Load\"]\nmax_in_flight = 50\n",
+            busy.url(&format!("/busy{d}"))
+        );
+    }
+    config += &format!(
+        "\n[[destinations]]\nname = \"idle\"\nkind = \"webhook\"\nurl = \"{}\"\nevents = [\"Ping\"]\n",
         idle.url("/idle")
     );
     let sy = start_switchyard(&config, &db.url).await;
     let base = format!("http://{}", sy.addr);
-    for round in 0..4 {
+    for round in 0..6 {
         assert_eq!(
             send(&base, "Load", &format!("load{round}"), 1000).await,
             200
@@ -56,14 +62,18 @@ async fn an_idle_destination_with_new_work_does_not_wait_for_a_busy_one() {
         );
         waits.push(sent.elapsed());
     }
-    let still_busy = busy.received().len() < 4000;
+    let still_busy = busy.received().len() < 24_000;
     assert!(
         still_busy,
         "the busy destination must still have a backlog for this to mean anything"
     );
-    let worst = waits.iter().max().copied().unwrap_or_default();
+    // The median, so one scheduling hiccup on a loaded machine does not decide: before wake-ups
+    // were read on every pass it was over a second (waits of 0.34 to 2.3 s).
+    let mut sorted = waits.clone();
+    sorted.sort();
+    let median = sorted[sorted.len() / 2];
     assert!(
-        worst < Duration::from_millis(800),
+        median < Duration::from_millis(300),
         "the idle destination waited {waits:?}"
     );
     sy.shutdown().await.unwrap();
