@@ -309,10 +309,15 @@ async fn count_queue(
         let (idle, used) = store.connections();
         metrics::gauge!("switchyard_db_pool_connections", "state" => "idle").set(idle as f64);
         metrics::gauge!("switchyard_db_pool_connections", "state" => "used").set(used as f64);
-        for lane in lanes.load().iter() {
+        let lanes = lanes.load();
+        for lane in lanes.iter() {
             let (queued, _) = depth.destination(lane.id);
             metrics::gauge!("switchyard_queue_depth", "destination" => lane.config.name.clone())
                 .set(queued as f64);
         }
+        crate::rates::RATES.sample_depths(lanes.iter().map(|lane| {
+            let (queued, _) = depth.destination(lane.id);
+            (lane.id, u32::try_from(queued).unwrap_or(u32::MAX))
+        }));
     }
 }

@@ -185,6 +185,16 @@ fn admin_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
             get(show_replay).delete(cancel_replay),
         ),
         ("/admin/v1/destinations/{name}/test", post(test_destination)),
+        (
+            "/admin/v1/destinations/{name}/pause",
+            post(pause_destination),
+        ),
+        (
+            "/admin/v1/destinations/{name}/resume",
+            post(resume_destination),
+        ),
+        ("/admin/v1/events/{message_id}", get(event_path)),
+        ("/admin/v1/stats/series", get(stats_series)),
     ]
 }
 
@@ -377,6 +387,9 @@ async fn ingest(
         metrics::counter!("switchyard_rejected_events_total", "source" => source.name.clone(), "code" => rejection.code)
             .increment(1);
     }
+    if !parsed.rejected.is_empty() {
+        crate::rates::RATES.ingested(source.id, 0, parsed.rejected.len() as u32);
+    }
     if parsed.messages.is_empty() && !parsed.rejected.is_empty() {
         let mut error = ApiError::bad_request("invalid_batch", "no message in the batch was valid");
         error.rejected = parsed.rejected;
@@ -423,6 +436,7 @@ async fn ingest(
     }
     metrics::counter!("switchyard_ingested_events_total", "source" => source.name.clone())
         .increment(accepted as u64);
+    crate::rates::RATES.ingested(source.id, accepted as u32, 0);
     let mut answer = json!({"success": true});
     if !parsed.rejected.is_empty() {
         answer["rejected"] = serde_json::to_value(&parsed.rejected).unwrap_or_default();
@@ -534,6 +548,11 @@ async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>,
         .dead_counts()
         .await
         .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+    let paused = state
+        .store
+        .paused()
+        .await
+        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
     let pipeline = state.pipeline.load();
     let list: Vec<Value> = pipeline
         .lanes
@@ -550,6 +569,7 @@ async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>,
             json!({
                 "name": config.name,
                 "kind": config.kind,
+                "paused": paused.contains(&lane.id),
                 "queued": queued,
                 "in_flight": lane.in_flight(),
                 "delivered": lane.stats.delivered.load(Ordering::Relaxed),
@@ -565,6 +585,161 @@ async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>,
         })
         .collect();
     Ok(Json(Value::Array(list)))
+}
+
+async fn pause_destination(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_paused(&state, name, true).await
+}
+
+async fn resume_destination(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_paused(&state, name, false).await
+}
+
+/// Pauses or resumes a configured destination (enabled or not), in every process and across
+/// restarts: the state lives in Postgres, where claims read it.
+async fn set_paused(state: &AppState, name: String, paused: bool) -> Result<Json<Value>, ApiError> {
+    let id = state
+        .pipeline
+        .load()
+        .destination_ids
+        .get(&name)
+        .copied()
+        .ok_or_else(|| ApiError::not_found(format!("no destination `{name}`")))?;
+    state
+        .store
+        .set_paused(id, paused)
+        .await
+        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+    Ok(Json(json!({ "name": name, "paused": paused })))
+}
+
+/// `GET /admin/v1/events/{messageId}`: the event's path as this process saw it.
+async fn event_path(
+    State(state): State<Arc<AppState>>,
+    Path(message_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let unknown = || {
+        ApiError::not_found(format!(
+            "no recent event `{message_id}` in this process (each process keeps the last {} \
+             events it routed)",
+            crate::trail::CAPACITY
+        ))
+    };
+    let event = crate::trail::TRAIL.find(&message_id).ok_or_else(unknown)?;
+    let pipeline = state.pipeline.load();
+    let source = pipeline
+        .sources
+        .sources()
+        .into_iter()
+        .find(|source| source.id == event.source_id)
+        .map(|source| source.name.clone());
+    let destination = |id: i32| {
+        pipeline
+            .destination_ids
+            .iter()
+            .find(|(_, &known)| known == id)
+            .map(|(name, _)| name.clone())
+    };
+    let routes: Vec<Value> = event
+        .routes
+        .iter()
+        .map(|route| {
+            let attempts: Vec<Value> = route
+                .attempts
+                .iter()
+                .map(|attempt| {
+                    json!({
+                        "at": ingest::format_time(attempt.at),
+                        "status": attempt.status,
+                        "error": attempt.error.as_deref(),
+                    })
+                })
+                .collect();
+            let reason = match route.state {
+                crate::trail::State::Filtered(reason) => Some(reason),
+                _ => None,
+            };
+            json!({
+                "destination": destination(route.destination_id),
+                "state": route.state.as_str(),
+                "reason": reason,
+                "attempts": attempts,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "message_id": &*event.message_id,
+        "source": source,
+        "received_at": ingest::format_time(event.received_at),
+        "scope": "process",
+        "routes": routes,
+    })))
+}
+
+#[derive(Deserialize)]
+struct SeriesQuery {
+    seconds: Option<u32>,
+}
+
+/// `GET /admin/v1/stats/series?seconds=N`: per-second rates for the last N seconds (at most an
+/// hour), oldest first, from this process's memory.
+async fn stats_series(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<SeriesQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(query_error)?;
+    let seconds = query.seconds.unwrap_or(crate::rates::SECONDS as u32);
+    if seconds == 0 || seconds as usize > crate::rates::SECONDS {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`seconds` must be 1 to {}", crate::rates::SECONDS),
+        ));
+    }
+    let until = crate::rates::now();
+    let rates = &crate::rates::RATES;
+    let pipeline = state.pipeline.load();
+    let sources: Vec<Value> = pipeline
+        .sources
+        .sources()
+        .into_iter()
+        .map(|source| {
+            let series = rates.source(source.id, until, seconds as usize);
+            json!({
+                "name": source.name,
+                "accepted": series.accepted,
+                "rejected": series.rejected,
+            })
+        })
+        .collect();
+    let destinations: Vec<Value> = pipeline
+        .lanes
+        .iter()
+        .map(|lane| {
+            let series = rates.destination(lane.id, until, seconds as usize);
+            json!({
+                "name": lane.config.name,
+                "delivered": series.delivered,
+                "retried": series.retried,
+                "dead": series.dead,
+                "queue_depth": series.queue_depth,
+                "p50_ms": series.p50_ms,
+                "p99_ms": series.p99_ms,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "scope": "process",
+        "until": until,
+        "step_seconds": 1,
+        "sources": sources,
+        "destinations": destinations,
+    })))
 }
 
 #[derive(Deserialize)]

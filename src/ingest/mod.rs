@@ -124,6 +124,14 @@ impl SourceDirectory {
             .map(|source| source.id)
     }
 
+    /// Each configured source once (several write keys may name one source).
+    pub fn sources(&self) -> Vec<&Arc<Source>> {
+        let mut sources: Vec<&Arc<Source>> = self.by_key.values().collect();
+        sources.sort_by_key(|source| source.id);
+        sources.dedup_by_key(|source| source.id);
+        sources
+    }
+
     /// Whether some source allows this browser origin (a preflight names no source).
     pub fn any_allows(&self, origin: &str) -> bool {
         self.by_key
@@ -733,9 +741,12 @@ impl Routes {
     /// The destinations that get `message` from `source_id`. The filters that read the event
     /// parse it once for all of them; each one dropped is counted in
     /// `switchyard_filtered_events_total`.
+    /// Each routing is kept in the event trail ([`crate::trail`]), with the filters that
+    /// stopped it.
     pub fn targets(&self, source_id: i32, message: &Message) -> Vec<Target> {
         let mut parsed: Option<Value> = None;
         let mut targets = Vec::new();
+        let mut filtered: Vec<(i32, &'static str)> = Vec::new();
         for route in self.routes.iter() {
             if !route.accepts(source_id, message) {
                 continue;
@@ -748,6 +759,7 @@ impl Routes {
             };
             if let Err(reason) = route.gate.check(&route.name, &message.message_id, event) {
                 crate::filter::count(&route.name, reason);
+                filtered.push((route.destination_id, reason.as_str()));
                 continue;
             }
             targets.push(Target {
@@ -756,6 +768,14 @@ impl Routes {
                 run_size: route.run_size,
             });
         }
+        let routed = targets.iter().map(|t| (t.destination_id, None));
+        let stopped = filtered.into_iter().map(|(id, reason)| (id, Some(reason)));
+        crate::trail::TRAIL.routed(
+            &message.message_id,
+            source_id,
+            OffsetDateTime::now_utc(),
+            routed.chain(stopped),
+        );
         targets
     }
 
