@@ -11,8 +11,6 @@
   const REFRESH_MS = 2000;
   const LIVE_MAX = 200;
   const SPARK_SECONDS = 300;
-  const PAGE_SECONDS = 3600;
-  const PAGE_STEP = 30;
   const SVG = 'http://www.w3.org/2000/svg';
 
   const $ = (id) => document.getElementById(id);
@@ -283,13 +281,31 @@
     return node;
   }
 
-  /** Points of a polyline through `values` (null: no sample) scaled to `top`. */
+  /** Points of one polyline through `values` (which have no gaps) scaled to `top`. */
   function points(values, width, height, top) {
-    const step = values.length > 1 ? width / (values.length - 1) : 0;
-    return values
-      .map((value, i) => (value === null || value === undefined ? null
-        : `${(i * step).toFixed(1)},${(height - 1 - (value / top) * (height - 2)).toFixed(1)}`))
-      .filter(Boolean);
+    return segments(values, width, height, top).flat();
+  }
+
+  /** Polylines through `values` scaled to `top`, broken where a value is null (no sample); a
+   *  lone value becomes a short level line, so it shows. */
+  function segments(values, width, height, top) {
+    const step = values.length > 1 ? width / (values.length - 1) : width;
+    const y = (value) => (height - 1 - (value / top) * (height - 2)).toFixed(1);
+    const runs = [];
+    let run = [];
+    values.forEach((value, i) => {
+      if (value === null || value === undefined) {
+        if (run.length) runs.push(run);
+        run = [];
+      } else {
+        run.push([i, value]);
+      }
+    });
+    if (run.length) runs.push(run);
+    return runs.map((r) => (r.length === 1
+      ? [`${Math.max(0, (r[0][0] - 0.5) * step).toFixed(1)},${y(r[0][1])}`,
+        `${Math.min(width, (r[0][0] + 0.5) * step).toFixed(1)},${y(r[0][1])}`]
+      : r.map(([i, value]) => `${(i * step).toFixed(1)},${y(value)}`)));
   }
 
   /** A small line of per-second values; `data-points` counts the non-zero ones. */
@@ -333,7 +349,9 @@
       svg.append(svgEl('line', { class: 'grid', x1: 0, x2: width, y1: y, y2: y }));
     }
     lines.forEach((line, i) => {
-      svg.append(svgEl('polyline', { class: `series s${i}`, points: points(line.values, width, height, top).join(' ') }));
+      for (const run of segments(line.values, width, height, top)) {
+        svg.append(svgEl('polyline', { class: `series s${i}`, points: run.join(' ') }));
+      }
     });
     return el('figure', { class: 'chart-box', 'data-chart': title },
       el('figcaption', {},
@@ -344,16 +362,23 @@
       svg);
   }
 
-  /** Per-second values folded into `step`-second points: the mean, or the max for gauges. */
+  /** Per-second values folded into `step`-second points: the mean of counts, or the max of
+   *  a gauge (null where nothing was sampled). */
   function fold(values, step, how) {
     const out = [];
     for (let i = 0; i < values.length; i += step) {
       const chunk = values.slice(i, i + step).filter((v) => v !== null && v !== undefined);
-      if (chunk.length === 0) out.push(null);
+      if (chunk.length === 0) out.push(how === 'max' ? null : 0);
       else if (how === 'max') out.push(Math.max(...chunk));
       else out.push(chunk.reduce((sum, n) => sum + n, 0) / step);
     }
     return out;
+  }
+
+  /** The page's window: seconds shown and seconds per point. */
+  function pageWindow() {
+    const seconds = Number($('page-window').value) || 300;
+    return { seconds, step: seconds > 600 ? 30 : 5 };
   }
 
   // ---- A destination's page ----------------------------------------------------------------
@@ -381,7 +406,7 @@
     const name = opened;
     const [list, hour] = await Promise.all([
       api('/admin/v1/destinations'),
-      api(`/admin/v1/stats/series?seconds=${PAGE_SECONDS}`),
+      api(`/admin/v1/stats/series?seconds=${pageWindow().seconds}`),
     ]);
     if (opened !== name) return;
     const d = list.find((item) => item.name === name);
@@ -416,6 +441,8 @@
     $('page-error').textContent = d.last_error || 'none';
     const s = hour.destinations.find((item) => item.name === name);
     if (!s) return;
+    const PAGE_STEP = pageWindow().step;
+    $('page-step').textContent = `Each point is ${PAGE_STEP} s.`;
     $('page-charts').replaceChildren(
       chart('Deliveries per second', [
         { label: 'delivered', values: fold(s.delivered, PAGE_STEP) },
@@ -725,6 +752,7 @@
     });
     $('replay-all').addEventListener('click', replayAll);
     $('page-back').addEventListener('click', closePage);
+    $('page-window').addEventListener('change', () => refreshPage().catch(handleFailure));
     $('event-form').addEventListener('submit', (event) => {
       event.preventDefault();
       const id = $('event-id').value.trim();
