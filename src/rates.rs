@@ -1,5 +1,7 @@
 //! Rates over time for the dashboard: per-second counts for the last [`SECONDS`], in rings in
-//! this process's memory (every process serves its own; a restart starts them empty).
+//! this process's memory (every process serves its own; a restart starts them empty). A
+//! destination's ring lives in its lane's counters (kept across reloads), the sources' in the
+//! server's state.
 //!
 //! Per source: events accepted and rejected. Per destination: deliveries delivered, retried
 //! and dead-lettered, the queue depth (sampled each second), and a small latency histogram
@@ -9,7 +11,7 @@
 //! hold and a few additions.
 
 use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 /// How many seconds are kept.
@@ -39,9 +41,6 @@ const BOUNDS_MS: [u32; 20] = [
     u32::MAX,
 ];
 
-/// This process's rates.
-pub static RATES: LazyLock<Rates> = LazyLock::new(Rates::default);
-
 #[derive(Clone, Copy, Default)]
 struct SourceSecond {
     at: u32,
@@ -70,16 +69,13 @@ pub struct Deliveries {
     pub latencies: Vec<Duration>,
 }
 
+/// Every source's ring, made at its first event.
 #[derive(Default)]
-pub struct Rates {
-    inner: Mutex<Inner>,
-}
+pub struct SourceRates(Mutex<HashMap<i32, Box<[SourceSecond]>>>);
 
+/// One destination's ring, made at its first outcome or queue count.
 #[derive(Default)]
-struct Inner {
-    sources: HashMap<i32, Box<[SourceSecond]>>,
-    destinations: HashMap<i32, Box<[DestinationSecond]>>,
-}
+pub struct DestinationRates(Mutex<Option<Box<[DestinationSecond]>>>);
 
 /// A series for one source, oldest second first.
 pub struct SourceSeries {
@@ -114,17 +110,16 @@ fn slot<T: Default + Copy>(ring: &mut [T], second: u32, at: impl Fn(&T) -> u32) 
     &mut ring[index]
 }
 
-impl Rates {
-    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+impl SourceRates {
+    fn rings(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Box<[SourceSecond]>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counts a source's accepted and rejected events.
     pub fn ingested(&self, source_id: i32, accepted: u32, rejected: u32) {
         let second = now();
-        let mut inner = self.inner();
-        let ring = inner
-            .sources
+        let mut rings = self.rings();
+        let ring = rings
             .entry(source_id)
             .or_insert_with(|| vec![SourceSecond::default(); SECONDS].into());
         let slot = slot(ring, second, |s| s.at);
@@ -133,34 +128,10 @@ impl Rates {
         slot.rejected = slot.rejected.saturating_add(rejected);
     }
 
-    /// Counts a destination's outcomes.
-    pub fn delivered(&self, destination_id: i32, deliveries: &Deliveries) {
-        let second = now();
-        let mut inner = self.inner();
-        let slot = destination_slot(&mut inner, destination_id, second);
-        slot.delivered = slot.delivered.saturating_add(deliveries.delivered);
-        slot.retried = slot.retried.saturating_add(deliveries.retried);
-        slot.dead = slot.dead.saturating_add(deliveries.dead);
-        for latency in &deliveries.latencies {
-            let ms = u32::try_from(latency.as_millis()).unwrap_or(u32::MAX);
-            let bucket = BOUNDS_MS.iter().position(|&b| ms <= b).unwrap_or(0);
-            slot.latency[bucket] += 1;
-        }
-    }
-
-    /// Sets the destinations' queue depths for this second.
-    pub fn sample_depths(&self, depths: impl IntoIterator<Item = (i32, u32)>) {
-        let second = now();
-        let mut inner = self.inner();
-        for (destination_id, depth) in depths {
-            destination_slot(&mut inner, destination_id, second).depth = Some(depth);
-        }
-    }
-
     /// The last `seconds` (at most [`SECONDS`]) ending with `until`, for one source.
-    pub fn source(&self, source_id: i32, until: u32, seconds: usize) -> SourceSeries {
-        let inner = self.inner();
-        let ring = inner.sources.get(&source_id);
+    pub fn series(&self, source_id: i32, until: u32, seconds: usize) -> SourceSeries {
+        let rings = self.rings();
+        let ring = rings.get(&source_id);
         let mut series = SourceSeries {
             accepted: Vec::with_capacity(seconds),
             rejected: Vec::with_capacity(seconds),
@@ -175,16 +146,41 @@ impl Rates {
         }
         series
     }
+}
 
-    /// The last `seconds` (at most [`SECONDS`]) ending with `until`, for one destination.
-    pub fn destination(
-        &self,
-        destination_id: i32,
-        until: u32,
-        seconds: usize,
-    ) -> DestinationSeries {
-        let inner = self.inner();
-        let ring = inner.destinations.get(&destination_id);
+impl DestinationRates {
+    /// This second's slot, the ring made if need be.
+    fn record(&self, change: impl FnOnce(&mut DestinationSecond)) {
+        let second = now();
+        let mut ring = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = ring.get_or_insert_with(|| vec![DestinationSecond::default(); SECONDS].into());
+        let slot = slot(ring, second, |s| s.at);
+        slot.at = second;
+        change(slot);
+    }
+
+    /// Counts a request's outcomes.
+    pub fn delivered(&self, deliveries: &Deliveries) {
+        self.record(|slot| {
+            slot.delivered = slot.delivered.saturating_add(deliveries.delivered);
+            slot.retried = slot.retried.saturating_add(deliveries.retried);
+            slot.dead = slot.dead.saturating_add(deliveries.dead);
+            for latency in &deliveries.latencies {
+                let ms = u32::try_from(latency.as_millis()).unwrap_or(u32::MAX);
+                let bucket = BOUNDS_MS.iter().position(|&b| ms <= b).unwrap_or(0);
+                slot.latency[bucket] += 1;
+            }
+        });
+    }
+
+    /// Sets the queue depth for this second.
+    pub fn sample_depth(&self, depth: u32) {
+        self.record(|slot| slot.depth = Some(depth));
+    }
+
+    /// The last `seconds` (at most [`SECONDS`]) ending with `until`.
+    pub fn series(&self, until: u32, seconds: usize) -> DestinationSeries {
+        let ring = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let mut series = DestinationSeries {
             delivered: Vec::with_capacity(seconds),
             retried: Vec::with_capacity(seconds),
@@ -195,6 +191,7 @@ impl Rates {
         };
         for second in window(until, seconds) {
             let s = ring
+                .as_ref()
                 .map(|r| r[second as usize % SECONDS])
                 .filter(|s| s.at == second)
                 .unwrap_or_default();
@@ -207,16 +204,6 @@ impl Rates {
         }
         series
     }
-}
-
-fn destination_slot(inner: &mut Inner, destination_id: i32, second: u32) -> &mut DestinationSecond {
-    let ring = inner
-        .destinations
-        .entry(destination_id)
-        .or_insert_with(|| vec![DestinationSecond::default(); SECONDS].into());
-    let slot = slot(ring, second, |s| s.at);
-    slot.at = second;
-    slot
 }
 
 /// The seconds of a window, oldest first.
@@ -248,27 +235,25 @@ mod tests {
 
     #[test]
     fn counts_land_in_their_second_and_age_out() {
-        let rates = Rates::default();
-        rates.ingested(1, 3, 1);
-        rates.delivered(
-            2,
-            &Deliveries {
-                delivered: 2,
-                retried: 1,
-                dead: 0,
-                latencies: vec![Duration::from_millis(3), Duration::from_millis(40)],
-            },
-        );
+        let sources = SourceRates::default();
+        sources.ingested(1, 3, 1);
+        let rates = DestinationRates::default();
+        rates.delivered(&Deliveries {
+            delivered: 2,
+            retried: 1,
+            dead: 0,
+            latencies: vec![Duration::from_millis(3), Duration::from_millis(40)],
+        });
         let until = now();
-        let source = rates.source(1, until, 5);
+        let source = sources.series(1, until, 5);
         assert_eq!(source.accepted.len(), 5);
         assert_eq!(source.accepted.iter().sum::<u32>(), 3);
         assert_eq!(source.rejected.iter().sum::<u32>(), 1);
-        let destination = rates.destination(2, until, 5);
+        let destination = rates.series(until, 5);
         assert_eq!(destination.delivered.iter().sum::<u32>(), 2);
         assert!(destination.p99_ms.contains(&Some(50)));
         // An hour later the slot is someone else's second.
-        let later = rates.destination(2, until + SECONDS as u32, 5);
+        let later = rates.series(until + SECONDS as u32, 5);
         assert_eq!(later.delivered.iter().sum::<u32>(), 0);
     }
 

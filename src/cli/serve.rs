@@ -160,6 +160,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         depth: depth.clone(),
         timeouts: settings.timeouts,
         live: Default::default(),
+        source_rates: Default::default(),
     });
     let roles = Roles {
         ingest: settings.role != Role::Worker,
@@ -314,10 +315,9 @@ async fn count_queue(
             let (queued, _) = depth.destination(lane.id);
             metrics::gauge!("switchyard_queue_depth", "destination" => lane.config.name.clone())
                 .set(queued as f64);
+            lane.stats
+                .rates
+                .sample_depth(u32::try_from(queued).unwrap_or(u32::MAX));
         }
-        crate::rates::RATES.sample_depths(lanes.iter().map(|lane| {
-            let (queued, _) = depth.destination(lane.id);
-            (lane.id, u32::try_from(queued).unwrap_or(u32::MAX))
-        }));
     }
 }

@@ -72,6 +72,8 @@ pub struct LaneStats {
     pub retried: AtomicU64,
     pub dead: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Per-second rates for the dashboard.
+    pub rates: rates::DestinationRates,
 }
 
 impl Lane {
@@ -913,7 +915,7 @@ async fn deliver(lane: &Lane, open: &OpenRuns, claimed: Vec<Claimed>) -> Vec<Set
         }
     }
     trail::TRAIL.attempted(lane.id, now, attempts);
-    rates::RATES.delivered(lane.id, &counts);
+    lane.stats.rates.delivered(&counts);
     tracing::debug!(
         destination = %name,
         events = claimed.len(),

@@ -126,6 +126,8 @@ pub struct AppState {
     pub timeouts: HttpTimeouts,
     /// The live debugger's feed (`GET /admin/v1/live`).
     pub live: crate::http::live::LiveFeed,
+    /// Accepted and rejected events per source and second, for the dashboard.
+    pub source_rates: crate::rates::SourceRates,
 }
 
 pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
@@ -388,7 +390,9 @@ async fn ingest(
             .increment(1);
     }
     if !parsed.rejected.is_empty() {
-        crate::rates::RATES.ingested(source.id, 0, parsed.rejected.len() as u32);
+        state
+            .source_rates
+            .ingested(source.id, 0, parsed.rejected.len() as u32);
     }
     if parsed.messages.is_empty() && !parsed.rejected.is_empty() {
         let mut error = ApiError::bad_request("invalid_batch", "no message in the batch was valid");
@@ -436,7 +440,7 @@ async fn ingest(
     }
     metrics::counter!("switchyard_ingested_events_total", "source" => source.name.clone())
         .increment(accepted as u64);
-    crate::rates::RATES.ingested(source.id, accepted as u32, 0);
+    state.source_rates.ingested(source.id, accepted as u32, 0);
     let mut answer = json!({"success": true});
     if !parsed.rejected.is_empty() {
         answer["rejected"] = serde_json::to_value(&parsed.rejected).unwrap_or_default();
@@ -702,14 +706,15 @@ async fn stats_series(
         ));
     }
     let until = crate::rates::now();
-    let rates = &crate::rates::RATES;
     let pipeline = state.pipeline.load();
     let sources: Vec<Value> = pipeline
         .sources
         .sources()
         .into_iter()
         .map(|source| {
-            let series = rates.source(source.id, until, seconds as usize);
+            let series = state
+                .source_rates
+                .series(source.id, until, seconds as usize);
             json!({
                 "name": source.name,
                 "accepted": series.accepted,
@@ -721,7 +726,7 @@ async fn stats_series(
         .lanes
         .iter()
         .map(|lane| {
-            let series = rates.destination(lane.id, until, seconds as usize);
+            let series = lane.stats.rates.series(until, seconds as usize);
             json!({
                 "name": lane.config.name,
                 "delivered": series.delivered,
