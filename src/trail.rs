@@ -68,6 +68,31 @@ pub struct EventTrail {
     pub routes: Vec<RouteTrail>,
 }
 
+impl EventTrail {
+    /// An accepted event and where routing sent it: `routes` are destination ids, each with the
+    /// filter that stopped it, if any.
+    pub fn new(
+        message_id: &str,
+        source_id: i32,
+        received_at: OffsetDateTime,
+        routes: impl IntoIterator<Item = (i32, Option<&'static str>)>,
+    ) -> EventTrail {
+        EventTrail {
+            message_id: message_id.into(),
+            source_id,
+            received_at,
+            routes: routes
+                .into_iter()
+                .map(|(destination_id, filtered)| RouteTrail {
+                    destination_id,
+                    state: filtered.map_or(State::Queued, State::Filtered),
+                    attempts: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// One attempt's result, as the scheduler reports it.
 pub struct AttemptResult<'a> {
     pub message_id: &'a str,
@@ -117,31 +142,27 @@ impl Trail {
         self.ring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records an accepted event and where routing sent it: `routes` are destination ids, with
-    /// the filter that stopped it, if any.
-    pub fn routed(
-        &self,
-        message_id: &str,
-        source_id: i32,
-        received_at: OffsetDateTime,
-        routes: impl IntoIterator<Item = (i32, Option<&'static str>)>,
-    ) {
-        let routes = routes
+    /// Records events once they are stored (one lock for a whole request). A messageId already
+    /// here from the same source is a repeat that dedup acknowledges without delivering: the
+    /// first one's path is kept.
+    pub fn accepted(&self, events: Vec<EventTrail>) {
+        let hashed: Vec<(u64, EventTrail)> = events
             .into_iter()
-            .map(|(destination_id, filtered)| RouteTrail {
-                destination_id,
-                state: filtered.map_or(State::Queued, State::Filtered),
-                attempts: Vec::new(),
-            })
+            .map(|event| (self.hasher.hash_one(&*event.message_id), event))
             .collect();
-        let event = EventTrail {
-            message_id: message_id.into(),
-            source_id,
-            received_at,
-            routes,
-        };
-        let hash = self.hasher.hash_one(message_id);
         let mut ring = self.ring();
+        for (hash, event) in hashed {
+            if ring
+                .find_mut(hash, &event.message_id)
+                .is_some_and(|known| known.source_id == event.source_id)
+            {
+                continue;
+            }
+            self.push(&mut ring, hash, event);
+        }
+    }
+
+    fn push(&self, ring: &mut Ring, hash: u64, event: EventTrail) {
         if ring.events.len() == self.capacity {
             if let Some(old) = ring.events.pop_front() {
                 let old_hash = self.hasher.hash_one(&*old.message_id);
@@ -238,7 +259,12 @@ mod tests {
     #[test]
     fn follows_an_event_through_its_attempts() {
         let trail = Trail::new(10);
-        trail.routed("m1", 1, now(), [(7, None), (8, Some("where"))]);
+        trail.accepted(vec![EventTrail::new(
+            "m1",
+            1,
+            now(),
+            [(7, None), (8, Some("where"))],
+        )]);
         let failed = AttemptResult {
             message_id: "m1",
             state: State::Retrying,
@@ -263,16 +289,23 @@ mod tests {
     #[test]
     fn forgets_the_oldest_beyond_capacity() {
         let trail = Trail::new(3);
+        let event = |id: &str, source: i32, destination: i32| {
+            EventTrail::new(id, source, now(), [(destination, None)])
+        };
         for i in 0..5 {
-            trail.routed(&format!("m{i}"), 1, now(), [(1, None)]);
+            trail.accepted(vec![event(&format!("m{i}"), 1, 1)]);
         }
         assert_eq!(trail.len(), 3);
         assert!(trail.find("m0").is_none());
         assert!(trail.find("m1").is_none());
         assert!(trail.find("m4").is_some());
-        // A repeated id points at its newest event, and evicting the old one keeps it.
-        trail.routed("m2", 1, now(), [(9, None)]);
-        trail.routed("x", 1, now(), [(1, None)]);
+        // A repeat from the same source keeps the first path.
+        trail.accepted(vec![event("m4", 1, 9)]);
+        assert_eq!(trail.find("m4").unwrap().routes[0].destination_id, 1);
+        // The same id from another source points at the newest, and evicting the old one
+        // keeps it.
+        trail.accepted(vec![event("m2", 2, 9)]);
+        trail.accepted(vec![event("x", 1, 1)]);
         assert_eq!(trail.find("m2").unwrap().routes[0].destination_id, 9);
     }
 

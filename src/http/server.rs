@@ -400,16 +400,21 @@ async fn ingest(
         return Err(error);
     }
     let accepted = parsed.messages.len();
+    let mut trails = Vec::with_capacity(accepted);
     let events: Vec<NewEvent> = parsed
         .messages
         .into_iter()
-        .map(|(_, message)| NewEvent {
-            source_id: source.id,
-            targets: pipeline.routes.targets(source.id, &message),
-            message_id: message.message_id,
-            user_key: message.user_key,
-            received_at,
-            payload: message.payload,
+        .map(|(_, message)| {
+            let (targets, trail) = pipeline.routes.targets(source.id, &message, received_at);
+            trails.push(trail);
+            NewEvent {
+                source_id: source.id,
+                targets,
+                message_id: message.message_id,
+                user_key: message.user_key,
+                received_at,
+                payload: message.payload,
+            }
         })
         .collect();
     let jobs: usize = events.iter().map(|e| e.targets.len()).sum();
@@ -422,6 +427,7 @@ async fn ingest(
             Ok(Ok(_)) => {
                 state.depth.queued(source.id, jobs as u64);
                 state.live.send(live);
+                crate::trail::TRAIL.accepted(trails);
             }
             Ok(Err(CommitError::Closed)) => {
                 return Err(ApiError::unavailable("shutting down; retry shortly"))

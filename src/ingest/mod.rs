@@ -21,6 +21,7 @@ use time::OffsetDateTime;
 
 use crate::http::error::{ApiError, Rejection};
 use crate::store::Target;
+use crate::trail::EventTrail;
 
 /// Segment's limits: 32 KB a message, 500 KB a request, 2,500 messages a batch.
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
@@ -741,9 +742,14 @@ impl Routes {
     /// The destinations that get `message` from `source_id`. The filters that read the event
     /// parse it once for all of them; each one dropped is counted in
     /// `switchyard_filtered_events_total`.
-    /// Each routing is kept in the event trail ([`crate::trail`]), with the filters that
-    /// stopped it.
-    pub fn targets(&self, source_id: i32, message: &Message) -> Vec<Target> {
+    /// Also returns the routing for the event trail ([`crate::trail`]), with the filters that
+    /// stopped it, to be recorded once the event is stored.
+    pub fn targets(
+        &self,
+        source_id: i32,
+        message: &Message,
+        received_at: OffsetDateTime,
+    ) -> (Vec<Target>, EventTrail) {
         let mut parsed: Option<Value> = None;
         let mut targets = Vec::new();
         let mut filtered: Vec<(i32, &'static str)> = Vec::new();
@@ -770,13 +776,13 @@ impl Routes {
         }
         let routed = targets.iter().map(|t| (t.destination_id, None));
         let stopped = filtered.into_iter().map(|(id, reason)| (id, Some(reason)));
-        crate::trail::TRAIL.routed(
+        let trail = EventTrail::new(
             &message.message_id,
             source_id,
-            OffsetDateTime::now_utc(),
+            received_at,
             routed.chain(stopped),
         );
-        targets
+        (targets, trail)
     }
 
     /// The route of the destination called `name`.
