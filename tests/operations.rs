@@ -639,6 +639,17 @@ async fn an_events_path_shows_a_failed_attempt_and_the_delivery() {
         admin_call(sy.addr, reqwest::Method::GET, "/admin/v1/events/never-sent").await;
     assert_eq!(status, 404);
     assert!(answer["code"].is_string());
+    // Not UTF-8 once decoded: a JSON error, not a panic or plain text.
+    for path in ["/admin/v1/events/%FF", "/admin/v1/destinations/%FF/pause"] {
+        let method = if path.ends_with("pause") {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::GET
+        };
+        let (status, answer) = admin_call(sy.addr, method, path).await;
+        assert_eq!(status, 400, "{path}: {answer}");
+        assert_eq!(answer["code"], "invalid_path", "{path}: {answer}");
+    }
 
     // The same traffic shows in the per-second series.
     let (status, series) = admin_call(

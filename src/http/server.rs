@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -599,15 +599,17 @@ async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>,
 
 async fn pause_destination(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Path(name) = name.map_err(path_error)?;
     set_paused(&state, name, true).await
 }
 
 async fn resume_destination(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Path(name) = name.map_err(path_error)?;
     set_paused(&state, name, false).await
 }
 
@@ -632,8 +634,9 @@ async fn set_paused(state: &AppState, name: String, paused: bool) -> Result<Json
 /// `GET /admin/v1/events/{messageId}`: the event's path as this process saw it.
 async fn event_path(
     State(state): State<Arc<AppState>>,
-    Path(message_id): Path<String>,
+    message_id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Path(message_id) = message_id.map_err(path_error)?;
     let unknown = || {
         ApiError::not_found(format!(
             "no recent event `{message_id}` in this process (each process keeps the last {} \
@@ -1072,6 +1075,10 @@ fn integral(number: &serde_json::Number) -> Option<i64> {
         let value = number.as_f64()?;
         (value.fract() == 0.0 && value.abs() < 9.0e15).then_some(value as i64)
     })
+}
+
+fn path_error(rejection: PathRejection) -> ApiError {
+    ApiError::bad_request("invalid_path", rejection.body_text())
 }
 
 fn query_error(rejection: QueryRejection) -> ApiError {
