@@ -404,9 +404,10 @@
   async function refreshPage() {
     if (!opened) return;
     const name = opened;
-    const [list, hour] = await Promise.all([
+    const [list, hour, { replays }] = await Promise.all([
       api('/admin/v1/destinations'),
       api(`/admin/v1/stats/series?seconds=${pageWindow().seconds}`),
+      api('/admin/v1/replays'),
     ]);
     if (opened !== name) return;
     const d = list.find((item) => item.name === name);
@@ -439,6 +440,16 @@
     $('page-config').replaceChildren(...facts.flatMap(([term, value]) =>
       [el('dt', { text: term }), el('dd', {}, value)]));
     $('page-error').textContent = d.last_error || 'none';
+    const own = replays.filter((replay) => replay.destination === name);
+    $('page-replays').tBodies[0].replaceChildren(...own.map((replay) => el('tr', { 'data-replay': replay.id },
+      el('td', { class: 'num', text: replay.id }),
+      el('td', { text: replay.state }),
+      el('td', { text: new Date(replay.from).toLocaleString() }),
+      el('td', { text: new Date(replay.to).toLocaleString() }),
+      el('td', { class: 'num', text: number.format(replay.selected ?? 0) }),
+      el('td', { class: 'num', text: number.format(replay.delivered ?? 0) }),
+      el('td', { class: 'num', text: number.format(replay.failed ?? 0) }))));
+    $('page-no-replays').hidden = own.length > 0;
     const s = hour.destinations.find((item) => item.name === name);
     if (!s) return;
     const PAGE_STEP = pageWindow().step;
