@@ -5,8 +5,9 @@
 //! It is per process, shared by every server in it (only tests run several), keyed by
 //! messageId; another process's attempts are not here, and it forgets on restart: it is
 //! an operator's "did my event get there?", not an audit log. Recording is one short mutex
-//! hold per routed message and per delivery request. An event is ids and times, no payload:
-//! about 300–400 bytes with two destinations and an attempt each, so ≈ 15–20 MB when full.
+//! hold per ingest request and per delivery request. An event is ids and times, no payload:
+//! with two destinations and an attempt each, a full ring measured ≈ 23 MB of RSS (≈ 460
+//! bytes an event, allocator overhead included).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
