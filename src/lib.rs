@@ -17,6 +17,9 @@
 //!
 //! [`filter`] holds each destination's `where`, `consent`, `sample`, `transform` and property
 //! drops: the first three run at ingest routing, the others at delivery.
+//!
+//! [`trail`] and [`rates`] watch the flow for the dashboard: the last events' paths and
+//! per-second rates for the last hour, in bounded rings in this process's memory.
 
 pub mod cli;
 pub mod config;
@@ -28,6 +31,8 @@ pub mod filter;
 pub mod http;
 pub mod ingest;
 pub mod pipeline;
+pub mod rates;
 pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod trail;

@@ -1,7 +1,8 @@
 //! The dashboard in a real browser: Debian's headless Chromium, driven by playwright-core
 //! (`tests/browser/dashboard.mjs`), against Switchyard in this process. An operator signs in,
-//! sees a delivered event counted, replays a dead letter and watches the live stream; the
-//! screenshot lands in `target/dashboard.png` (kept by CI as an artifact).
+//! sees a delivered event counted, replays a dead letter, watches the live stream, pauses and
+//! resumes a destination, finds an event's attempts and opens a destination's charts; the
+//! screenshots land in `target/dashboard*.png` (kept by CI as artifacts).
 //!
 //! Needs `/usr/bin/chromium` (Debian's `chromium` package), Node.js, and `npm ci` in
 //! `tests/browser`; `.ci/test` sets all three up. A missing piece fails the test, saying
@@ -44,7 +45,7 @@ fn driver_dir() -> PathBuf {
     dir
 }
 
-fn config(good: &MockServer, broken: &MockServer) -> String {
+fn config(good: &MockServer, broken: &MockServer, flaky: &MockServer) -> String {
     format!(
         r#"
 [[sources]]
@@ -60,9 +61,16 @@ url = "{}"
 name = "crm"
 kind = "webhook"
 url = "{}"
+
+[[destinations]]
+name = "warehouse"
+kind = "webhook"
+url = "{}"
+retry.initial_backoff = "50ms"
 "#,
         good.url("/orders"),
-        broken.url("/crm")
+        broken.url("/crm"),
+        flaky.url("/warehouse")
     )
 }
 
@@ -106,7 +114,19 @@ async fn an_operator_signs_in_sees_deliveries_and_replays_a_dead_letter() {
     let good = MockServer::start().await;
     // The CRM refuses everything (400: dead at once) until the operator has looked.
     let broken = MockServer::scripted(|_, _| Reply::status(400).with_body("unknown field")).await;
-    let sy = start_switchyard(&config(&good, &broken), &db.url).await;
+    // The warehouse fails dash-0's first attempt (500), then takes everything.
+    let failed_once = std::sync::atomic::AtomicBool::new(false);
+    let flaky = MockServer::scripted(move |_, received| {
+        let first = String::from_utf8_lossy(&received.body).contains("\"dash-0\"")
+            && !failed_once.swap(true, std::sync::atomic::Ordering::SeqCst);
+        if first {
+            Reply::status(500).with_body("warehouse is restarting")
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let sy = start_switchyard(&config(&good, &broken, &flaky), &db.url).await;
 
     let events: Vec<Value> = (0..4)
         .map(|i| {
@@ -136,6 +156,14 @@ async fn an_operator_signs_in_sees_deliveries_and_replays_a_dead_letter() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(dead.len(), 4, "every event to the CRM became a dead letter");
+    assert!(
+        flaky
+            .wait_until(Duration::from_secs(20), |s| s
+                .message_ids()
+                .contains(&"dash-0".to_owned()))
+            .await,
+        "dash-0 reached the warehouse on its second attempt"
+    );
     broken.script(|_, _| Reply::ok());
 
     let screenshot = manifest_dir().join("target/dashboard.png");
@@ -148,6 +176,8 @@ async fn an_operator_signs_in_sees_deliveries_and_replays_a_dead_letter() {
         .env("SWITCHYARD_WRITE_KEY", KEY)
         .env("DELIVERED_DESTINATION", "orders")
         .env("DEAD_DESTINATION", "crm")
+        .env("FLAKY_DESTINATION", "warehouse")
+        .env("EVENT_ID", "dash-0")
         .env("SCREENSHOT", &screenshot)
         .env("CHROMIUM", &chromium)
         .kill_on_drop(true)
@@ -183,6 +213,43 @@ async fn an_operator_signs_in_sees_deliveries_and_replays_a_dead_letter() {
         "only the refused sign-in failed to load: {report}"
     );
 
+    assert!(
+        report["spark_points"].as_u64().is_some_and(|n| n > 0),
+        "{report}"
+    );
+    let paused_id = report["paused_message_id"]
+        .as_str()
+        .expect("a paused event")
+        .to_owned();
+    assert!(
+        good.message_ids().contains(&paused_id),
+        "the event sent while paused was delivered after the resume: {report}"
+    );
+    assert_eq!(report["event_state"], "delivered", "{report}");
+    let attempts = report["attempts"].as_array().expect("attempts");
+    assert_eq!(
+        attempts.len(),
+        2,
+        "one failed attempt, then the delivery: {report}"
+    );
+    assert_eq!(attempts[0]["failed"], true, "{report}");
+    assert!(
+        attempts[0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("500")),
+        "{report}"
+    );
+    assert_eq!(attempts[1]["failed"], false, "{report}");
+    let charts = report["charts"].as_array().expect("charts");
+    assert_eq!(charts.len(), 3, "{report}");
+    assert!(
+        charts
+            .iter()
+            .all(|c| c["points"].as_u64().is_some_and(|n| n > 0)),
+        "every chart has data points after traffic: {report}"
+    );
+    assert_eq!(report["focused_title"], "page-title", "{report}");
+
     let replayed = report["replayed_id"].as_i64().expect("a replayed id");
     let message_id = dead
         .iter()
@@ -203,6 +270,18 @@ async fn an_operator_signs_in_sees_deliveries_and_replays_a_dead_letter() {
             .await,
         "the replayed event ({message_id}) reached the CRM"
     );
+    for name in [
+        "dashboard.png",
+        "dashboard-destination.png",
+        "dashboard-event.png",
+    ] {
+        let shot = manifest_dir().join("target").join(name);
+        assert!(
+            shot.exists() && std::fs::metadata(&shot).is_ok_and(|m| m.len() > 1000),
+            "a screenshot at {}",
+            shot.display()
+        );
+    }
     assert!(
         is_png(&screenshot),
         "a screenshot at {}",

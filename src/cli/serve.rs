@@ -160,6 +160,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         depth: depth.clone(),
         timeouts: settings.timeouts,
         live: Default::default(),
+        source_rates: Default::default(),
     });
     let roles = Roles {
         ingest: settings.role != Role::Worker,
@@ -309,10 +310,14 @@ async fn count_queue(
         let (idle, used) = store.connections();
         metrics::gauge!("switchyard_db_pool_connections", "state" => "idle").set(idle as f64);
         metrics::gauge!("switchyard_db_pool_connections", "state" => "used").set(used as f64);
-        for lane in lanes.load().iter() {
+        let lanes = lanes.load();
+        for lane in lanes.iter() {
             let (queued, _) = depth.destination(lane.id);
             metrics::gauge!("switchyard_queue_depth", "destination" => lane.config.name.clone())
                 .set(queued as f64);
+            lane.stats
+                .rates
+                .sample_depth(u32::try_from(queued).unwrap_or(u32::MAX));
         }
     }
 }

@@ -31,6 +31,7 @@ use crate::delivery::sender::{HttpClient, Sender};
 use crate::delivery::traffic::{Closed, Concurrency, KeyGate};
 use crate::destination::{DeliveryContext, Event, Outcome, Verdict};
 use crate::store::{self, ClaimedRun, Fate, JobsNotice, RunOutcome, Store};
+use crate::{rates, trail};
 
 /// Rows claimed in one statement at most.
 const MAX_CLAIM: usize = 1000;
@@ -71,6 +72,8 @@ pub struct LaneStats {
     pub retried: AtomicU64,
     pub dead: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Per-second rates for the dashboard.
+    pub rates: rates::DestinationRates,
 }
 
 impl Lane {
@@ -825,13 +828,23 @@ async fn deliver(lane: &Lane, open: &OpenRuns, claimed: Vec<Claimed>) -> Vec<Set
     let name = lane.config.name.clone();
     let now = OffsetDateTime::now_utc();
     let mut settled = Vec::new();
+    let mut counts = rates::Deliveries::default();
+    let mut attempts: Vec<trail::AttemptResult> = Vec::with_capacity(claimed.len());
     for (claimed, outcome) in claimed.iter().zip(outcomes) {
         let run = &claimed.run;
+        let mut attempt = trail::AttemptResult {
+            message_id: &claimed.event.message_id,
+            state: trail::State::Delivered,
+            status: None,
+            error: None,
+        };
         let (fate, retry) = match outcome {
             Outcome::Delivered => {
-                let latency = (now - run.enqueued_at).as_seconds_f64().max(0.0);
+                let latency = (now - run.enqueued_at).unsigned_abs();
+                counts.delivered += 1;
+                counts.latencies.push(latency);
                 metrics::histogram!("switchyard_delivery_latency_seconds", "destination" => name.clone())
-                    .record(latency);
+                    .record(latency.as_secs_f64());
                 metrics::counter!("switchyard_deliveries_total", "destination" => name.clone(), "outcome" => "delivered")
                     .increment(1);
                 lane.stats.delivered.fetch_add(1, Ordering::Relaxed);
@@ -845,15 +858,20 @@ async fn deliver(lane: &Lane, open: &OpenRuns, claimed: Vec<Claimed>) -> Vec<Set
             } => {
                 lane.note_error(&message);
                 let age = (now - run.enqueued_at).unsigned_abs();
+                attempt.status = status;
                 let status = status.map(i32::from);
                 match retry_delay(&lane.config.retry, run.attempts, age, retry_after) {
                     Some(delay) => {
+                        counts.retried += 1;
+                        attempt.state = trail::State::Retrying;
                         lane.stats.retried.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("switchyard_deliveries_total", "destination" => name.clone(), "outcome" => "retried")
                             .increment(1);
                         (Fate::Retry, Some((delay, status, message)))
                     }
                     None => {
+                        counts.dead += 1;
+                        attempt.state = trail::State::Dead;
                         lane.stats.dead.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("switchyard_deliveries_total", "destination" => name.clone(), "outcome" => "dead")
                             .increment(1);
@@ -863,11 +881,15 @@ async fn deliver(lane: &Lane, open: &OpenRuns, claimed: Vec<Claimed>) -> Vec<Set
                 }
             }
             Outcome::Filtered { reason } => {
+                attempt.state = trail::State::Filtered(reason.as_str());
                 crate::filter::count(&name, reason);
                 (Fate::Delivered, None)
             }
             Outcome::Failed { status, message } => {
                 lane.note_error(&message);
+                counts.dead += 1;
+                attempt.state = trail::State::Dead;
+                attempt.status = status;
                 lane.stats.dead.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("switchyard_deliveries_total", "destination" => name.clone(), "outcome" => "dead")
                     .increment(1);
@@ -881,11 +903,19 @@ async fn deliver(lane: &Lane, open: &OpenRuns, claimed: Vec<Claimed>) -> Vec<Set
                 )
             }
         };
+        attempt.error = match (&fate, &retry) {
+            (Fate::Dead { error, .. }, _) => Some(error.clone()),
+            (_, Some((_, _, message))) => Some(message.clone()),
+            _ => None,
+        };
+        attempts.push(attempt);
         if let Some(outcome) = run.record(claimed.position, fate, retry) {
             open.remove(run.id);
             settled.push(Settled::new(run, outcome));
         }
     }
+    trail::TRAIL.attempted(lane.id, now, attempts);
+    lane.stats.rates.delivered(&counts);
     tracing::debug!(
         destination = %name,
         events = claimed.len(),

@@ -81,6 +81,10 @@ pub async fn serve() -> Response {
         routes::live,
         routes::reload,
         routes::test_destination,
+        routes::pause_destination,
+        routes::resume_destination,
+        routes::event_path,
+        routes::stats_series,
         routes::dashboard,
         routes::healthz,
         routes::readyz,
@@ -88,6 +92,10 @@ pub async fn serve() -> Response {
         routes::openapi_json,
     ),
     components(schemas(
+        PauseState,
+        EventPath,
+        EventRoute,
+        EventAttempt,
         ArchiveReplayRequest,
         ArchiveReplayStarted,
         ArchiveReplay,
@@ -561,6 +569,72 @@ mod routes {
         security(("adminToken" = [])),
     )]
     pub fn test_destination() {}
+
+    /// Pause a destination: its events keep queueing and nothing is delivered (requests
+    /// already in flight finish) until it is resumed. Kept in Postgres: every process and
+    /// every restart honors it.
+    #[utoipa::path(
+        post,
+        path = "/admin/v1/destinations/{name}/pause",
+        tag = "admin",
+        params(("name" = String, Path, description = "The destination")),
+        responses(
+            (status = 200, description = "`{name, paused: true}`", body = PauseState),
+            (status = 404, description = "No destination of that name", body = Failure),
+            AdminErrors,
+        ),
+        security(("adminToken" = [])),
+    )]
+    pub fn pause_destination() {}
+
+    /// Resume a paused destination: its backlog is delivered at once.
+    #[utoipa::path(
+        post,
+        path = "/admin/v1/destinations/{name}/resume",
+        tag = "admin",
+        params(("name" = String, Path, description = "The destination")),
+        responses(
+            (status = 200, description = "`{name, paused: false}`", body = PauseState),
+            (status = 404, description = "No destination of that name", body = Failure),
+            AdminErrors,
+        ),
+        security(("adminToken" = [])),
+    )]
+    pub fn resume_destination() {}
+
+    /// Where one recent event went: when this process accepted it, the destinations it was
+    /// routed to or filtered from, and each delivery attempt this process made. Kept in a
+    /// bounded in-memory ring per process: every process serves its own (`scope: "process"`).
+    #[utoipa::path(
+        get,
+        path = "/admin/v1/events/{message_id}",
+        tag = "admin",
+        params(("message_id" = String, Path, description = "The event's messageId")),
+        responses(
+            (status = 200, description = "The event's path", body = EventPath),
+            (status = 404, description = "Unknown here, or aged out of the ring", body = Failure),
+            AdminErrors,
+        ),
+        security(("adminToken" = [])),
+    )]
+    pub fn event_path() {}
+
+    /// Per-second counts for the last hour, from this process's in-memory ring:
+    /// accepted/rejected per source; delivered/retried/dead, queue depth and p50/p99 latency
+    /// per destination.
+    #[utoipa::path(
+        get,
+        path = "/admin/v1/stats/series",
+        tag = "admin",
+        params(("seconds" = Option<u32>, Query, description = "How far back, 1..=3600 (default 3600)")),
+        responses(
+            (status = 200, description = "The series", body = Object),
+            (status = 400, description = "`seconds` out of range", body = Failure),
+            AdminErrors,
+        ),
+        security(("adminToken" = [])),
+    )]
+    pub fn stats_series() {}
 
     /// The dashboard. The page itself holds no data and needs no token (a browser cannot send
     /// one when navigating); it asks for the admin token and calls the admin API with it.
@@ -1196,6 +1270,43 @@ pub struct ArchiveReplay {
 #[derive(ToSchema)]
 pub struct ArchiveReplays {
     pub replays: Vec<ArchiveReplay>,
+}
+
+/// A destination's pause state.
+#[derive(ToSchema)]
+pub struct PauseState {
+    pub name: String,
+    pub paused: bool,
+}
+
+/// One event's path (`GET /admin/v1/events/{messageId}`).
+#[derive(ToSchema)]
+pub struct EventPath {
+    pub message_id: String,
+    pub source: String,
+    pub received_at: String,
+    /// Always `process`: the answer is this process's memory only.
+    pub scope: String,
+    pub routes: Vec<EventRoute>,
+}
+
+/// One destination in an event's path.
+#[derive(ToSchema)]
+pub struct EventRoute {
+    pub destination: String,
+    /// `queued`, `retrying`, `delivered`, `dead` or `filtered`.
+    pub state: String,
+    /// Why it was filtered: `where`, `consent`, `sample` or `transform`.
+    pub reason: Option<String>,
+    pub attempts: Vec<EventAttempt>,
+}
+
+/// One delivery attempt.
+#[derive(ToSchema)]
+pub struct EventAttempt {
+    pub at: String,
+    pub status: Option<u16>,
+    pub error: Option<String>,
 }
 
 /// A sample event for `POST /admin/v1/destinations/{name}/test`.

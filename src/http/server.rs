@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -126,6 +126,8 @@ pub struct AppState {
     pub timeouts: HttpTimeouts,
     /// The live debugger's feed (`GET /admin/v1/live`).
     pub live: crate::http::live::LiveFeed,
+    /// Accepted and rejected events per source and second, for the dashboard.
+    pub source_rates: crate::rates::SourceRates,
 }
 
 pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
@@ -185,6 +187,16 @@ fn admin_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
             get(show_replay).delete(cancel_replay),
         ),
         ("/admin/v1/destinations/{name}/test", post(test_destination)),
+        (
+            "/admin/v1/destinations/{name}/pause",
+            post(pause_destination),
+        ),
+        (
+            "/admin/v1/destinations/{name}/resume",
+            post(resume_destination),
+        ),
+        ("/admin/v1/events/{message_id}", get(event_path)),
+        ("/admin/v1/stats/series", get(stats_series)),
     ]
 }
 
@@ -377,22 +389,32 @@ async fn ingest(
         metrics::counter!("switchyard_rejected_events_total", "source" => source.name.clone(), "code" => rejection.code)
             .increment(1);
     }
+    if !parsed.rejected.is_empty() {
+        state
+            .source_rates
+            .ingested(source.id, 0, parsed.rejected.len() as u32);
+    }
     if parsed.messages.is_empty() && !parsed.rejected.is_empty() {
         let mut error = ApiError::bad_request("invalid_batch", "no message in the batch was valid");
         error.rejected = parsed.rejected;
         return Err(error);
     }
     let accepted = parsed.messages.len();
+    let mut trails = Vec::with_capacity(accepted);
     let events: Vec<NewEvent> = parsed
         .messages
         .into_iter()
-        .map(|(_, message)| NewEvent {
-            source_id: source.id,
-            targets: pipeline.routes.targets(source.id, &message),
-            message_id: message.message_id,
-            user_key: message.user_key,
-            received_at,
-            payload: message.payload,
+        .map(|(_, message)| {
+            let (targets, trail) = pipeline.routes.targets(source.id, &message, received_at);
+            trails.push(trail);
+            NewEvent {
+                source_id: source.id,
+                targets,
+                message_id: message.message_id,
+                user_key: message.user_key,
+                received_at,
+                payload: message.payload,
+            }
         })
         .collect();
     let jobs: usize = events.iter().map(|e| e.targets.len()).sum();
@@ -405,6 +427,7 @@ async fn ingest(
             Ok(Ok(_)) => {
                 state.depth.queued(source.id, jobs as u64);
                 state.live.send(live);
+                crate::trail::TRAIL.accepted(trails);
             }
             Ok(Err(CommitError::Closed)) => {
                 return Err(ApiError::unavailable("shutting down; retry shortly"))
@@ -423,6 +446,7 @@ async fn ingest(
     }
     metrics::counter!("switchyard_ingested_events_total", "source" => source.name.clone())
         .increment(accepted as u64);
+    state.source_rates.ingested(source.id, accepted as u32, 0);
     let mut answer = json!({"success": true});
     if !parsed.rejected.is_empty() {
         answer["rejected"] = serde_json::to_value(&parsed.rejected).unwrap_or_default();
@@ -534,6 +558,11 @@ async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>,
         .dead_counts()
         .await
         .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+    let paused = state
+        .store
+        .paused()
+        .await
+        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
     let pipeline = state.pipeline.load();
     let list: Vec<Value> = pipeline
         .lanes
@@ -550,6 +579,7 @@ async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>,
             json!({
                 "name": config.name,
                 "kind": config.kind,
+                "paused": paused.contains(&lane.id),
                 "queued": queued,
                 "in_flight": lane.in_flight(),
                 "delivered": lane.stats.delivered.load(Ordering::Relaxed),
@@ -565,6 +595,165 @@ async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>,
         })
         .collect();
     Ok(Json(Value::Array(list)))
+}
+
+async fn pause_destination(
+    State(state): State<Arc<AppState>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(name) = name.map_err(path_error)?;
+    set_paused(&state, name, true).await
+}
+
+async fn resume_destination(
+    State(state): State<Arc<AppState>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(name) = name.map_err(path_error)?;
+    set_paused(&state, name, false).await
+}
+
+/// Pauses or resumes a configured destination (enabled or not), in every process and across
+/// restarts: the state lives in Postgres, where claims read it.
+async fn set_paused(state: &AppState, name: String, paused: bool) -> Result<Json<Value>, ApiError> {
+    let id = state
+        .pipeline
+        .load()
+        .destination_ids
+        .get(&name)
+        .copied()
+        .ok_or_else(|| ApiError::not_found(format!("no destination `{name}`")))?;
+    state
+        .store
+        .set_paused(id, paused)
+        .await
+        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+    Ok(Json(json!({ "name": name, "paused": paused })))
+}
+
+/// `GET /admin/v1/events/{messageId}`: the event's path as this process saw it.
+async fn event_path(
+    State(state): State<Arc<AppState>>,
+    message_id: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(message_id) = message_id.map_err(path_error)?;
+    let unknown = || {
+        ApiError::not_found(format!(
+            "no recent event `{message_id}` in this process (each process keeps the last {} \
+             events it routed)",
+            crate::trail::CAPACITY
+        ))
+    };
+    let event = crate::trail::TRAIL.find(&message_id).ok_or_else(unknown)?;
+    let pipeline = state.pipeline.load();
+    let source = pipeline
+        .sources
+        .sources()
+        .into_iter()
+        .find(|source| source.id == event.source_id)
+        .map(|source| source.name.clone());
+    let destination = |id: i32| {
+        pipeline
+            .destination_ids
+            .iter()
+            .find(|(_, &known)| known == id)
+            .map(|(name, _)| name.clone())
+    };
+    let routes: Vec<Value> = event
+        .routes
+        .iter()
+        .map(|route| {
+            let attempts: Vec<Value> = route
+                .attempts
+                .iter()
+                .map(|attempt| {
+                    json!({
+                        "at": ingest::format_time(attempt.at),
+                        "status": attempt.status,
+                        "error": attempt.error.as_deref(),
+                    })
+                })
+                .collect();
+            let reason = match route.state {
+                crate::trail::State::Filtered(reason) => Some(reason),
+                _ => None,
+            };
+            json!({
+                "destination": destination(route.destination_id),
+                "state": route.state.as_str(),
+                "reason": reason,
+                "attempts": attempts,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "message_id": &*event.message_id,
+        "source": source,
+        "received_at": ingest::format_time(event.received_at),
+        "scope": "process",
+        "routes": routes,
+    })))
+}
+
+#[derive(Deserialize)]
+struct SeriesQuery {
+    seconds: Option<u32>,
+}
+
+/// `GET /admin/v1/stats/series?seconds=N`: per-second rates for the last N seconds (at most an
+/// hour), oldest first, from this process's memory.
+async fn stats_series(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<SeriesQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(query_error)?;
+    let seconds = query.seconds.unwrap_or(crate::rates::SECONDS as u32);
+    if seconds == 0 || seconds as usize > crate::rates::SECONDS {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`seconds` must be 1 to {}", crate::rates::SECONDS),
+        ));
+    }
+    let until = crate::rates::now();
+    let pipeline = state.pipeline.load();
+    let sources: Vec<Value> = pipeline
+        .sources
+        .sources()
+        .into_iter()
+        .map(|source| {
+            let series = state
+                .source_rates
+                .series(source.id, until, seconds as usize);
+            json!({
+                "name": source.name,
+                "accepted": series.accepted,
+                "rejected": series.rejected,
+            })
+        })
+        .collect();
+    let destinations: Vec<Value> = pipeline
+        .lanes
+        .iter()
+        .map(|lane| {
+            let series = lane.stats.rates.series(until, seconds as usize);
+            json!({
+                "name": lane.config.name,
+                "delivered": series.delivered,
+                "retried": series.retried,
+                "dead": series.dead,
+                "queue_depth": series.queue_depth,
+                "p50_ms": series.p50_ms,
+                "p99_ms": series.p99_ms,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "scope": "process",
+        "until": until,
+        "step_seconds": 1,
+        "sources": sources,
+        "destinations": destinations,
+    })))
 }
 
 #[derive(Deserialize)]
@@ -886,6 +1075,10 @@ fn integral(number: &serde_json::Number) -> Option<i64> {
         let value = number.as_f64()?;
         (value.fract() == 0.0 && value.abs() < 9.0e15).then_some(value as i64)
     })
+}
+
+fn path_error(rejection: PathRejection) -> ApiError {
+    ApiError::bad_request("invalid_path", rejection.body_text())
 }
 
 fn query_error(rejection: QueryRejection) -> ApiError {

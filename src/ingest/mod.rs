@@ -21,6 +21,7 @@ use time::OffsetDateTime;
 
 use crate::http::error::{ApiError, Rejection};
 use crate::store::Target;
+use crate::trail::EventTrail;
 
 /// Segment's limits: 32 KB a message, 500 KB a request, 2,500 messages a batch.
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
@@ -122,6 +123,14 @@ impl SourceDirectory {
             .values()
             .find(|source| source.name == name)
             .map(|source| source.id)
+    }
+
+    /// Each configured source once (several write keys may name one source).
+    pub fn sources(&self) -> Vec<&Arc<Source>> {
+        let mut sources: Vec<&Arc<Source>> = self.by_key.values().collect();
+        sources.sort_by_key(|source| source.id);
+        sources.dedup_by_key(|source| source.id);
+        sources
     }
 
     /// Whether some source allows this browser origin (a preflight names no source).
@@ -733,9 +742,17 @@ impl Routes {
     /// The destinations that get `message` from `source_id`. The filters that read the event
     /// parse it once for all of them; each one dropped is counted in
     /// `switchyard_filtered_events_total`.
-    pub fn targets(&self, source_id: i32, message: &Message) -> Vec<Target> {
+    /// Also returns the routing for the event trail ([`crate::trail`]), with the filters that
+    /// stopped it, to be recorded once the event is stored.
+    pub fn targets(
+        &self,
+        source_id: i32,
+        message: &Message,
+        received_at: OffsetDateTime,
+    ) -> (Vec<Target>, EventTrail) {
         let mut parsed: Option<Value> = None;
         let mut targets = Vec::new();
+        let mut filtered: Vec<(i32, &'static str)> = Vec::new();
         for route in self.routes.iter() {
             if !route.accepts(source_id, message) {
                 continue;
@@ -748,6 +765,7 @@ impl Routes {
             };
             if let Err(reason) = route.gate.check(&route.name, &message.message_id, event) {
                 crate::filter::count(&route.name, reason);
+                filtered.push((route.destination_id, reason.as_str()));
                 continue;
             }
             targets.push(Target {
@@ -756,7 +774,15 @@ impl Routes {
                 run_size: route.run_size,
             });
         }
-        targets
+        let routed = targets.iter().map(|t| (t.destination_id, None));
+        let stopped = filtered.into_iter().map(|(id, reason)| (id, Some(reason)));
+        let trail = EventTrail::new(
+            &message.message_id,
+            source_id,
+            received_at,
+            routed.chain(stopped),
+        );
+        (targets, trail)
     }
 
     /// The route of the destination called `name`.

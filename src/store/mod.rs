@@ -19,7 +19,7 @@ mod listen;
 
 pub use listen::{JobsListener, JobsNotice};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -300,6 +300,7 @@ const CLAIM: &str = claim!(
     r#"
     SELECT id FROM jobs
     WHERE destination_id = $1 AND (replay_id IS NOT NULL) = $5 AND run_at <= now()
+      AND NOT EXISTS (SELECT 1 FROM paused_destinations WHERE destination_id = $1)
     ORDER BY run_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -312,6 +313,7 @@ const CLAIM_ORDERED: &str = claim!(
     r#"
     SELECT j.id FROM jobs j
     WHERE j.destination_id = $1 AND (j.replay_id IS NOT NULL) = $5 AND j.run_at <= now()
+      AND NOT EXISTS (SELECT 1 FROM paused_destinations WHERE destination_id = $1)
       AND NOT EXISTS (
           SELECT 1 FROM jobs earlier
           WHERE earlier.destination_id = j.destination_id
@@ -451,6 +453,7 @@ RETURNING key
 const DUE_DESTINATIONS: &str = r#"
 SELECT d FROM unnest($1::int[]) AS d
 WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.destination_id = d AND j.run_at <= now())
+  AND NOT EXISTS (SELECT 1 FROM paused_destinations p WHERE p.destination_id = d)
 "#;
 
 impl Store {
@@ -1409,6 +1412,38 @@ impl Store {
             .bind(name)
             .fetch_optional(&self.pool)
             .await?)
+    }
+
+    /// Pauses (or resumes) a destination's deliveries in every process. A resume notifies the
+    /// delivering processes so they claim its backlog at once.
+    pub async fn set_paused(&self, destination_id: i32, paused: bool) -> Result<()> {
+        if paused {
+            sqlx::query(
+                "INSERT INTO paused_destinations (destination_id) VALUES ($1) \
+                 ON CONFLICT (destination_id) DO NOTHING",
+            )
+            .bind(destination_id)
+            .execute(&self.pool)
+            .await?;
+        } else {
+            sqlx::query(
+                "WITH gone AS (DELETE FROM paused_destinations WHERE destination_id = $1) \
+                 SELECT pg_notify($2, $1::text)",
+            )
+            .bind(destination_id)
+            .bind(JOBS_CHANNEL)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The paused destinations' ids.
+    pub async fn paused(&self) -> Result<HashSet<i32>> {
+        let ids: Vec<i32> = sqlx::query_scalar("SELECT destination_id FROM paused_destinations")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids.into_iter().collect())
     }
 
     /// Destination ids by name (for the shell commands).

@@ -8,7 +8,10 @@
 //   SWITCHYARD_WRITE_KEY    a source's write key (to send an event for the live stream)
 //   DELIVERED_DESTINATION   a destination that delivers
 //   DEAD_DESTINATION        a destination with dead letters
-//   SCREENSHOT              where to save the screenshot (PNG)
+//   FLAKY_DESTINATION       a destination whose first attempt of EVENT_ID failed (500)
+//   EVENT_ID                a messageId sent before the run
+//   SCREENSHOT              where to save the overview's screenshot (PNG); the destination
+//                           page's and the event path's go next to it (-destination, -event)
 //   CHROMIUM                the browser (default /usr/bin/chromium)
 import { chromium } from 'playwright-core';
 
@@ -23,7 +26,10 @@ const token = env('SWITCHYARD_ADMIN_TOKEN');
 const writeKey = env('SWITCHYARD_WRITE_KEY');
 const delivered = env('DELIVERED_DESTINATION');
 const dead = env('DEAD_DESTINATION');
+const flaky = env('FLAKY_DESTINATION');
+const eventId = env('EVENT_ID');
 const screenshot = env('SCREENSHOT');
+const sibling = (suffix) => screenshot.replace(/\.png$/, `-${suffix}.png`);
 const executablePath = env('CHROMIUM', '/usr/bin/chromium');
 const TIMEOUT = 20_000;
 
@@ -132,6 +138,90 @@ try {
   );
   await page.screenshot({ path: screenshot, fullPage: true });
 
+  const send = async (messageId) => {
+    const answer = await fetch(`${base}/v1/track`, {
+      method: 'POST',
+      headers: {
+        'Content-Type': 'application/json',
+        Authorization: `Basic ${Buffer.from(`${writeKey}:`).toString('base64')}`,
+      },
+      body: JSON.stringify({ userId: 'u-pause', event: 'Order Completed', messageId }),
+    });
+    if (!answer.ok) throw new Error(`ingest answered ${answer.status}`);
+  };
+  const cellNumber = (name, field) => page.evaluate(([n, f]) =>
+    Number(document.querySelector(`tr[data-destination="${n}"] td[data-field="${f}"]`)?.textContent.replace(/[^0-9]/g, '') ?? NaN),
+  [name, field]);
+
+  step(`the sparkline of ${delivered} has data points`);
+  await page.waitForFunction((name) =>
+    Number(document.querySelector(`tr[data-destination="${name}"] svg.spark`)?.dataset.points ?? 0) > 0, delivered);
+  const sparkPoints = Number(await page.getAttribute(`tr[data-destination="${delivered}"] svg.spark`, 'data-points'));
+
+  step(`pause ${delivered} with its button: events queue`);
+  await page.click(`button[data-pause="${delivered}"]`);
+  await page.waitForFunction((name) =>
+    document.querySelector(`button[data-pause="${name}"]`)?.getAttribute('aria-pressed') === 'true', delivered);
+  const deliveredBeforePause = await cellNumber(delivered, 'delivered');
+  const pausedMessageId = `paused-${Date.now()}`;
+  await send(pausedMessageId);
+  await page.waitForFunction((name) =>
+    Number(document.querySelector(`tr[data-destination="${name}"] td[data-field="queued"]`)?.textContent.replace(/[^0-9]/g, '') ?? 0) > 0, delivered);
+  await new Promise((resolve) => setTimeout(resolve, 1500));
+  const deliveredWhilePaused = await cellNumber(delivered, 'delivered');
+  if (deliveredWhilePaused !== deliveredBeforePause) throw new Error(`a paused destination delivered (${deliveredBeforePause} -> ${deliveredWhilePaused})`);
+
+  step(`resume ${delivered}: the queue drains`);
+  await page.click(`button[data-pause="${delivered}"]`);
+  await page.waitForFunction((name) =>
+    document.querySelector(`button[data-pause="${name}"]`)?.getAttribute('aria-pressed') === 'false', delivered);
+  await page.waitForFunction(([name, before]) =>
+    Number(document.querySelector(`tr[data-destination="${name}"] td[data-field="delivered"]`)?.textContent.replace(/[^0-9]/g, '') ?? 0) > before,
+  [delivered, deliveredBeforePause]);
+
+  step(`find ${eventId}: a failed attempt, then the delivery`);
+  await page.fill('#event-id', eventId);
+  await page.press('#event-id', 'Enter');
+  const route = page.locator(`#event-path li[data-route="${flaky}"]`);
+  await route.waitFor();
+  const routeState = await route.getAttribute('data-state');
+  const attempts = await route.locator('li[data-attempt]').evaluateAll((items) =>
+    items.map((item) => ({ failed: item.classList.contains('failed'), text: item.textContent })));
+  await page.locator('#event-path').screenshot({ path: sibling('event') });
+
+  step(`open ${delivered}'s page: its charts have data points`);
+  await page.click(`button[data-open="${delivered}"]`);
+  await page.locator('#destination-page').waitFor({ state: 'visible' });
+  await page.waitForFunction(() =>
+    Number(document.querySelector('#page-charts figure[data-chart="Deliveries per second"] svg')?.dataset.points ?? 0) > 0);
+  const charts = await page.locator('#page-charts figure').evaluateAll((figures) =>
+    figures.map((figure) => ({ title: figure.dataset.chart, points: Number(figure.querySelector('svg').dataset.points) })));
+  const focusedTitle = await page.evaluate(() => document.activeElement?.id);
+  await page.screenshot({ path: sibling('destination'), fullPage: true });
+
+  step('back to the overview, by keyboard');
+  await page.focus('#page-back');
+  await page.keyboard.press('Enter');
+  await page.locator('#overview').waitFor({ state: 'visible' });
+
+  step('on a phone-width screen nothing overflows the page');
+  await page.setViewportSize({ width: 390, height: 844 });
+  const overflow = await page.evaluate(() => {
+    const wide = [...document.querySelectorAll('body *')]
+      .filter((node) => node.getBoundingClientRect().right > window.innerWidth + 1)
+      // Inside a scrolling box (a wide table) is fine: it scrolls, the page does not.
+      .filter((node) => {
+        for (let up = node.parentElement; up; up = up.parentElement) {
+          if (getComputedStyle(up).overflowX !== 'visible') return false;
+        }
+        return true;
+      })
+      .slice(0, 5)
+      .map((node) => `${node.tagName.toLowerCase()}#${node.id}.${node.className?.baseVal ?? node.className}`);
+    return { by: document.documentElement.scrollWidth - window.innerWidth, wide };
+  });
+  if (overflow.by > 1) throw new Error(`the page is ${overflow.by}px wider than a phone screen: ${overflow.wide.join(', ')}`);
+
   const leaked = requested.filter((url) => url.includes(token));
   if (leaked.length > 0) throw new Error(`the token appeared in a URL: ${leaked.join(', ')}`);
   if (consoleErrors.length > 0) throw new Error(`the page logged errors: ${consoleErrors.join(' | ')}`);
@@ -148,6 +238,12 @@ try {
     dead_before: deadBefore,
     replayed_id: replayedId,
     live_message_id: messageId,
+    spark_points: sparkPoints,
+    paused_message_id: pausedMessageId,
+    event_state: routeState,
+    attempts,
+    charts,
+    focused_title: focusedTitle,
     failed_loads: failedLoads,
     screenshot,
   }));

@@ -10,7 +10,8 @@
   const TOKEN_KEY = 'switchyard.adminToken';
   const REFRESH_MS = 2000;
   const LIVE_MAX = 200;
-  const SPARK_POINTS = 30;
+  const SPARK_SECONDS = 300;
+  const SVG = 'http://www.w3.org/2000/svg';
 
   const $ = (id) => document.getElementById(id);
   const number = new Intl.NumberFormat();
@@ -117,18 +118,72 @@
   // ---- Destinations ------------------------------------------------------------------------
 
   const previous = new Map(); // name -> {delivered, dead, at}
-  const history = new Map(); // name -> recent throughput samples
   let destinations = [];
+  let series = { sources: [], destinations: [] }; // the last 5 minutes, per second
+  let opened = null; // the destination whose page is open
 
   async function refreshDestinations() {
-    const list = await api('/admin/v1/destinations');
+    const [list, recent] = await Promise.all([
+      api('/admin/v1/destinations'),
+      api(`/admin/v1/stats/series?seconds=${SPARK_SECONDS}`),
+    ]);
     const now = performance.now();
     destinations = list;
+    series = recent;
     const body = $('destinations').tBodies[0];
+    const focused = document.activeElement?.dataset?.focusKey;
     body.replaceChildren(...list.flatMap((destination) => destinationRows(destination, now)));
+    if (focused) document.querySelector(`[data-focus-key="${CSS.escape(focused)}"]`)?.focus();
     $('no-destinations').hidden = list.length > 0;
+    renderSources(recent.sources);
     updateDeadLetterChoices(list);
     setStatus(`Updated ${new Date().toLocaleTimeString()}`);
+  }
+
+  function seriesOf(name) {
+    return series.destinations.find((d) => d.name === name);
+  }
+
+  function renderSources(sources) {
+    const body = $('sources').tBodies[0];
+    body.replaceChildren(...sources.map((source) => {
+      const total = (values) => values.reduce((sum, n) => sum + n, 0);
+      return el('tr', { 'data-source': source.name },
+        el('td', { class: 'name', text: source.name }),
+        el('td', { class: 'num', 'data-field': 'accepted' },
+          sparkline(source.accepted, `${source.name} accepted per second`),
+          number.format(total(source.accepted))),
+        el('td', { class: 'num', 'data-field': 'rejected' },
+          sparkline(source.rejected, `${source.name} rejected per second`, 'bad'),
+          number.format(total(source.rejected))));
+    }));
+  }
+
+  /** Pauses or resumes a destination, then shows the new state. */
+  async function setPaused(name, paused, button) {
+    button.disabled = true;
+    try {
+      await api(`/admin/v1/destinations/${encodeURIComponent(name)}/${paused ? 'pause' : 'resume'}`, { method: 'POST' });
+      await refreshDestinations();
+      if (opened === name) await refreshPage();
+    } catch (error) {
+      handleFailure(error);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function pauseButton(d, focusKey) {
+    return el('button', {
+      type: 'button',
+      class: `pause ${d.paused ? 'paused' : ''}`,
+      'data-pause': d.name,
+      'data-focus-key': focusKey,
+      'aria-pressed': d.paused ? 'true' : 'false',
+      'aria-label': `${d.paused ? 'Resume' : 'Pause'} deliveries to ${d.name}`,
+      onclick: (e) => setPaused(d.name, !d.paused, e.currentTarget),
+      text: d.paused ? 'Resume' : 'Pause',
+    });
   }
 
   function destinationRows(d, now) {
@@ -139,10 +194,7 @@
     }
     const newDead = before ? d.dead > before.dead : false;
     previous.set(d.name, { delivered: d.delivered, dead: d.dead, at: now });
-    const samples = history.get(d.name) || [];
-    if (throughput !== null) samples.push(throughput);
-    while (samples.length > SPARK_POINTS) samples.shift();
-    history.set(d.name, samples);
+    const samples = seriesOf(d.name)?.delivered ?? [];
 
     let health = 'ok';
     let healthText = 'healthy';
@@ -170,10 +222,18 @@
     const row = el('tr', { 'data-destination': d.name },
       el('td', {},
         el('span', { class: `dot ${health}`, title: healthText, role: 'img', 'aria-label': healthText }),
-        el('span', { class: 'name', text: d.name }),
-        el('span', { class: 'kind', text: d.kind })),
+        el('button', {
+          type: 'button',
+          class: 'link name',
+          'data-open': d.name,
+          'data-focus-key': `open:${d.name}`,
+          onclick: () => openPage(d.name),
+          text: d.name,
+        }),
+        el('span', { class: 'kind', text: d.kind }),
+        d.paused ? el('span', { class: 'tag paused', text: 'paused' }) : null),
       el('td', { class: 'num', 'data-field': 'throughput' },
-        sparkline(samples),
+        sparkline(samples, `${d.name} deliveries per second, last 5 minutes`),
         throughput === null ? '–' : `${rate.format(throughput)}/s`),
       count('delivered'),
       count('queued'),
@@ -182,17 +242,18 @@
       count('dead', true),
       el('td', { 'data-field': 'rate_limit', text: rateLimit }),
       el('td', { class: 'num', 'data-field': 'concurrency_limit', text: d.concurrency_limit ?? '–' }),
-      el('td', { class: 'error-text', 'data-field': 'last_error', text: d.last_error || '' }));
+      el('td', { class: 'error-text', 'data-field': 'last_error', text: d.last_error || '' }),
+      el('td', {}, pauseButton(d, `pause:${d.name}`)));
     const rows = [row];
     if (Array.isArray(d.endpoints) && d.endpoints.length > 0) {
       rows.push(el('tr', { class: 'endpoints', 'data-endpoints-of': d.name },
-        el('td', { colspan: 10 },
+        el('td', { colspan: 11 },
           el('ul', { class: 'chips', 'aria-label': `${d.name} endpoints` },
             d.endpoints.map(endpointChip)))));
     }
     if (Array.isArray(d.filters) && d.filters.length > 0) {
       rows.push(el('tr', { class: 'endpoints', 'data-filters-of': d.name },
-        el('td', { colspan: 10 },
+        el('td', { colspan: 11 },
           el('ul', { class: 'chips', 'aria-label': `${d.name} filters` },
             d.filters.map((filter) => el('li', { text: String(filter) }))))));
     }
@@ -214,25 +275,229 @@
       details ? ` — ${details}` : '');
   }
 
-  function sparkline(samples) {
+  function svgEl(tag, attributes) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, String(value));
+    return node;
+  }
+
+  /** Points of one polyline through `values` (which have no gaps) scaled to `top`. */
+  function points(values, width, height, top) {
+    return segments(values, width, height, top).flat();
+  }
+
+  /** Polylines through `values` scaled to `top`, broken where a value is null (no sample); a
+   *  lone value becomes a short level line, so it shows. */
+  function segments(values, width, height, top) {
+    const step = values.length > 1 ? width / (values.length - 1) : width;
+    const y = (value) => (height - 1 - (value / top) * (height - 2)).toFixed(1);
+    const runs = [];
+    let run = [];
+    values.forEach((value, i) => {
+      if (value === null || value === undefined) {
+        if (run.length) runs.push(run);
+        run = [];
+      } else {
+        run.push([i, value]);
+      }
+    });
+    if (run.length) runs.push(run);
+    return runs.map((r) => (r.length === 1
+      ? [`${Math.max(0, (r[0][0] - 0.5) * step).toFixed(1)},${y(r[0][1])}`,
+        `${Math.min(width, (r[0][0] + 0.5) * step).toFixed(1)},${y(r[0][1])}`]
+      : r.map(([i, value]) => `${(i * step).toFixed(1)},${y(value)}`)));
+  }
+
+  /** A small line of per-second values; `data-points` counts the non-zero ones. */
+  function sparkline(values, label, tone = '') {
     const width = 60;
     const height = 16;
-    const svg = document.createElementNS('http://www.w3.org/2000/svg', 'svg');
-    svg.setAttribute('class', 'spark');
-    svg.setAttribute('width', width);
-    svg.setAttribute('height', height);
-    svg.setAttribute('aria-hidden', 'true');
-    if (samples.length > 1) {
-      const top = Math.max(...samples, 1);
-      const step = width / (SPARK_POINTS - 1);
-      const offset = width - step * (samples.length - 1);
-      const points = samples.map((value, i) =>
-        `${(offset + i * step).toFixed(1)},${(height - 1 - (value / top) * (height - 2)).toFixed(1)}`);
-      const line = document.createElementNS('http://www.w3.org/2000/svg', 'polyline');
-      line.setAttribute('points', points.join(' '));
-      svg.append(line);
+    const nonZero = values.filter((v) => v > 0).length;
+    const svg = svgEl('svg', {
+      class: `spark ${tone}`,
+      width,
+      height,
+      viewBox: `0 0 ${width} ${height}`,
+      role: 'img',
+      'aria-label': `${label}: peak ${Math.max(0, ...values)}`,
+      'data-points': nonZero,
+    });
+    if (values.length > 1) {
+      const top = Math.max(...values, 1);
+      svg.append(svgEl('polyline', { points: points(values, width, height, top).join(' ') }));
     }
     return svg;
+  }
+
+  /** A chart of one or more lines over the same seconds, with its peak and a legend. */
+  function chart(title, lines, unit) {
+    const width = 600;
+    const height = 120;
+    const all = lines.flatMap((line) => line.values.filter((v) => v !== null && v !== undefined));
+    const top = Math.max(1, ...all);
+    const nonZero = all.filter((v) => v > 0).length;
+    const svg = svgEl('svg', {
+      class: 'chart',
+      viewBox: `0 0 ${width} ${height}`,
+      preserveAspectRatio: 'none',
+      role: 'img',
+      'aria-label': `${title}: peak ${rate.format(top)} ${unit}`,
+      'data-points': nonZero,
+    });
+    for (const fraction of [0.5, 1]) {
+      const y = (height - 1 - fraction * (height - 2)).toFixed(1);
+      svg.append(svgEl('line', { class: 'grid', x1: 0, x2: width, y1: y, y2: y }));
+    }
+    lines.forEach((line, i) => {
+      for (const run of segments(line.values, width, height, top)) {
+        svg.append(svgEl('polyline', { class: `series s${i}`, points: run.join(' ') }));
+      }
+    });
+    return el('figure', { class: 'chart-box', 'data-chart': title },
+      el('figcaption', {},
+        el('strong', { text: title }),
+        el('span', { class: 'hint', text: ` peak ${rate.format(top)} ${unit}` }),
+        el('span', { class: 'legend' },
+          lines.map((line, i) => el('span', { class: `key s${i}`, text: line.label })))),
+      svg);
+  }
+
+  /** Per-second values folded into `step`-second points: the mean of counts, or the max of
+   *  a gauge (null where nothing was sampled). */
+  function fold(values, step, how) {
+    const out = [];
+    for (let i = 0; i < values.length; i += step) {
+      const chunk = values.slice(i, i + step).filter((v) => v !== null && v !== undefined);
+      if (chunk.length === 0) out.push(how === 'max' ? null : 0);
+      else if (how === 'max') out.push(Math.max(...chunk));
+      else out.push(chunk.reduce((sum, n) => sum + n, 0) / step);
+    }
+    return out;
+  }
+
+  /** The page's window: seconds shown and seconds per point. */
+  function pageWindow() {
+    const seconds = Number($('page-window').value) || 300;
+    return { seconds, step: seconds > 600 ? 30 : 5 };
+  }
+
+  // ---- A destination's page ----------------------------------------------------------------
+
+  function openPage(name) {
+    opened = name;
+    $('overview').hidden = true;
+    $('destination-page').hidden = false;
+    $('page-title').textContent = name;
+    $('page-charts').replaceChildren();
+    refreshPage().catch(handleFailure);
+    $('page-title').focus();
+  }
+
+  function closePage() {
+    const name = opened;
+    opened = null;
+    $('destination-page').hidden = true;
+    $('overview').hidden = false;
+    document.querySelector(`[data-open="${CSS.escape(name || '')}"]`)?.focus();
+  }
+
+  async function refreshPage() {
+    if (!opened) return;
+    const name = opened;
+    const [list, hour, { replays }] = await Promise.all([
+      api('/admin/v1/destinations'),
+      api(`/admin/v1/stats/series?seconds=${pageWindow().seconds}`),
+      api('/admin/v1/replays'),
+    ]);
+    if (opened !== name) return;
+    const d = list.find((item) => item.name === name);
+    if (!d) {
+      $('page-config').replaceChildren(el('dd', { text: 'This destination is no longer configured.' }));
+      return;
+    }
+    $('page-state').textContent = d.paused ? 'paused' : 'delivering';
+    $('page-state').className = `tag ${d.paused ? 'paused' : ''}`;
+    const button = $('page-pause');
+    button.textContent = d.paused ? 'Resume' : 'Pause';
+    button.setAttribute('aria-pressed', d.paused ? 'true' : 'false');
+    button.setAttribute('aria-label', `${d.paused ? 'Resume' : 'Pause'} deliveries to ${name}`);
+    button.onclick = () => setPaused(name, !d.paused, button);
+    const facts = [
+      ['Kind', d.kind],
+      ['Queued', number.format(d.queued)],
+      ['In flight', number.format(d.in_flight)],
+      ['Retrying', number.format(d.retrying)],
+      ['Dead letters', number.format(d.dead)],
+      ['Delivered (this process)', number.format(d.delivered)],
+      ['Rate limit', d.rate_limit || 'none'],
+      ['Rate factor (AIMD)', d.rate_factor === undefined ? '–' : rate.format(d.rate_factor)],
+      ['Concurrency', d.concurrency_limit ?? '–'],
+    ];
+    if (Array.isArray(d.filters) && d.filters.length > 0) facts.push(['Filters', d.filters.join(' · ')]);
+    if (Array.isArray(d.endpoints) && d.endpoints.length > 0) {
+      facts.push(['Endpoints', el('ul', { class: 'chips' }, d.endpoints.map(endpointChip))]);
+    }
+    $('page-config').replaceChildren(...facts.flatMap(([term, value]) =>
+      [el('dt', { text: term }), el('dd', {}, value)]));
+    $('page-error').textContent = d.last_error || 'none';
+    const own = replays.filter((replay) => replay.destination === name);
+    $('page-replays').tBodies[0].replaceChildren(...own.map((replay) => el('tr', { 'data-replay': replay.id },
+      el('td', { class: 'num', text: replay.id }),
+      el('td', { text: replay.state }),
+      el('td', { text: new Date(replay.from).toLocaleString() }),
+      el('td', { text: new Date(replay.to).toLocaleString() }),
+      el('td', { class: 'num', text: number.format(replay.selected ?? 0) }),
+      el('td', { class: 'num', text: number.format(replay.delivered ?? 0) }),
+      el('td', { class: 'num', text: number.format(replay.failed ?? 0) }))));
+    $('page-no-replays').hidden = own.length > 0;
+    const s = hour.destinations.find((item) => item.name === name);
+    if (!s) return;
+    const PAGE_STEP = pageWindow().step;
+    $('page-step').textContent = `Each point is ${PAGE_STEP} s.`;
+    $('page-charts').replaceChildren(
+      chart('Deliveries per second', [
+        { label: 'delivered', values: fold(s.delivered, PAGE_STEP) },
+        { label: 'retried', values: fold(s.retried, PAGE_STEP) },
+        { label: 'dead', values: fold(s.dead, PAGE_STEP) },
+      ], '/s'),
+      chart('Queue depth', [{ label: 'queued', values: fold(s.queue_depth, PAGE_STEP, 'max') }], 'events'),
+      chart('Latency, ingest to delivered', [
+        { label: 'p50', values: fold(s.p50_ms, PAGE_STEP, 'max') },
+        { label: 'p99', values: fold(s.p99_ms, PAGE_STEP, 'max') },
+      ], 'ms'));
+  }
+
+  // ---- Where did this event go? ------------------------------------------------------------
+
+  async function findEvent(messageId) {
+    const out = $('event-path');
+    out.replaceChildren(el('p', { class: 'hint', text: 'Looking…' }));
+    let path;
+    try {
+      path = await api(`/admin/v1/events/${encodeURIComponent(messageId)}`);
+    } catch (error) {
+      if (error instanceof Unauthorized) {
+        handleFailure(error);
+        return;
+      }
+      out.replaceChildren(el('p', { class: 'empty', role: 'alert', text: error.message }));
+      return;
+    }
+    out.replaceChildren(
+      el('p', {},
+        'Accepted ', el('strong', { text: new Date(path.received_at).toLocaleString() }),
+        ' from ', el('strong', { text: path.source ?? 'an unknown source' }),
+        el('span', { class: 'hint', text: ' · as seen by this process' })),
+      el('ol', { class: 'routes' }, path.routes.map((route) =>
+        el('li', { 'data-route': route.destination ?? '', 'data-state': route.state },
+          el('span', { class: `dot ${route.state === 'delivered' ? 'ok' : route.state === 'dead' ? 'bad' : 'warn'}` }),
+          el('strong', { text: route.destination ?? 'a removed destination' }),
+          ` — ${route.state}${route.reason ? ` (${route.reason})` : ''}`,
+          route.attempts.length === 0 ? null : el('ol', { class: 'attempts' }, route.attempts.map((attempt, i) =>
+            el('li', { 'data-attempt': i + 1, class: attempt.error ? 'failed' : 'ok' },
+              el('span', { class: 'when', text: new Date(attempt.at).toLocaleTimeString() }),
+              attempt.status ? el('span', { class: 'tag', text: String(attempt.status) }) : null,
+              attempt.error ? el('span', { class: 'error-text', text: attempt.error }) : 'delivered')))))));
   }
 
   // ---- Dead letters ------------------------------------------------------------------------
@@ -463,6 +728,7 @@
     try {
       await refreshDestinations();
       await refreshDeadLetters();
+      await refreshPage();
     } catch (error) {
       handleFailure(error);
       if (error instanceof Unauthorized) return;
@@ -496,6 +762,13 @@
       refreshDeadLetters().catch(handleFailure);
     });
     $('replay-all').addEventListener('click', replayAll);
+    $('page-back').addEventListener('click', closePage);
+    $('page-window').addEventListener('change', () => refreshPage().catch(handleFailure));
+    $('event-form').addEventListener('submit', (event) => {
+      event.preventDefault();
+      const id = $('event-id').value.trim();
+      if (id) findEvent(id);
+    });
     $('live-toggle').addEventListener('click', toggleLive);
     $('live-source').addEventListener('change', () => {
       $('live-events').replaceChildren();

@@ -1,0 +1,318 @@
+//! Where recent events went: a bounded in-memory ring of the last [`CAPACITY`] events this
+//! process routed, each with the destinations it was routed to or filtered from and every
+//! delivery attempt this process made. It answers `GET /admin/v1/events/{messageId}`.
+//!
+//! It is per process, shared by every server in it (only tests run several), keyed by
+//! messageId; another process's attempts are not here, and it forgets on restart: it is
+//! an operator's "did my event get there?", not an audit log. Recording is one short mutex
+//! hold per ingest request and per delivery request. An event is ids and times, no payload:
+//! with two destinations and an attempt each, a full ring measured ≈ 23 MB of RSS (≈ 460
+//! bytes an event, allocator overhead included).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{LazyLock, Mutex};
+
+use time::OffsetDateTime;
+
+/// Events kept; the oldest is forgotten when a new one comes.
+pub const CAPACITY: usize = 50_000;
+/// Attempts kept per destination (the first ones and the last ones are what matters).
+const MAX_ATTEMPTS: usize = 8;
+/// Errors are cut to this many bytes.
+const MAX_ERROR: usize = 300;
+
+/// This process's trail.
+pub static TRAIL: LazyLock<Trail> = LazyLock::new(|| Trail::new(CAPACITY));
+
+/// What happened to an event at one destination so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Queued,
+    Retrying,
+    Delivered,
+    Dead,
+    Filtered(&'static str),
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Retrying => "retrying",
+            State::Delivered => "delivered",
+            State::Dead => "dead",
+            State::Filtered(_) => "filtered",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub at: OffsetDateTime,
+    pub status: Option<u16>,
+    pub error: Option<Box<str>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteTrail {
+    pub destination_id: i32,
+    pub state: State,
+    pub attempts: Vec<Attempt>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventTrail {
+    pub message_id: Box<str>,
+    pub source_id: i32,
+    pub received_at: OffsetDateTime,
+    pub routes: Vec<RouteTrail>,
+}
+
+impl EventTrail {
+    /// An accepted event and where routing sent it: `routes` are destination ids, each with the
+    /// filter that stopped it, if any.
+    pub fn new(
+        message_id: &str,
+        source_id: i32,
+        received_at: OffsetDateTime,
+        routes: impl IntoIterator<Item = (i32, Option<&'static str>)>,
+    ) -> EventTrail {
+        EventTrail {
+            message_id: message_id.into(),
+            source_id,
+            received_at,
+            routes: routes
+                .into_iter()
+                .map(|(destination_id, filtered)| RouteTrail {
+                    destination_id,
+                    state: filtered.map_or(State::Queued, State::Filtered),
+                    attempts: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One attempt's result, as the scheduler reports it.
+pub struct AttemptResult<'a> {
+    pub message_id: &'a str,
+    pub state: State,
+    pub status: Option<u16>,
+    /// Only failures carry one, so a delivered event allocates nothing here.
+    pub error: Option<String>,
+}
+
+pub struct Trail {
+    capacity: usize,
+    hasher: RandomState,
+    ring: Mutex<Ring>,
+}
+
+#[derive(Default)]
+struct Ring {
+    /// Sequence number of `events[0]`.
+    first: u64,
+    events: VecDeque<EventTrail>,
+    /// messageId hash → sequence number of its newest event (the hash saves a second copy of
+    /// every id; a collision is caught by comparing the id).
+    index: HashMap<u64, u64>,
+}
+
+impl Ring {
+    fn find_mut(&mut self, hash: u64, message_id: &str) -> Option<&mut EventTrail> {
+        let seq = *self.index.get(&hash)?;
+        let at = usize::try_from(seq.checked_sub(self.first)?).ok()?;
+        self.events
+            .get_mut(at)
+            .filter(|event| &*event.message_id == message_id)
+    }
+}
+
+impl Trail {
+    pub fn new(capacity: usize) -> Trail {
+        Trail {
+            capacity: capacity.max(1),
+            hasher: RandomState::new(),
+            ring: Mutex::default(),
+        }
+    }
+
+    fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
+        // The ring is only ever left consistent; a panic elsewhere does not poison its use.
+        self.ring.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records events once they are stored (one lock for a whole request). A messageId already
+    /// here from the same source is a repeat that dedup acknowledges without delivering: the
+    /// first one's path is kept.
+    pub fn accepted(&self, events: Vec<EventTrail>) {
+        let hashed: Vec<(u64, EventTrail)> = events
+            .into_iter()
+            .map(|event| (self.hasher.hash_one(&*event.message_id), event))
+            .collect();
+        let mut ring = self.ring();
+        for (hash, event) in hashed {
+            if ring
+                .find_mut(hash, &event.message_id)
+                .is_some_and(|known| known.source_id == event.source_id)
+            {
+                continue;
+            }
+            self.push(&mut ring, hash, event);
+        }
+    }
+
+    fn push(&self, ring: &mut Ring, hash: u64, event: EventTrail) {
+        if ring.events.len() == self.capacity {
+            if let Some(old) = ring.events.pop_front() {
+                let old_hash = self.hasher.hash_one(&*old.message_id);
+                let first = ring.first;
+                if ring.index.get(&old_hash) == Some(&first) {
+                    ring.index.remove(&old_hash);
+                }
+            }
+            ring.first += 1;
+        }
+        let seq = ring.first + ring.events.len() as u64;
+        ring.events.push_back(event);
+        ring.index.insert(hash, seq);
+    }
+
+    /// Records the attempts of one delivery request to `destination_id`, all at `at`.
+    pub fn attempted<'a>(
+        &self,
+        destination_id: i32,
+        at: OffsetDateTime,
+        results: impl IntoIterator<Item = AttemptResult<'a>>,
+    ) {
+        let hashed: Vec<(u64, AttemptResult<'a>)> = results
+            .into_iter()
+            .map(|result| (self.hasher.hash_one(result.message_id), result))
+            .collect();
+        let mut ring = self.ring();
+        for (hash, result) in hashed {
+            let Some(event) = ring.find_mut(hash, result.message_id) else {
+                continue;
+            };
+            let route = match event
+                .routes
+                .iter_mut()
+                .position(|route| route.destination_id == destination_id)
+            {
+                Some(at) => &mut event.routes[at],
+                // Routed by another process, or a replay: still worth showing.
+                None => {
+                    event.routes.push(RouteTrail {
+                        destination_id,
+                        state: State::Queued,
+                        attempts: Vec::new(),
+                    });
+                    event.routes.last_mut().expect("just pushed")
+                }
+            };
+            route.state = result.state;
+            if route.attempts.len() == MAX_ATTEMPTS {
+                route.attempts.remove(MAX_ATTEMPTS / 2);
+            }
+            // Most events are delivered at the first attempt: room for one, not the default four.
+            route.attempts.reserve_exact(1);
+            route.attempts.push(Attempt {
+                at,
+                status: result.status,
+                error: result.error.as_deref().map(|e| cut(e, MAX_ERROR).into()),
+            });
+        }
+    }
+
+    /// The newest event with this messageId, if still in the ring.
+    pub fn find(&self, message_id: &str) -> Option<EventTrail> {
+        let hash = self.hasher.hash_one(message_id);
+        self.ring().find_mut(hash, message_id).map(|e| e.clone())
+    }
+
+    /// How many events are kept now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.ring().events.len()
+    }
+}
+
+fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+
+    #[test]
+    fn follows_an_event_through_its_attempts() {
+        let trail = Trail::new(10);
+        trail.accepted(vec![EventTrail::new(
+            "m1",
+            1,
+            now(),
+            [(7, None), (8, Some("where"))],
+        )]);
+        let failed = AttemptResult {
+            message_id: "m1",
+            state: State::Retrying,
+            status: Some(500),
+            error: Some("boom".into()),
+        };
+        trail.attempted(7, now(), [failed]);
+        let delivered = AttemptResult {
+            message_id: "m1",
+            state: State::Delivered,
+            status: None,
+            error: None,
+        };
+        trail.attempted(7, now(), [delivered]);
+        let event = trail.find("m1").unwrap();
+        assert_eq!(event.routes[0].state, State::Delivered);
+        assert_eq!(event.routes[0].attempts.len(), 2);
+        assert_eq!(event.routes[0].attempts[0].status, Some(500));
+        assert_eq!(event.routes[1].state, State::Filtered("where"));
+    }
+
+    #[test]
+    fn forgets_the_oldest_beyond_capacity() {
+        let trail = Trail::new(3);
+        let event = |id: &str, source: i32, destination: i32| {
+            EventTrail::new(id, source, now(), [(destination, None)])
+        };
+        for i in 0..5 {
+            trail.accepted(vec![event(&format!("m{i}"), 1, 1)]);
+        }
+        assert_eq!(trail.len(), 3);
+        assert!(trail.find("m0").is_none());
+        assert!(trail.find("m1").is_none());
+        assert!(trail.find("m4").is_some());
+        // A repeat from the same source keeps the first path.
+        trail.accepted(vec![event("m4", 1, 9)]);
+        assert_eq!(trail.find("m4").unwrap().routes[0].destination_id, 1);
+        // The same id from another source points at the newest, and evicting the old one
+        // keeps it.
+        trail.accepted(vec![event("m2", 2, 9)]);
+        trail.accepted(vec![event("x", 1, 1)]);
+        assert_eq!(trail.find("m2").unwrap().routes[0].destination_id, 9);
+    }
+
+    #[test]
+    fn cuts_errors_on_a_char_boundary() {
+        assert_eq!(cut("héllo", 2), "h");
+        assert_eq!(cut("abc", 5), "abc");
+    }
+}
