@@ -1,7 +1,8 @@
 //! `soak` (not in the default set): `--soak-minutes` (default ten) at 70% of `deliver-e2e`'s
 //! sustained rate, with throughput, latency, table sizes and RSS per minute. Flat means:
 //! - every minute's delivered rate within 10% of the offered rate;
-//! - every minute's p99 under 5 s, and the backlog at each minute's end under 5 s of load;
+//! - every minute's p99 under 5 s after the first (warm-up: it also delivers what the probe
+//!   left queued), and the backlog at each minute's end under 5 s of load;
 //! - the queue (`jobs`) at the end no more than 25% (or 8 MB) above its size after the first
 //!   minute: finished work is reclaimed (the archive grows by design, and is reported);
 //! - RSS at the end within 5 MB of the second minute's (after warm-up).
@@ -153,7 +154,9 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
             ));
         }
     }
-    for (minute, p99) in p99s.iter().enumerate() {
+    // The first minute is warm-up: it also delivers what the probe left queued, whose latency
+    // counts from the probe's send. From the second minute on, p99 is the soak's own.
+    for (minute, p99) in p99s.iter().enumerate().skip(1) {
         if p99.is_none_or(|p| p > 5_000.0) {
             broken.push(format!("minute {}: p99 {p99:?} ms is over 5 s", minute + 1));
         }
