@@ -108,3 +108,10 @@ impl std::fmt::Display for ApiError {
         )
     }
 }
+
+/// A store failure seen by an admin call: the database is unavailable, retry shortly.
+impl From<crate::store::StoreError> for ApiError {
+    fn from(_: crate::store::StoreError) -> ApiError {
+        ApiError::unavailable("the database is unavailable")
+    }
+}

@@ -553,16 +553,8 @@ async fn require_admin(
 }
 
 async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    let dead = state
-        .store
-        .dead_counts()
-        .await
-        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
-    let paused = state
-        .store
-        .paused()
-        .await
-        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+    let dead = state.store.dead_counts().await?;
+    let paused = state.store.paused().await?;
     let pipeline = state.pipeline.load();
     let list: Vec<Value> = pipeline
         .lanes
@@ -623,11 +615,7 @@ async fn set_paused(state: &AppState, name: String, paused: bool) -> Result<Json
         .get(&name)
         .copied()
         .ok_or_else(|| ApiError::not_found(format!("no destination `{name}`")))?;
-    state
-        .store
-        .set_paused(id, paused)
-        .await
-        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+    state.store.set_paused(id, paused).await?;
     Ok(Json(json!({ "name": name, "paused": paused })))
 }
 
@@ -781,8 +769,7 @@ async fn dead_letters(
     let letters = state
         .store
         .dead_letters(query.destination.as_deref(), limit)
-        .await
-        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+        .await?;
     let items: Vec<Value> = letters
         .into_iter()
         .map(|letter| {
@@ -838,8 +825,7 @@ async fn replay(
             ids.as_deref(),
             lane.config.ordering == crate::config::Ordering::PerUser,
         )
-        .await
-        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+        .await?;
     Ok(Json(json!({ "requeued": requeued })))
 }
 
@@ -993,8 +979,7 @@ async fn start_replay(
     let replay = state
         .store
         .create_replay(destination_id, request.from, request.to, sources.as_deref())
-        .await
-        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+        .await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "id": replay.id, "events": replay.events })),
@@ -1002,11 +987,7 @@ async fn start_replay(
 }
 
 async fn list_replays(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    let replays = state
-        .store
-        .replays(None)
-        .await
-        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+    let replays = state.store.replays(None).await?;
     Ok(Json(json!({
         "replays": replays.iter().map(replay_json).collect::<Vec<_>>()
     })))
@@ -1017,13 +998,7 @@ async fn show_replay(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = replay_id(&id)?;
-    let replay = state
-        .store
-        .replay(id)
-        .await
-        .map_err(|_| ApiError::unavailable("the database is unavailable"))?
-        .ok_or_else(|| ApiError::not_found(format!("no replay {id}")))?;
-    Ok(Json(replay_json(&replay)))
+    Ok(Json(replay_json(&find_replay(&state, id).await?)))
 }
 
 async fn cancel_replay(
@@ -1031,21 +1006,19 @@ async fn cancel_replay(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = replay_id(&id)?;
-    let found = state
-        .store
-        .cancel_replay(id)
-        .await
-        .map_err(|_| ApiError::unavailable("the database is unavailable"))?;
+    let found = state.store.cancel_replay(id).await?;
     if !found {
         return Err(ApiError::not_found(format!("no replay {id}")));
     }
-    let replay = state
+    Ok(Json(replay_json(&find_replay(&state, id).await?)))
+}
+
+async fn find_replay(state: &AppState, id: i64) -> Result<crate::store::Replay, ApiError> {
+    state
         .store
         .replay(id)
-        .await
-        .map_err(|_| ApiError::unavailable("the database is unavailable"))?
-        .ok_or_else(|| ApiError::not_found(format!("no replay {id}")))?;
-    Ok(Json(replay_json(&replay)))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no replay {id}")))
 }
 
 fn replay_id(text: &str) -> Result<i64, ApiError> {
