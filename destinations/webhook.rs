@@ -15,7 +15,8 @@
 
 pub mod balancer;
 
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::any::Any;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -160,7 +161,8 @@ fn build(settings: &Settings) -> Result<Built, Vec<SettingError>> {
     if !errors.is_empty() {
         return Err(errors);
     }
-    let balancer = (urls.len() > 1).then(|| balancer_for(settings.name, &urls, policy));
+    let balancer = (urls.len() > 1)
+        .then(|| Arc::new(Balancer::new(&urls, policy, Instant::now(), rand::random())));
     Ok(Built {
         plugin: Arc::new(Webhook {
             name: settings.name.to_owned(),
@@ -212,32 +214,6 @@ fn policy(config: &WebhookConfig, errors: &mut Vec<SettingError>) -> Policy {
         }
     }
     policy
-}
-
-/// The balancers built so far, by destination name: a reload hands what the running one
-/// learned about each endpoint to its successor, which also tells the endpoints it adds
-/// (those start on probation and ramp up). Only weak references: a destination that is gone
-/// leaves nothing behind. The predecessor is the newest one of the same name that shares an
-/// endpoint (several Switchyards in one process, as in tests, may reuse a name).
-static BALANCERS: Mutex<Vec<(String, Weak<Balancer>)>> = Mutex::new(Vec::new());
-
-fn balancer_for(name: &str, urls: &[Url], policy: Policy) -> Arc<Balancer> {
-    let mut built = BALANCERS.lock().unwrap_or_else(PoisonError::into_inner);
-    built.retain(|(_, balancer)| balancer.strong_count() > 0);
-    let previous = built
-        .iter()
-        .rev()
-        .filter(|(of, _)| of == name)
-        .filter_map(|(_, balancer)| balancer.upgrade())
-        .find(|balancer| balancer.knows_any(urls));
-    let now = Instant::now();
-    let seed = rand::random();
-    let balancer = Arc::new(match previous {
-        Some(previous) => Balancer::succeed(&previous, urls, policy, now, seed),
-        None => Balancer::new(urls, policy, now, seed),
-    });
-    built.push((name.to_owned(), Arc::downgrade(&balancer)));
-    balancer
 }
 
 /// An absolute `http` or `https` URL.
@@ -520,6 +496,23 @@ impl Destination for Webhook {
             .map(|balancer| balancer.endpoints(Instant::now()))
             .unwrap_or_default()
     }
+
+    fn learned(&self) -> Option<&(dyn Any + Send + Sync)> {
+        self.balancer
+            .as_deref()
+            .map(|balancer| balancer as &(dyn Any + Send + Sync))
+    }
+
+    /// What the previous balancer learned about each endpoint carries over; the endpoints it
+    /// did not have start on probation and ramp up.
+    fn take_over(&self, previous: &dyn Destination) {
+        let learned = previous
+            .learned()
+            .and_then(|l| l.downcast_ref::<Balancer>());
+        if let (Some(balancer), Some(learned)) = (&self.balancer, learned) {
+            balancer.take_over(learned, Instant::now());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -676,6 +669,7 @@ mod tests {
             .iter()
             .all(|e| e.weight == 1.0 && !e.probation));
         let second = build_with("['http://a.example/', 'http://b.example/', 'http://c.example/']");
+        second.take_over(&*first);
         let stats = second.endpoints();
         assert!(stats[2].probation && stats[2].weight < 0.2, "{stats:?}");
         assert!(!stats[0].probation && stats[0].weight == 1.0, "{stats:?}");

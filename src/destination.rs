@@ -6,6 +6,7 @@
 //! an [`HttpRequest`] ([`HttpDestination`]); a kind that is not HTTP (the `postgres` warehouse)
 //! implements [`Destination::deliver`] itself.
 
+use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -210,6 +211,14 @@ impl Destination for RetryAfterCap {
     fn endpoints(&self) -> Vec<EndpointStats> {
         self.inner.endpoints()
     }
+
+    fn learned(&self) -> Option<&(dyn Any + Send + Sync)> {
+        self.inner.learned()
+    }
+
+    fn take_over(&self, previous: &dyn Destination) {
+        self.inner.take_over(previous)
+    }
 }
 
 /// The classification every HTTP vendor shares unless it documents otherwise: 2xx delivered;
@@ -268,6 +277,16 @@ pub trait Destination: Send + Sync + 'static {
     fn endpoints(&self) -> Vec<EndpointStats> {
         Vec::new()
     }
+
+    /// What this plugin has learned that the plugin replacing it at a reload may take over (a
+    /// webhook's statistics per endpoint); `None` for most kinds.
+    fn learned(&self) -> Option<&(dyn Any + Send + Sync)> {
+        None
+    }
+
+    /// At a reload, takes over what `previous` (this destination's plugin until now) learned,
+    /// where it still holds. The pipeline calls it once, before the first delivery.
+    fn take_over(&self, _previous: &dyn Destination) {}
 }
 
 /// One endpoint of a destination with several, as this process sees it.

@@ -5,6 +5,10 @@
 //! jobs queued before a reload belong to the same destination after it. A destination that
 //! disappears from the config has its queued jobs moved to the dead letters (never dropped); a
 //! disabled one (`enabled = false`) keeps its queue, paused, until it is enabled again.
+//!
+//! The config is plain data; plugins are built here, and a destination's new plugin takes
+//! over what its old one learned ([`Destination::take_over`]: a webhook balancer's view of
+//! each endpoint).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -13,9 +17,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{self, Config, LimitsConfig, Ordering};
-use crate::delivery::scheduler::{self, Lane, LaneSet};
+use crate::config::{self, Config, DestinationConfig, LimitsConfig, Ordering};
+use crate::delivery::lane::{self, Lane, LaneSet};
 use crate::delivery::sender::HttpClient;
+use crate::destination::{Destination, RetryAfterCap, Settings};
 use crate::ingest::{Route, Routes, Source, SourceDirectory};
 use crate::store::{NameTable, Store};
 
@@ -86,7 +91,7 @@ impl Pipeline {
                 })
                 .collect(),
         );
-        let mut gates = scheduler::gates(&enabled);
+        let mut gates = lane::gates(&enabled);
         let old_lanes: HashMap<&str, &Arc<Lane>> = previous
             .map(|p| {
                 p.lanes
@@ -104,15 +109,19 @@ impl Pipeline {
                 gates.insert(key.clone(), old.gate.clone());
             }
         }
-        let lanes = enabled
-            .into_iter()
-            .map(|d| {
-                let gate = gates[&d.rate_limit_key].clone();
-                let stats = old_lanes.get(d.name.as_str()).map(|old| old.stats.clone());
-                let id = destination_ids[&d.name];
-                Arc::new(Lane::new(id, d, gate, client.clone()).with_stats(stats))
-            })
-            .collect();
+        let mut lanes = Vec::with_capacity(enabled.len());
+        for d in enabled {
+            let old = old_lanes.get(d.name.as_str());
+            let plugin = plugin(&d)?;
+            if let Some(old) = old {
+                plugin.take_over(&*old.plugin);
+            }
+            let gate = gates[&d.rate_limit_key].clone();
+            let stats = old.map(|old| old.stats.clone());
+            let id = destination_ids[&d.name];
+            let lane = Lane::new(id, d, plugin, gate, client.clone()).with_stats(stats);
+            lanes.push(Arc::new(lane));
+        }
         let pipeline = Pipeline {
             sources,
             routes,
@@ -124,6 +133,33 @@ impl Pipeline {
         crate::http::series::register(&pipeline, &source_names);
         Ok(pipeline)
     }
+}
+
+/// Builds a destination's plugin from its config: the kind's own plugin behind the engine's
+/// wrappers (`Retry-After` capped at `retry.max_backoff`, then the delivery-time filters).
+pub fn plugin(config: &DestinationConfig) -> anyhow::Result<Arc<dyn Destination>> {
+    let kind = crate::destinations::kind(&config.kind)
+        .ok_or_else(|| anyhow::anyhow!("unknown kind `{}`", config.kind))?;
+    let settings = Settings {
+        name: &config.name,
+        table: &config.settings.0,
+        endpoint: config.endpoint.as_ref(),
+    };
+    let built = (kind.build)(&settings).map_err(|errors| {
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("destination `{}`: {}", config.name, errors.join("; "))
+    })?;
+    let metadata = crate::filter::Metadata {
+        destination_name: config.name.clone(),
+        destination_kind: config.kind.clone(),
+    };
+    let capped = RetryAfterCap::wrap(built.plugin, config.retry.max_backoff);
+    Ok(crate::filter::Shaped::wrap(
+        capped,
+        config.shaping.clone(),
+        metadata,
+        config.batch_size,
+    ))
 }
 
 /// Reloads the config file into the running pipeline and pool.

@@ -48,6 +48,9 @@
 //!
 //! This module is bookkeeping only: the caller passes the time (`now`) and the random draw is
 //! seeded, so tests control both.
+//!
+//! One file on purpose: it is one algorithm (the state each choice reads and each answer
+//! updates), and the tests below walk through it rule by rule.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -285,30 +288,44 @@ impl Balancer {
         now: Instant,
         seed: u64,
     ) -> Balancer {
-        if !previous.knows_any(urls) {
-            return Balancer::new(urls, policy, now, seed);
-        }
-        let old = previous.lock().endpoints.clone();
-        let endpoints = urls.iter().map(|url| {
-            match old.iter().find(|e| e.url == url.as_str()) {
-                // Requests in flight finish on the previous balancer's books.
-                Some(known) => Endpoint {
-                    in_flight: 0,
-                    reported_in_flight: 0,
-                    ..known.clone()
-                },
-                None => Endpoint::new(url, now, true),
-            }
-        });
-        Balancer::with(endpoints.collect(), policy, seed)
+        let balancer = Balancer::new(urls, policy, now, seed);
+        balancer.take_over(previous, now);
+        balancer
     }
 
-    /// Whether any of `urls` is one of its endpoints (a balancer [`Balancer::succeed`] can
-    /// carry something over from).
-    pub fn knows_any(&self, urls: &[Url]) -> bool {
-        let state = self.lock();
-        urls.iter()
-            .any(|url| state.endpoints.iter().any(|e| e.url == url.as_str()))
+    /// Makes this new balancer (not used yet) the successor of `previous`, as
+    /// [`Balancer::succeed`] describes; nothing changes when no endpoint is shared.
+    pub fn take_over(&self, previous: &Balancer, now: Instant) {
+        if std::ptr::eq(self, previous) {
+            return;
+        }
+        let old = previous.lock().endpoints.clone();
+        let mut state = self.lock();
+        let shared = state
+            .endpoints
+            .iter()
+            .any(|mine| old.iter().any(|e| e.url == mine.url));
+        if !shared {
+            return;
+        }
+        for endpoint in state.endpoints.iter_mut() {
+            match old.iter().find(|e| e.url == endpoint.url) {
+                // Requests in flight finish on the previous balancer's books.
+                Some(known) => {
+                    *endpoint = Endpoint {
+                        in_flight: 0,
+                        reported_in_flight: 0,
+                        ..known.clone()
+                    }
+                }
+                // Added: on probation, and ramping up from now.
+                None => {
+                    endpoint.ramp_from = Some(now);
+                    endpoint.probation = true;
+                    endpoint.error_rate.at = now;
+                }
+            }
+        }
     }
 
     fn with(endpoints: Vec<Endpoint>, policy: Policy, seed: u64) -> Balancer {

@@ -5,88 +5,33 @@
 //! default local server, and when nothing answers there it starts a private PostgreSQL from the
 //! installed server binaries, so that a fresh machine needs no database set-up at all.
 //!
-//! It talks to Postgres itself (`sqlx`), outside the store: it runs before there is a database
-//! for the store to open (to create it, or to drop the demo's), on the server's `postgres`
-//! maintenance database.
+//! What it asks of the server itself (does it answer, create or drop a database) is in
+//! [`crate::store::server`], with every other SQL statement.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use sqlx::{Connection, Executor, PgConnection};
 use tokio::net::TcpStream;
-use tokio::process::Command;
 use tracing::{info, warn};
+
+pub use crate::cli::private_postgres::{start_private_in, PrivatePostgres};
+use crate::store::server::{self, CreateError, MaintenanceError, Probe};
+use crate::store::StoreError;
 
 /// Where Switchyard looks when no `DATABASE_URL` was given.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/switchyard";
 
-const DEFAULT_ADDR: &str = "127.0.0.1:5432";
+pub(crate) const DEFAULT_ADDR: &str = "127.0.0.1:5432";
 /// Off the standard port, so a private server never shadows (or is shadowed by) a real one.
 const PRIVATE_PORT: u16 = 54329;
 const PRIVATE_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:54329/switchyard";
 /// How long a given server may stay unreachable before we give up on it.
 const REACH_DEADLINE: Duration = Duration::from_secs(60);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Unix socket paths longer than this are refused by the kernel (108 bytes with the NUL).
-const MAX_SOCKET_PATH: usize = 100;
 
 /// The database to use and, when Switchyard started one, the private server to stop at exit.
 pub struct Database {
     pub url: String,
     pub private: Option<PrivatePostgres>,
-}
-
-/// A PostgreSQL server this process started in its own data directory.
-pub struct PrivatePostgres {
-    data_dir: PathBuf,
-    pg_ctl: PathBuf,
-    /// PostgreSQL refuses to run as root, so as root every server command runs as this user.
-    run_as: Option<String>,
-}
-
-impl PrivatePostgres {
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
-
-    async fn is_running(&self) -> bool {
-        let args = [
-            "-D".to_string(),
-            path_arg(&self.data_dir),
-            "status".to_string(),
-        ];
-        run_program(self.run_as.as_deref(), &self.pg_ctl, &args)
-            .await
-            .is_ok_and(|out| out.status.success())
-    }
-
-    /// Stops the server (fast shutdown: open sessions are ended, nothing committed is lost).
-    pub async fn stop(&self) {
-        let args = vec![
-            "-D".to_string(),
-            path_arg(&self.data_dir),
-            "-m".to_string(),
-            "fast".to_string(),
-            "-w".to_string(),
-            "stop".to_string(),
-        ];
-        match run_program(self.run_as.as_deref(), &self.pg_ctl, &args).await {
-            Ok(out) if out.status.success() => {
-                info!(data_dir = %self.data_dir.display(), "stopped the private PostgreSQL")
-            }
-            Ok(out) => warn!(
-                data_dir = %self.data_dir.display(),
-                output = %output_tail(&out),
-                "could not stop the private PostgreSQL"
-            ),
-            Err(e) => warn!(
-                data_dir = %self.data_dir.display(),
-                error = %e,
-                "could not stop the private PostgreSQL"
-            ),
-        }
-    }
 }
 
 /// Decides which database to use. `explicit` is DATABASE_URL/--database-url when the user gave
@@ -125,28 +70,35 @@ pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
     let Some(name) = database_name(url)? else {
         return Ok(());
     };
-    match connect(url).await {
-        Ok(conn) => {
-            let _ = conn.close().await;
-            return Ok(());
-        }
-        Err(e) if db_code(&e).as_deref() == Some(INVALID_CATALOG_NAME) => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("connecting to {}", mask_password(url)));
-        }
+    let exists = server::database_exists(url)
+        .await
+        .map_err(cause)
+        .with_context(|| format!("connecting to {}", mask_password(url)))?;
+    if exists {
+        return Ok(());
     }
-    let mut conn = connect_maintenance(url).await?;
-    let sql = format!("CREATE DATABASE {}", quote_identifier(&name));
-    let created = conn.execute(sql.as_str()).await;
-    let _ = conn.close().await;
-    match created {
-        Ok(_) => {
+    let maintenance = ["postgres", "template1"]
+        .iter()
+        .map(|db| maintenance_url(url, db))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    match server::create_database(&maintenance, &name).await {
+        Ok(()) => {
             info!(database = %name, url = %mask_password(url), "created the database");
             Ok(())
         }
-        // 42P04: it exists by now; 23505: a concurrent CREATE DATABASE won the catalog insert.
-        Err(e) if matches!(db_code(&e).as_deref(), Some("42P04") | Some("23505")) => Ok(()),
-        Err(e) => Err(e).with_context(|| {
+        Err(CreateError::Maintenance(MaintenanceError {
+            url: target,
+            error,
+            missing,
+        })) => {
+            let failed = Err(cause(error));
+            if missing {
+                failed.with_context(|| format!("no maintenance database on {}", mask_password(url)))
+            } else {
+                failed.with_context(|| format!("connecting to {}", mask_password(&target)))
+            }
+        }
+        Err(CreateError::Create(error)) => Err(cause(error)).with_context(|| {
             format!(
                 "creating database {name} on {}",
                 mask_password(&maintenance_url(url, "postgres").unwrap_or_default())
@@ -155,87 +107,12 @@ pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
     }
 }
 
-const INVALID_CATALOG_NAME: &str = "3D000";
-
-/// Connects to `postgres` on the server of `url`, or `template1` where `postgres` was dropped.
-async fn connect_maintenance(url: &str) -> anyhow::Result<PgConnection> {
-    let mut last = None;
-    for db in ["postgres", "template1"] {
-        let target = maintenance_url(url, db)?;
-        match connect(&target).await {
-            Ok(conn) => return Ok(conn),
-            Err(e) if db_code(&e).as_deref() == Some(INVALID_CATALOG_NAME) => last = Some(e),
-            Err(e) => {
-                return Err(e).with_context(|| format!("connecting to {}", mask_password(&target)))
-            }
-        }
+/// The database error itself, so that messages read as the server's own.
+fn cause(error: StoreError) -> anyhow::Error {
+    match error {
+        StoreError::Database(error) => error.into(),
+        other => other.into(),
     }
-    Err(last.map_or_else(|| anyhow::anyhow!("no maintenance database"), Into::into))
-        .with_context(|| format!("no maintenance database on {}", mask_password(url)))
-}
-
-async fn connect(url: &str) -> Result<PgConnection, sqlx::Error> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect(url)).await {
-        Ok(result) => result,
-        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
-        ))),
-    }
-}
-
-fn db_code(e: &sqlx::Error) -> Option<String> {
-    match e {
-        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
-        _ => None,
-    }
-}
-
-/// What one connection attempt says about the server.
-enum Probe {
-    Reachable,
-    /// Not (yet) reachable: refused, timed out, starting up, or out of connections.
-    Retry(String),
-    /// It answered, and retrying will not change its answer (bad password, bad URL...).
-    Fatal(sqlx::Error),
-}
-
-async fn probe(url: &str) -> Probe {
-    match connect(url).await {
-        Ok(conn) => {
-            let _ = conn.close().await;
-            Probe::Reachable
-        }
-        Err(e) => match db_code(&e).as_deref() {
-            // The server is up; the database is created later.
-            Some(INVALID_CATALOG_NAME) => Probe::Reachable,
-            // cannot_connect_now (starting up or shutting down), too_many_connections.
-            Some("57P03") | Some("53300") => Probe::Retry(e.to_string()),
-            Some(_) => Probe::Fatal(e),
-            None if matches!(e, sqlx::Error::Configuration(_) | sqlx::Error::Tls(_)) => {
-                Probe::Fatal(e)
-            }
-            // A certificate that does not verify will not verify on the next try either.
-            None if is_certificate_error(&e) => Probe::Fatal(e),
-            None => Probe::Retry(e.to_string()),
-        },
-    }
-}
-
-/// The server's certificate was refused (unknown issuer, wrong name, expired): sqlx reports it
-/// as an I/O error wrapping rustls's.
-fn is_certificate_error(error: &sqlx::Error) -> bool {
-    let sqlx::Error::Io(io) = error else {
-        return false;
-    };
-    io.get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        .is_some_and(|tls| {
-            matches!(
-                tls,
-                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
-            )
-        })
 }
 
 /// Retries `url` with backoff until it answers or `deadline` has passed, warning at each miss.
@@ -245,10 +122,10 @@ async fn wait_until_reachable(url: &str, deadline: Duration) -> anyhow::Result<(
     let mut delay = Duration::from_millis(250);
     let mut attempt = 1u32;
     loop {
-        match probe(url).await {
+        match server::probe(url).await {
             Probe::Reachable => return Ok(()),
-            Probe::Fatal(e) if is_certificate_error(&e) => {
-                return Err(e).with_context(|| {
+            Probe::Fatal(e) if server::refused_certificate(&e) => {
+                return Err(cause(e)).with_context(|| {
                     format!(
                         "the certificate of the database at {masked} does not verify (give its \
                          CA as sslrootcert=/path/ca.pem, or use sslmode=require to encrypt \
@@ -257,7 +134,8 @@ async fn wait_until_reachable(url: &str, deadline: Duration) -> anyhow::Result<(
                 })
             }
             Probe::Fatal(e) => {
-                return Err(e).with_context(|| format!("the database at {masked} refused us"))
+                return Err(cause(e))
+                    .with_context(|| format!("the database at {masked} refused us"))
             }
             Probe::Retry(error) => {
                 let elapsed = started.elapsed();
@@ -282,271 +160,6 @@ async fn wait_until_reachable(url: &str, deadline: Duration) -> anyhow::Result<(
             }
         }
     }
-}
-
-/// Starts (or finds running) the private server in `.switchyard/postgres`. Returns `None` when
-/// it was already running: that one belongs to another Switchyard, which will stop it.
-/// Starts (or reuses) a PostgreSQL server with default settings in `data_dir` on
-/// 127.0.0.1:`port`, creating it with initdb first if needed. `None` when one was already
-/// running there (it is not ours to stop). `why` is logged.
-pub async fn start_private_in(
-    mut data_dir: PathBuf,
-    port: u16,
-    why: &str,
-) -> anyhow::Result<Option<PrivatePostgres>> {
-    let (initdb, pg_ctl) = find_server_binaries().ok_or_else(|| {
-        anyhow::anyhow!(
-            "nothing answers at {DEFAULT_ADDR} and DATABASE_URL is not set, and no PostgreSQL \
-             server binaries (initdb, pg_ctl) were found to start a private one: install \
-             PostgreSQL (e.g. `apt-get install postgresql`) or set DATABASE_URL"
-        )
-    })?;
-    let run_as = if is_root() {
-        Some(postgres_user().await?)
-    } else {
-        None
-    };
-    let cwd = std::env::current_dir().context("reading the current directory")?;
-    prepare_data_dir(&data_dir, run_as.as_deref()).await?;
-    if let Some(user) = run_as.as_deref() {
-        if !user_can_write(user, &data_dir).await {
-            // e.g. a checkout under /root, which the postgres user cannot enter.
-            let fallback = std::env::temp_dir().join(format!(
-                "switchyard-postgres-{:016x}",
-                fnv1a(cwd.as_os_str().as_encoded_bytes())
-            ));
-            warn!(
-                wanted = %data_dir.display(),
-                using = %fallback.display(),
-                user,
-                "the {user} user cannot write the private PostgreSQL's data directory here; using a temporary one"
-            );
-            data_dir = fallback;
-            prepare_data_dir(&data_dir, run_as.as_deref()).await?;
-        }
-    }
-    let server = PrivatePostgres {
-        data_dir,
-        pg_ctl,
-        run_as,
-    };
-    // Two Switchyards starting together in one directory take turns; the second reuses.
-    let _lock = lock_file(server.data_dir.with_extension("lock")).await?;
-    let dir = path_arg(&server.data_dir);
-    let user = server.run_as.as_deref();
-
-    if !server.data_dir.join("PG_VERSION").exists() {
-        let args: Vec<String> = [
-            "-D",
-            &dir,
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--no-locale",
-        ]
-        .map(String::from)
-        .into();
-        let out = run_program(user, &initdb, &args).await?;
-        if !out.status.success() {
-            bail!(
-                "initdb {} failed: {}",
-                server.data_dir.display(),
-                output_tail(&out)
-            );
-        }
-    }
-
-    let reuse = |server: &PrivatePostgres| {
-        info!(
-            data_dir = %server.data_dir.display(),
-            "using the private PostgreSQL already running on 127.0.0.1:{port}, because {why}"
-        );
-        Ok(None)
-    };
-    if server.is_running().await {
-        return reuse(&server);
-    }
-
-    let socket_name = format!(".s.PGSQL.{port}");
-    let socket_dir = if server.data_dir.as_os_str().len() + socket_name.len() < MAX_SOCKET_PATH {
-        dir.clone()
-    } else {
-        path_arg(&std::env::temp_dir())
-    };
-    let log = path_arg(&server.data_dir.join("server.log"));
-    // pg_ctl hands -o to a shell, hence the inner quoting.
-    let options = format!(
-        "-p {port} -c listen_addresses=127.0.0.1 -k {}",
-        shell_quote(&socket_dir)
-    );
-    let args: Vec<String> = [
-        "-D", &dir, "-l", &log, "-w", "-t", "60", "-o", &options, "start",
-    ]
-    .map(String::from)
-    .into();
-    let out = run_program(user, &server.pg_ctl, &args).await?;
-    if !out.status.success() {
-        // Another Switchyard in this directory may have started it a moment ago.
-        if server.is_running().await {
-            return reuse(&server);
-        }
-        let server_log = std::fs::read_to_string(server.data_dir.join("server.log"))
-            .map(|s| tail(&s, 1500))
-            .unwrap_or_default();
-        bail!(
-            "could not start a private PostgreSQL in {} (is port {port} taken?): {}\n{}",
-            server.data_dir.display(),
-            output_tail(&out),
-            server_log
-        );
-    }
-    info!(
-        data_dir = %server.data_dir.display(),
-        log = %log,
-        "started a private PostgreSQL on 127.0.0.1:{port}, because {why}; it stops when its owner exits"
-    );
-    Ok(Some(server))
-}
-
-/// Holds an exclusive lock on `path` until the returned file is dropped.
-async fn lock_file(path: PathBuf) -> anyhow::Result<std::fs::File> {
-    tokio::task::spawn_blocking(move || {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        file.lock()
-            .with_context(|| format!("locking {}", path.display()))?;
-        Ok(file)
-    })
-    .await?
-}
-
-async fn prepare_data_dir(dir: &Path, run_as: Option<&str>) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    if let Some(user) = run_as {
-        let out = Command::new("chown")
-            .arg("-R")
-            .arg(user)
-            .arg(dir)
-            .output()
-            .await
-            .context("running chown")?;
-        if !out.status.success() {
-            bail!(
-                "chown {user} {} failed: {}",
-                dir.display(),
-                output_tail(&out)
-            );
-        }
-    }
-    Ok(())
-}
-
-async fn user_can_write(user: &str, dir: &Path) -> bool {
-    let test = PathBuf::from("test");
-    let args = vec!["-w".to_string(), path_arg(dir)];
-    run_program(Some(user), &test, &args)
-        .await
-        .is_ok_and(|out| out.status.success())
-}
-
-/// The user a root process runs the server as: `postgres`, which the OS packages create.
-async fn postgres_user() -> anyhow::Result<String> {
-    let exists = Command::new("id")
-        .args(["-u", "postgres"])
-        .output()
-        .await
-        .is_ok_and(|out| out.status.success());
-    if !exists {
-        bail!(
-            "running as root, PostgreSQL will not run as root, and there is no `postgres` user to \
-             run a private one as: install PostgreSQL from the OS packages (which creates it) \
-             or set DATABASE_URL"
-        );
-    }
-    Ok("postgres".to_string())
-}
-
-/// Runs `program args` directly, or as `user` through `su` (present on every Linux).
-async fn run_program(
-    user: Option<&str>,
-    program: &Path,
-    args: &[String],
-) -> anyhow::Result<std::process::Output> {
-    let mut command = match user {
-        Some(user) => {
-            let mut c = Command::new("su");
-            c.args([user, "-s", "/bin/sh", "-c", &shell_command(program, args)]);
-            c
-        }
-        None => {
-            let mut c = Command::new(program);
-            c.args(args);
-            c
-        }
-    };
-    // The server user may not be allowed into our working directory.
-    command.current_dir("/").stdin(std::process::Stdio::null());
-    command
-        .output()
-        .await
-        .with_context(|| format!("running {}", program.display()))
-}
-
-/// The newest `/usr/lib/postgresql/*/bin` (Debian, Ubuntu), else `initdb` and `pg_ctl` on PATH.
-fn find_server_binaries() -> Option<(PathBuf, PathBuf)> {
-    let mut versions: Vec<(Vec<u32>, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let bin = entry.path().join("bin");
-            let version = parse_version(entry.file_name().to_str()?)?;
-            (is_executable(&bin.join("initdb")) && is_executable(&bin.join("pg_ctl")))
-                .then_some((version, bin))
-        })
-        .collect();
-    versions.sort();
-    if let Some((_, bin)) = versions.pop() {
-        return Some((bin.join("initdb"), bin.join("pg_ctl")));
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).find_map(|dir| {
-        let (initdb, pg_ctl) = (dir.join("initdb"), dir.join("pg_ctl"));
-        (is_executable(&initdb) && is_executable(&pg_ctl)).then_some((initdb, pg_ctl))
-    })
-}
-
-fn parse_version(name: &str) -> Option<Vec<u32>> {
-    name.split('.').map(|part| part.parse().ok()).collect()
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| effective_uid(&status))
-        .or_else(|| {
-            let out = std::process::Command::new("id").arg("-u").output().ok()?;
-            String::from_utf8(out.stdout).ok()?.trim().parse().ok()
-        })
-        == Some(0)
-}
-
-/// The effective uid from `/proc/self/status` (`Uid: real effective saved fs`).
-fn effective_uid(status: &str) -> Option<u32> {
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
 }
 
 /// The database name in a `postgres://` URL, percent-decoded; `None` when the URL names none.
@@ -590,11 +203,6 @@ fn percent_decode(s: &str) -> anyhow::Result<String> {
     String::from_utf8(out).context("not UTF-8")
 }
 
-/// A PostgreSQL identifier that means exactly `name`, whatever characters it holds.
-fn quote_identifier(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// `url` with its password (in the user info or a `password=` parameter) replaced by `***`.
 /// Works on strings that are not valid URLs too, since those get logged as well.
 pub fn mask_password(url: &str) -> String {
@@ -625,64 +233,16 @@ pub fn mask_password(url: &str) -> String {
     out
 }
 
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-fn shell_command(program: &Path, args: &[String]) -> String {
-    std::iter::once(path_arg(program))
-        .chain(args.iter().cloned())
-        .map(|a| shell_quote(&a))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn path_arg(path: &Path) -> String {
-    path.to_string_lossy().into_owned()
-}
-
-fn output_tail(out: &std::process::Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    tail(text.trim(), 1500)
-}
-
-fn tail(s: &str, max: usize) -> String {
-    let start = s.len().saturating_sub(max);
-    let start = (start..=s.len())
-        .find(|&i| s.is_char_boundary(i))
-        .unwrap_or(s.len());
-    s[start..].to_string()
-}
-
-/// A stable hash, so the fallback data directory is the same on every run from one checkout.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// Drops the database `url` names (the demo's throwaway one), connecting to `postgres` on
 /// the same server.
 pub async fn drop_database(url: &str) -> anyhow::Result<()> {
     let mut maintenance = url::Url::parse(url)?;
     let name = maintenance.path().trim_start_matches('/').to_owned();
     maintenance.set_path("/postgres");
-    let mut connection = PgConnection::connect(maintenance.as_str())
+    server::drop_database(maintenance.as_str(), &name)
         .await
-        .context("connecting to drop the database")?;
-    sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-        name.replace('"', "\"\"")
-    ))
-    .execute(&mut connection)
-    .await
-    .with_context(|| format!("dropping the database {name}"))?;
-    let _ = connection.close().await;
-    Ok(())
+        .map_err(cause)
+        .with_context(|| format!("dropping the database {name}"))
 }
 
 #[cfg(test)]
@@ -749,50 +309,6 @@ mod tests {
             .unwrap(),
             "postgres://app:pw@db:6543/postgres?sslmode=disable"
         );
-    }
-
-    #[test]
-    fn quotes_identifiers() {
-        assert_eq!(quote_identifier("switchyard"), "\"switchyard\"");
-        assert_eq!(quote_identifier("we\"ird; drop"), "\"we\"\"ird; drop\"");
-    }
-
-    #[test]
-    fn quotes_shell_words() {
-        assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
-        assert_eq!(shell_quote("it's"), r"'it'\''s'");
-        assert_eq!(
-            shell_command(
-                Path::new("/bin/pg_ctl"),
-                &["-o".into(), "-p 1 -k '/x'".into()]
-            ),
-            r"'/bin/pg_ctl' '-o' '-p 1 -k '\''/x'\'''"
-        );
-    }
-
-    #[test]
-    fn reads_effective_uid() {
-        let status = "Name:\tx\nUid:\t1000\t0\t0\t0\nGid:\t0\t0\t0\t0\n";
-        assert_eq!(effective_uid(status), Some(0));
-        assert_eq!(effective_uid("Name:\tx\n"), None);
-    }
-
-    #[test]
-    fn orders_versions_numerically() {
-        let mut v = [
-            parse_version("9.6").unwrap(),
-            parse_version("16").unwrap(),
-            parse_version("15").unwrap(),
-        ];
-        v.sort();
-        assert_eq!(v.last(), Some(&vec![16]));
-        assert_eq!(parse_version("main"), None);
-    }
-
-    #[test]
-    fn tails_on_char_boundaries() {
-        assert_eq!(tail("héllo", 4), "llo");
-        assert_eq!(tail("abc", 10), "abc");
     }
 
     #[tokio::test]

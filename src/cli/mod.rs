@@ -5,5 +5,6 @@
 pub mod archive;
 pub mod bootstrap;
 pub mod demo;
+pub mod private_postgres;
 pub mod serve;
 pub mod shutdown;

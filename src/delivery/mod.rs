@@ -3,7 +3,9 @@
 //! selector that feeds archived events to a destination's replay lane.
 
 pub mod egress;
+pub mod lane;
 pub mod replay;
+mod runs;
 pub mod scheduler;
 pub mod sender;
 pub mod traffic;

@@ -4,6 +4,9 @@
 //! An expression is parsed once (when the config is read) into a tree and evaluated against
 //! each event's JSON. Paths that do not exist are `null`; comparisons between different types
 //! are `false`; the whole expression matches only when it evaluates to `true`.
+//!
+//! One file on purpose: the lexer, the parser and the evaluator are one grammar, read
+//! together, and the tests below are its examples.
 
 use std::borrow::Cow;
 use std::fmt;

@@ -312,6 +312,14 @@ impl Destination for Shaped {
     fn endpoints(&self) -> Vec<EndpointStats> {
         self.inner.endpoints()
     }
+
+    fn learned(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
+        self.inner.learned()
+    }
+
+    fn take_over(&self, previous: &dyn Destination) {
+        self.inner.take_over(previous)
+    }
 }
 
 /// What a destination would send for `event`, past the routing rules (`routed`: whether its

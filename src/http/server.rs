@@ -562,26 +562,21 @@ async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>,
         .map(|lane| {
             let config = &lane.config;
             let (queued, retrying) = state.depth.destination(lane.id);
-            let last_error = lane
-                .stats
-                .last_error
-                .lock()
-                .map(|e| e.clone())
-                .unwrap_or_default();
+            let status = lane.status();
             json!({
                 "name": config.name,
                 "kind": config.kind,
                 "paused": paused.contains(&lane.id),
                 "queued": queued,
-                "in_flight": lane.in_flight(),
-                "delivered": lane.stats.delivered.load(Ordering::Relaxed),
+                "in_flight": status.in_flight,
+                "delivered": status.delivered,
                 "retrying": retrying,
                 "dead": dead.get(&lane.id).copied().unwrap_or(0),
                 "rate_limit": config.rate_limit.map(|r| crate::config::format_rate(&r)),
-                "concurrency_limit": lane.concurrency_limit(),
-                "rate_factor": lane.gate.rate_factor(),
-                "last_error": last_error,
-                "endpoints": lane.config.plugin.endpoints(),
+                "concurrency_limit": status.concurrency_limit,
+                "rate_factor": status.rate_factor,
+                "last_error": status.last_error,
+                "endpoints": status.endpoints,
                 "filters": crate::filter::describe(&config.gate, &config.shaping),
             })
         })

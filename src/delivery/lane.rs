@@ -1,0 +1,210 @@
+//! One destination's live state: its in-flight slots and adaptive limit, its gate (the
+//! rate-limit key it shares), what it learns from each response, and its counters.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::{self, DestinationConfig};
+use crate::delivery::runs::Claimed;
+use crate::delivery::sender::{HttpClient, Sender};
+use crate::delivery::traffic::{Concurrency, KeyGate};
+use crate::destination::{Destination, EndpointStats, Outcome};
+use crate::{rates, store};
+
+/// One destination's live state.
+pub struct Lane {
+    pub id: i32,
+    pub config: DestinationConfig,
+    /// Built from `config` by the pipeline.
+    pub plugin: Arc<dyn Destination>,
+    /// Its rate-limit key (shared with the destinations that name the same key).
+    pub gate: Arc<KeyGate>,
+    pub(super) concurrency: Concurrency,
+    pub(super) in_flight: AtomicUsize,
+    pub(super) sender: Sender,
+    /// Claimed events not yet sent (a run may hold more events than there are free slots);
+    /// a reload hands them to the lane that replaces this one.
+    pub(super) pending: Mutex<VecDeque<Claimed>>,
+    /// Shared with the lane that replaces this one at a reload.
+    pub stats: Arc<LaneStats>,
+}
+
+/// The lanes in force; a reload swaps the set.
+pub type LaneSet = Arc<arc_swap::ArcSwap<Vec<Arc<Lane>>>>;
+
+/// Counters the admin API shows, since this process started.
+#[derive(Default)]
+pub struct LaneStats {
+    pub delivered: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+    /// Per-second rates for the dashboard.
+    pub rates: rates::DestinationRates,
+}
+
+/// A lane's state as this process sees it, since it started.
+#[derive(Debug, Clone)]
+pub struct LaneStatus {
+    pub in_flight: usize,
+    pub delivered: u64,
+    /// The in-flight limit in force (adaptive, at most `max_in_flight`).
+    pub concurrency_limit: usize,
+    /// The share of its rate-limit key's rate in use (AIMD).
+    pub rate_factor: f64,
+    pub last_error: Option<String>,
+    pub endpoints: Vec<EndpointStats>,
+}
+
+impl Lane {
+    pub fn new(
+        id: i32,
+        config: DestinationConfig,
+        plugin: Arc<dyn Destination>,
+        gate: Arc<KeyGate>,
+        http: HttpClient,
+    ) -> Lane {
+        let sender = Sender {
+            http,
+            timeout: config.timeout,
+        };
+        Lane {
+            id,
+            concurrency: Concurrency::new(config.max_in_flight),
+            config,
+            plugin,
+            gate,
+            in_flight: AtomicUsize::new(0),
+            sender,
+            pending: Mutex::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Events per run for this destination: one request's worth for rate-limited and per-user
+    /// destinations (a claim then spends exactly the tokens it was granted, and a user's events
+    /// go one request at a time), otherwise enough to fill its in-flight slots once.
+    pub fn run_size(config: &DestinationConfig) -> usize {
+        let batch = config.batch_size.max(1);
+        if config.rate_limit.is_some() || config.ordering == config::Ordering::PerUser {
+            batch.min(store::MAX_RUN)
+        } else {
+            batch
+                .saturating_mul(config.max_in_flight)
+                .clamp(batch.min(store::MAX_RUN), store::MAX_RUN)
+        }
+    }
+
+    pub(super) fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<Claimed>> {
+        self.pending.lock().expect("pending lock")
+    }
+
+    /// Takes over the unsent events of the lane this one replaces.
+    pub(super) fn adopt(&self, old: &Lane) {
+        let moved = std::mem::take(&mut *old.pending());
+        self.pending().extend(moved);
+    }
+
+    /// Carries the counters of the lane this one replaces.
+    pub fn with_stats(mut self, stats: Option<Arc<LaneStats>>) -> Lane {
+        if let Some(stats) = stats {
+            self.stats = stats;
+        }
+        self
+    }
+
+    pub(super) fn free_slots(&self) -> usize {
+        self.concurrency
+            .limit()
+            .saturating_sub(self.in_flight.load(Ordering::Acquire))
+    }
+
+    /// What the admin API shows of this lane in this process.
+    pub fn status(&self) -> LaneStatus {
+        LaneStatus {
+            in_flight: self.in_flight(),
+            delivered: self.stats.delivered.load(Ordering::Relaxed),
+            concurrency_limit: self.concurrency_limit(),
+            rate_factor: self.gate.rate_factor(),
+            last_error: self.stats.last_error.lock().ok().and_then(|e| e.clone()),
+            endpoints: self.plugin.endpoints(),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// The in-flight limit in force (adaptive, at most `max_in_flight`).
+    pub fn concurrency_limit(&self) -> usize {
+        self.concurrency.limit()
+    }
+
+    /// A claim's lease: the rounds of requests its events need at the current concurrency,
+    /// each up to the request's timeout, plus room for the outcome to be written.
+    pub(super) fn lease(&self, events: usize) -> Duration {
+        let per_round = self.config.batch_size.max(1) * self.concurrency_limit().max(1);
+        let rounds = events.div_ceil(per_round).max(1) as u32;
+        (self.config.timeout + Duration::from_secs(1)) * rounds + Duration::from_secs(30)
+    }
+
+    pub(super) fn note_error(&self, message: &str) {
+        *self.stats.last_error.lock().expect("stats lock") = Some(message.to_owned());
+    }
+
+    /// What one request's outcomes say about the vendor: pauses and AIMD.
+    pub(super) fn learn(&self, outcomes: &[Outcome]) {
+        let now = Instant::now();
+        let mut slow_down = false;
+        let mut pause: Option<Duration> = None;
+        let mut delivered = false;
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Delivered => delivered = true,
+                Outcome::Retry {
+                    throttled,
+                    retry_after,
+                    ..
+                } => {
+                    slow_down |= *throttled;
+                    if let Some(after) = retry_after {
+                        pause = Some(pause.map_or(*after, |p| p.max(*after)));
+                    }
+                }
+                Outcome::Failed { .. } | Outcome::Filtered { .. } => {}
+            }
+        }
+        if let Some(after) = pause {
+            self.gate.pause(now + after);
+        }
+        if slow_down {
+            self.concurrency.decrease(now);
+            self.gate.slow_down(now);
+        } else if delivered {
+            self.concurrency.increase();
+            self.gate.speed_up();
+        }
+    }
+}
+
+/// One gate per rate-limit key, with the strictest limit among the destinations that share it.
+pub fn gates(destinations: &[DestinationConfig]) -> HashMap<String, Arc<KeyGate>> {
+    let mut limits: HashMap<&str, Option<config::RateLimit>> = HashMap::new();
+    for destination in destinations {
+        let entry = limits
+            .entry(destination.rate_limit_key.as_str())
+            .or_insert(destination.rate_limit);
+        if let Some(limit) = destination.rate_limit {
+            let per_second = |l: config::RateLimit| l.requests as f64 / l.per.as_secs_f64();
+            if entry.is_none_or(|current| per_second(limit) < per_second(current)) {
+                *entry = Some(limit);
+            }
+        }
+    }
+    limits
+        .into_iter()
+        .map(|(key, limit)| (key.to_owned(), Arc::new(KeyGate::new(key, limit))))
+        .collect()
+}

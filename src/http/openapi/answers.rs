@@ -1,0 +1,270 @@
+//! The answers' schemas.
+
+use utoipa::ToSchema;
+
+/// What the SDKs report about themselves at `/v1/m`.
+#[derive(ToSchema)]
+pub struct Telemetry {
+    /// Counters such as `analytics_js.invoke`.
+    pub series: Option<Vec<serde_json::Value>>,
+}
+
+/// The analytics.js settings document.
+#[derive(ToSchema)]
+pub struct SdkSettings {
+    /// `{"Segment.io": {"apiKey", "apiHost": "<host>/v1", "protocol": "http" | "https"}}`.
+    pub integrations: serde_json::Value,
+    /// Every call type enabled.
+    pub plan: serde_json::Value,
+    /// SDK telemetry settings (`sampleRate` 0: off).
+    pub metrics: serde_json::Value,
+}
+
+/// The answer to an accepted ingest request.
+#[derive(ToSchema)]
+pub struct Accepted {
+    /// Always true.
+    pub success: bool,
+    /// Messages of a batch that were refused (absent when none was).
+    #[schema(nullable = false)]
+    pub rejected: Option<Vec<Rejection>>,
+}
+
+/// Every error: a stable `code` and a message for people.
+#[derive(ToSchema)]
+pub struct Failure {
+    /// e.g. `invalid_json`, `unauthorized`, `too_large`, `overloaded`, `unavailable`.
+    pub code: String,
+    pub message: String,
+    /// With `invalid_batch`: why each message was refused.
+    #[schema(nullable = false)]
+    pub rejected: Option<Vec<Rejection>>,
+}
+
+/// One refused message of a batch.
+#[derive(ToSchema)]
+pub struct Rejection {
+    /// Its position in `batch`, from 0.
+    #[schema(minimum = 0)]
+    pub index: u64,
+    pub code: String,
+    pub message: String,
+}
+
+/// One destination, as `GET /admin/v1/destinations` shows it.
+#[derive(ToSchema)]
+pub struct DestinationStatus {
+    pub name: String,
+    /// `webhook`, `amplitude`, ...
+    pub kind: String,
+    /// Jobs waiting, at the last count (counted every second or so).
+    pub queued: i64,
+    /// Requests under way now.
+    pub in_flight: u64,
+    /// Events delivered since this process started.
+    pub delivered: u64,
+    /// Jobs waiting for a retry, at the last count.
+    pub retrying: i64,
+    /// Dead letters kept.
+    pub dead: i64,
+    /// `N/s`, `N/m` or `N/h`; null when unlimited.
+    pub rate_limit: Option<String>,
+    /// The last failure, if any (secrets masked).
+    pub last_error: Option<String>,
+    /// The in-flight limit in force (adaptive, at most `max_in_flight`).
+    pub concurrency_limit: u64,
+    /// The share of the rate limit in force (below 1 after the vendor throttled).
+    pub rate_factor: f64,
+    /// Per endpoint of a webhook with several `urls` (empty otherwise).
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// One endpoint of a load-balanced destination, as this process sees it.
+#[derive(ToSchema)]
+pub struct EndpointStatus {
+    /// The URL with credentials and query masked.
+    pub url: String,
+    pub in_flight: u64,
+    /// Rolling share of failed requests, fading over time.
+    pub error_rate: f64,
+    /// The last `X-Server-Utilization` it reported (0.0 to 1.0), if any.
+    pub utilization: Option<f64>,
+    /// New or recovering: one request at a time until it answers.
+    pub probation: bool,
+    /// Its share of the draw while it ramps up (0.1 to 1).
+    pub weight: f64,
+    pub requests: u64,
+    pub failures: u64,
+}
+
+/// A message that could not be delivered, with the last answer.
+#[derive(ToSchema)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub message_id: String,
+    pub destination: String,
+    pub attempts: i32,
+    /// The vendor's last HTTP status; null when there was no answer (timeout, connection).
+    pub last_status: Option<i32>,
+    pub last_error: String,
+    #[schema(format = DateTime)]
+    pub failed_at: String,
+    /// The event as it was stored.
+    #[schema(value_type = Option<Object>, required = true)]
+    pub event: Option<serde_json::Value>,
+}
+
+/// `GET /admin/v1/dead-letters`.
+#[derive(ToSchema)]
+pub struct DeadLetters {
+    pub items: Vec<DeadLetter>,
+}
+
+/// `POST /admin/v1/dead-letters/replay`.
+#[derive(ToSchema)]
+pub struct ReplayRequest {
+    /// The destination's name.
+    pub destination: String,
+    /// Which dead letters; all of the destination's when absent or null.
+    pub ids: Option<Vec<i64>>,
+}
+
+/// The answer to a replay.
+#[derive(ToSchema)]
+pub struct Replayed {
+    /// Dead letters queued for delivery again.
+    pub requeued: u64,
+}
+
+/// `POST /admin/v1/replays`.
+#[derive(ToSchema)]
+pub struct ArchiveReplayRequest {
+    /// The destination's name.
+    pub destination: String,
+    /// Start of the range (RFC 3339), inclusive.
+    pub from: String,
+    /// End of the range (RFC 3339), exclusive.
+    pub to: String,
+    /// Source names (default: every source).
+    pub sources: Option<Vec<String>>,
+}
+
+/// The answer to `POST /admin/v1/replays`.
+#[derive(ToSchema)]
+pub struct ArchiveReplayStarted {
+    pub id: i64,
+    /// Archived events in range (the destination's filters may select fewer).
+    pub events: i64,
+}
+
+/// A replay's progress.
+#[derive(ToSchema)]
+pub struct ArchiveReplay {
+    pub id: i64,
+    pub destination: String,
+    /// `queued`, `running`, `done` or `cancelled`.
+    pub state: String,
+    pub from: String,
+    pub to: String,
+    /// Archived events in range until selection is done, then the events selected.
+    pub events: i64,
+    /// Events selected so far.
+    pub selected: i64,
+    pub delivered: i64,
+    pub failed: i64,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// `GET /admin/v1/replays`.
+#[derive(ToSchema)]
+pub struct ArchiveReplays {
+    pub replays: Vec<ArchiveReplay>,
+}
+
+/// A destination's pause state.
+#[derive(ToSchema)]
+pub struct PauseState {
+    pub name: String,
+    pub paused: bool,
+}
+
+/// One event's path (`GET /admin/v1/events/{messageId}`).
+#[derive(ToSchema)]
+pub struct EventPath {
+    pub message_id: String,
+    pub source: String,
+    pub received_at: String,
+    /// Always `process`: the answer is this process's memory only.
+    pub scope: String,
+    pub routes: Vec<EventRoute>,
+}
+
+/// One destination in an event's path.
+#[derive(ToSchema)]
+pub struct EventRoute {
+    pub destination: String,
+    /// `queued`, `retrying`, `delivered`, `dead` or `filtered`.
+    pub state: String,
+    /// Why it was filtered: `where`, `consent`, `sample` or `transform`.
+    pub reason: Option<String>,
+    pub attempts: Vec<EventAttempt>,
+}
+
+/// One delivery attempt.
+#[derive(ToSchema)]
+pub struct EventAttempt {
+    pub at: String,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+}
+
+/// A sample event for `POST /admin/v1/destinations/{name}/test`.
+#[derive(ToSchema)]
+pub struct DestinationTest {
+    /// A Segment message (`type` defaults to `track`; a `messageId` is made when missing).
+    pub event: serde_json::Value,
+}
+
+/// What a destination would make of a sample event.
+#[derive(ToSchema)]
+pub struct DestinationTestResult {
+    pub destination: String,
+    /// Whether anything would be sent.
+    pub delivered: bool,
+    /// What stopped it: `routing` (`events` or `integrations`), `where`, `consent`, `sample`
+    /// or `transform` (the script returned `null`).
+    pub filtered: Option<String>,
+    /// The transform's error: the event would be dead-lettered with it.
+    pub error: Option<String>,
+    /// The events the vendor mapping would get.
+    pub events: Vec<serde_json::Value>,
+}
+
+/// The answer to a reload.
+#[derive(ToSchema)]
+pub struct Reloaded {
+    /// Always true.
+    pub reloaded: bool,
+    pub report: ReloadReport,
+}
+
+/// What a reload changed.
+#[derive(ToSchema)]
+pub struct ReloadReport {
+    /// Sources in the new config.
+    pub sources: u64,
+    /// Destinations in the new config.
+    pub destinations: u64,
+    /// Destinations no longer in the config; their queued jobs became dead letters.
+    pub removed: Vec<String>,
+    /// How many jobs that was.
+    pub dead_lettered: u64,
+}
+
+/// `/healthz` and `/readyz`.
+#[derive(ToSchema)]
+pub struct Status {
+    /// `ok`, `ready`, `draining` or `database unavailable`.
+    pub status: String,
+}

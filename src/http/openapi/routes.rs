@@ -1,0 +1,527 @@
+//! Documentation-only signatures: the handlers are in `crate::http::server`, and these functions
+//! exist so `#[utoipa::path]` has something to describe each route on.
+#![allow(dead_code)]
+
+use super::*;
+
+/// Record an action a user took.
+///
+/// Answers 200 only once the message is committed; a repeated `messageId` from the same
+/// source within 24 h is acknowledged and not delivered again. At most 32 KB, gzip allowed.
+#[utoipa::path(
+    post,
+    path = "/v1/track",
+    tag = "ingest",
+    request_body(content = TrackMessage, content_type = "application/json"),
+    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+    security(("writeKey" = []), ()),
+)]
+pub fn track() {}
+
+/// Tie a user to their traits.
+///
+/// Answers 200 only once the message is committed; a repeated `messageId` from the same
+/// source within 24 h is acknowledged and not delivered again. At most 32 KB, gzip allowed.
+#[utoipa::path(
+    post,
+    path = "/v1/identify",
+    tag = "ingest",
+    request_body(content = IdentifyMessage, content_type = "application/json"),
+    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+    security(("writeKey" = []), ()),
+)]
+pub fn identify() {}
+
+/// Record a page view.
+///
+/// Answers 200 only once the message is committed; a repeated `messageId` from the same
+/// source within 24 h is acknowledged and not delivered again. At most 32 KB, gzip allowed.
+#[utoipa::path(
+    post,
+    path = "/v1/page",
+    tag = "ingest",
+    request_body(content = PageMessage, content_type = "application/json"),
+    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+    security(("writeKey" = []), ()),
+)]
+pub fn page() {}
+
+/// Record a screen view in an app.
+///
+/// Answers 200 only once the message is committed; a repeated `messageId` from the same
+/// source within 24 h is acknowledged and not delivered again. At most 32 KB, gzip allowed.
+#[utoipa::path(
+    post,
+    path = "/v1/screen",
+    tag = "ingest",
+    request_body(content = ScreenMessage, content_type = "application/json"),
+    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+    security(("writeKey" = []), ()),
+)]
+pub fn screen() {}
+
+/// Tie a user to a group.
+///
+/// Answers 200 only once the message is committed; a repeated `messageId` from the same
+/// source within 24 h is acknowledged and not delivered again. At most 32 KB, gzip allowed.
+#[utoipa::path(
+    post,
+    path = "/v1/group",
+    tag = "ingest",
+    request_body(content = GroupMessage, content_type = "application/json"),
+    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+    security(("writeKey" = []), ()),
+)]
+pub fn group() {}
+
+/// Merge two user identities.
+///
+/// Answers 200 only once the message is committed; a repeated `messageId` from the same
+/// source within 24 h is acknowledged and not delivered again. At most 32 KB, gzip allowed.
+#[utoipa::path(
+    post,
+    path = "/v1/alias",
+    tag = "ingest",
+    request_body(content = AliasMessage, content_type = "application/json"),
+    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+    security(("writeKey" = []), ()),
+)]
+pub fn alias() {}
+
+/// Send many messages in one request.
+///
+/// Valid messages are kept and invalid ones are listed in `rejected` with their index and
+/// reason; the request fails (400) only when no message is valid. At most 2,500 messages
+/// and 500 KB (after gzip decoding).
+#[utoipa::path(
+    post,
+    path = "/v1/batch",
+    tag = "ingest",
+    request_body(content = BatchRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Every valid message is committed", body = Accepted),
+        IngestErrors,
+    ),
+    security(("writeKey" = []), ()),
+)]
+pub fn batch() {}
+
+/// The same as `/v1/batch` (Segment's historical import endpoint).
+#[utoipa::path(
+    post,
+    path = "/v1/import",
+    tag = "ingest",
+    request_body(content = BatchRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Every valid message is committed", body = Accepted),
+        IngestErrors,
+    ),
+    security(("writeKey" = []), ()),
+)]
+pub fn import() {}
+
+/// `/v1/track` as analytics.js and the mobile SDKs call it (`text/plain` JSON allowed).
+#[utoipa::path(
+    post,
+    path = "/v1/t",
+    tag = "ingest",
+    request_body(content = TrackMessage, content_type = "application/json"),
+    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+    security(("writeKey" = []), ()),
+)]
+pub fn track_short() {}
+
+/// `/v1/identify` as the browser SDK calls it.
+#[utoipa::path(
+    post,
+    path = "/v1/i",
+    tag = "ingest",
+    request_body(content = IdentifyMessage, content_type = "application/json"),
+    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+    security(("writeKey" = []), ()),
+)]
+pub fn identify_short() {}
+
+/// `/v1/page` as the browser SDK calls it.
+#[utoipa::path(
+    post,
+    path = "/v1/p",
+    tag = "ingest",
+    request_body(content = PageMessage, content_type = "application/json"),
+    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+    security(("writeKey" = []), ()),
+)]
+pub fn page_short() {}
+
+/// `/v1/screen` as the SDKs call it.
+#[utoipa::path(
+    post,
+    path = "/v1/s",
+    tag = "ingest",
+    request_body(content = ScreenMessage, content_type = "application/json"),
+    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+    security(("writeKey" = []), ()),
+)]
+pub fn screen_short() {}
+
+/// `/v1/group` as the browser SDK calls it.
+#[utoipa::path(
+    post,
+    path = "/v1/g",
+    tag = "ingest",
+    request_body(content = GroupMessage, content_type = "application/json"),
+    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+    security(("writeKey" = []), ()),
+)]
+pub fn group_short() {}
+
+/// `/v1/alias` as the browser SDK calls it.
+#[utoipa::path(
+    post,
+    path = "/v1/a",
+    tag = "ingest",
+    request_body(content = AliasMessage, content_type = "application/json"),
+    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
+    security(("writeKey" = []), ()),
+)]
+pub fn alias_short() {}
+
+/// `/v1/batch` as the SDKs call it (analytics.js batching, analytics-kotlin, analytics-swift).
+#[utoipa::path(
+    post,
+    path = "/v1/b",
+    tag = "ingest",
+    request_body(content = BatchRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Every valid message is committed", body = Accepted),
+        IngestErrors,
+    ),
+    security(("writeKey" = []), ()),
+)]
+pub fn batch_short() {}
+
+/// The SDKs' own telemetry: read, answered 200, stored nowhere.
+#[utoipa::path(
+    post,
+    path = "/v1/m",
+    tag = "ingest",
+    request_body(content = Telemetry, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Read and dropped", body = Accepted),
+        (status = 403, description = "An `Origin` no source allows", body = Failure),
+        (status = 413, description = "Larger than 500 KB", body = Failure),
+    ),
+)]
+pub fn telemetry() {}
+
+/// The analytics.js settings of a source (what `AnalyticsBrowser.load({writeKey, cdnURL})`
+/// and the mobile SDKs fetch first): the Segment.io integration names this server.
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{writeKey}/settings",
+    tag = "ingest",
+    params(("writeKey" = String, Path, description = "The source's write key")),
+    responses(
+        (status = 200, description = "The settings", body = SdkSettings),
+        (status = 403, description = "An `Origin` the source does not allow", body = Failure),
+        (status = 404, description = "No source has this write key", body = Failure),
+    ),
+)]
+pub fn settings() {}
+
+/// Every destination with its live counts (since this process started, except `queued`,
+/// `retrying` and `dead`, which come from the database).
+#[utoipa::path(
+    get,
+    path = "/admin/v1/destinations",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The destinations", body = Vec<DestinationStatus>),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn destinations() {}
+
+/// Dead letters, newest first.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/dead-letters",
+    tag = "admin",
+    params(
+        ("destination" = Option<String>, Query, nullable = false,
+         description = "Only this destination's (by name)"),
+        ("limit" = Option<i64>, Query, nullable = false,
+         description = "At most this many (clamped to 1..=1000; default 100)"),
+    ),
+    responses(
+        (status = 200, description = "The dead letters", body = DeadLetters),
+        (status = 400, description = "A parameter is malformed", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn dead_letters() {}
+
+/// Queue dead letters for delivery again: the given ids, or all of the destination's.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/dead-letters/replay",
+    tag = "admin",
+    request_body(content = ReplayRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "How many were queued again", body = Replayed),
+        (status = 400, description = "The body is not a replay request", body = Failure),
+        (status = 404, description = "No such destination", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn replay() {}
+
+/// Replay archived events received in `[from, to)` (of `sources`, or every source) to one
+/// destination: every event its filters take is delivered to it alone, on a lane that
+/// yields to live traffic, under its rate limit, retries and dead letters. Events are sent
+/// with their original `messageId`, so a vendor that dedupes drops what it already has.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/replays",
+    tag = "admin",
+    request_body(content = ArchiveReplayRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Recorded; delivery has begun", body = ArchiveReplayStarted),
+        (status = 400, description = "The body is not a replay request", body = Failure),
+        (status = 404, description = "No such destination or source", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn start_replay() {}
+
+/// Every replay, newest first.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/replays",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The replays", body = ArchiveReplays),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn list_replays() {}
+
+/// One replay's progress.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/replays/{id}",
+    tag = "admin",
+    params(("id" = i64, Path, description = "The replay's id")),
+    responses(
+        (status = 200, description = "The replay", body = ArchiveReplay),
+        (status = 400, description = "The id is not a number", body = Failure),
+        (status = 404, description = "No such replay", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn show_replay() {}
+
+/// Cancel a replay: nothing more is selected, and its queued events not in flight are
+/// dropped.
+#[utoipa::path(
+    delete,
+    path = "/admin/v1/replays/{id}",
+    tag = "admin",
+    params(("id" = i64, Path, description = "The replay's id")),
+    responses(
+        (status = 200, description = "The replay, cancelled", body = ArchiveReplay),
+        (status = 400, description = "The id is not a number", body = Failure),
+        (status = 404, description = "No such replay", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn cancel_replay() {}
+
+/// The live debugger: every accepted message as it arrives, as server-sent events.
+///
+/// `event: message` carries `{"source", "received_at", "message"}`; `event: lagged` carries
+/// `{"skipped": N}` when the viewer read too slowly and missed N messages (ingest never
+/// waits for a viewer). A comment every 15 s keeps the connection open.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/live",
+    tag = "admin",
+    params(
+        ("source" = Option<String>, Query, nullable = false,
+         description = "Only this source's messages (by name)"),
+    ),
+    responses(
+        (status = 200, description = "An endless event stream",
+         body = String, content_type = "text/event-stream"),
+        (status = 401, description = "No or a wrong admin token", body = Failure),
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn live() {}
+
+/// Reload the config file: destinations added, changed or removed take effect without a
+/// restart and without losing queued work. A file with errors is refused and the running
+/// config stays.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/reload",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The new config is in force", body = Reloaded),
+        (status = 400, description = "The file has errors; nothing changed", body = Failure),
+        (status = 409, description = "Started without a config file", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn reload() {}
+
+/// Try a destination's `events`, `integrations`, `where`, `consent`, `sample`, `transform`
+/// and property drops on a sample event: the answer is what would be delivered. Nothing is
+/// stored or sent.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/destinations/{name}/test",
+    tag = "admin",
+    params(("name" = String, Path, description = "The destination")),
+    request_body(content = DestinationTest, description = "`{\"event\": {...}}`"),
+    responses(
+        (status = 200, description = "What the destination would get", body = DestinationTestResult),
+        (status = 400, description = "No `event` object, or an unknown `type`", body = Failure),
+        (status = 404, description = "No enabled destination of that name", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn test_destination() {}
+
+/// Pause a destination: its events keep queueing and nothing is delivered (requests
+/// already in flight finish) until it is resumed. Kept in Postgres: every process and
+/// every restart honors it.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/destinations/{name}/pause",
+    tag = "admin",
+    params(("name" = String, Path, description = "The destination")),
+    responses(
+        (status = 200, description = "`{name, paused: true}`", body = PauseState),
+        (status = 404, description = "No destination of that name", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn pause_destination() {}
+
+/// Resume a paused destination: its backlog is delivered at once.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/destinations/{name}/resume",
+    tag = "admin",
+    params(("name" = String, Path, description = "The destination")),
+    responses(
+        (status = 200, description = "`{name, paused: false}`", body = PauseState),
+        (status = 404, description = "No destination of that name", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn resume_destination() {}
+
+/// Where one recent event went: when this process accepted it, the destinations it was
+/// routed to or filtered from, and each delivery attempt this process made. Kept in a
+/// bounded in-memory ring per process: every process serves its own (`scope: "process"`).
+#[utoipa::path(
+    get,
+    path = "/admin/v1/events/{message_id}",
+    tag = "admin",
+    params(("message_id" = String, Path, description = "The event's messageId")),
+    responses(
+        (status = 200, description = "The event's path", body = EventPath),
+        (status = 404, description = "Unknown here, or aged out of the ring", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn event_path() {}
+
+/// Per-second counts for the last hour, from this process's in-memory ring:
+/// accepted/rejected per source; delivered/retried/dead, queue depth and p50/p99 latency
+/// per destination.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/stats/series",
+    tag = "admin",
+    params(("seconds" = Option<u32>, Query, description = "How far back, 1..=3600 (default 3600)")),
+    responses(
+        (status = 200, description = "The series", body = Object),
+        (status = 400, description = "`seconds` out of range", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn stats_series() {}
+
+/// The dashboard. The page itself holds no data and needs no token (a browser cannot send
+/// one when navigating); it asks for the admin token and calls the admin API with it.
+#[utoipa::path(
+    get,
+    path = "/admin",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The dashboard page",
+         body = String, content_type = "text/html"),
+    ),
+)]
+pub fn dashboard() {}
+
+/// The process is alive.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses((status = 200, description = "Alive", body = Status)),
+)]
+pub fn healthz() {}
+
+/// The database answers, migrations are applied, and the process is not shutting down.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = Status),
+        (status = 503, description = "Draining, or the database is unavailable", body = Status),
+    ),
+)]
+pub fn readyz() {}
+
+/// Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    responses(
+        (status = 200, description = "Prometheus text exposition format",
+         body = String, content_type = "text/plain"),
+    ),
+)]
+pub fn metrics() {}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "health",
+    responses(
+        (status = 200, description = "OpenAPI 3.1",
+         body = Object, content_type = "application/json"),
+    ),
+)]
+pub fn openapi_json() {}

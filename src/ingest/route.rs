@@ -1,0 +1,146 @@
+//! Routing: which destinations get a message, by `sources`, `events`, Segment's
+//! `integrations` object and each destination's gate (`where`, `consent`, `sample`).
+
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use super::Message;
+use crate::store::Target;
+use crate::trail::EventTrail;
+
+/// One destination's routing rules.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub destination_id: i32,
+    pub name: String,
+    pub kind: String,
+    /// The kind's name in Segment's catalog (`"Amplitude"`).
+    pub catalog_name: String,
+    /// Source ids it receives from (`None`: all).
+    pub sources: Option<Vec<i32>>,
+    /// Event names or call types (`None`: all).
+    pub events: Option<Vec<String>>,
+    /// `ordering = "per_user"`.
+    pub ordered: bool,
+    /// Events per queued run.
+    pub run_size: usize,
+    /// `where`, `consent` and `sample`, checked after `sources`, `integrations` and `events`.
+    pub gate: crate::filter::Gate,
+}
+
+impl Route {
+    /// Whether `sources`, `events` and the message's `integrations` let it through.
+    pub fn accepts(&self, source_id: i32, message: &Message) -> bool {
+        if let Some(sources) = &self.sources {
+            if !sources.contains(&source_id) {
+                return false;
+            }
+        }
+        if let Some(events) = &self.events {
+            let matches = events.iter().any(|e| {
+                e == message.call.as_str() || message.event.as_deref() == Some(e.as_str())
+            });
+            if !matches {
+                return false;
+            }
+        }
+        integrations_allow(
+            message.integrations.as_ref(),
+            [&self.name, &self.kind, &self.catalog_name],
+        )
+    }
+}
+
+/// Segment's `integrations` object: `{"All": false, "Amplitude": true}` turns every destination
+/// off but the named ones; `{"Amplitude": false}` turns one off. Names are matched exactly
+/// (case-sensitive) against the destination's name, its kind, or the kind's catalog name, in
+/// that order: the most specific setting wins.
+pub(super) fn integrations_allow(
+    integrations: Option<&Map<String, Value>>,
+    names: [&str; 3],
+) -> bool {
+    let Some(integrations) = integrations else {
+        return true;
+    };
+    let setting = |key: &str| match integrations.get(key) {
+        Some(Value::Bool(on)) => Some(*on),
+        // An options object (as Segment allows) means "on".
+        Some(Value::Object(_)) => Some(true),
+        _ => None,
+    };
+    names
+        .into_iter()
+        .find_map(setting)
+        .or_else(|| setting("All"))
+        .unwrap_or(true)
+}
+
+/// Destinations of one source, and the rule for each.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
+    routes: Vec<Route>,
+}
+
+impl Routes {
+    pub fn new(routes: Vec<Route>) -> Routes {
+        Routes { routes }
+    }
+
+    /// The route to one destination, if it is configured and enabled.
+    pub fn route(&self, destination_id: i32) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|route| route.destination_id == destination_id)
+    }
+
+    /// The destinations that get `message` from `source_id`. The filters that read the event
+    /// parse it once for all of them; each one dropped is counted in
+    /// `switchyard_filtered_events_total`.
+    /// Also returns the routing for the event trail ([`crate::trail`]), with the filters that
+    /// stopped it, to be recorded once the event is stored.
+    pub fn targets(
+        &self,
+        source_id: i32,
+        message: &Message,
+        received_at: OffsetDateTime,
+    ) -> (Vec<Target>, EventTrail) {
+        let mut parsed: Option<Value> = None;
+        let mut targets = Vec::new();
+        let mut filtered: Vec<(i32, &'static str)> = Vec::new();
+        for route in self.routes.iter() {
+            if !route.accepts(source_id, message) {
+                continue;
+            }
+            let event = match route.gate.reads_event() {
+                true => &*parsed.get_or_insert_with(|| {
+                    serde_json::from_slice(&message.payload).unwrap_or(Value::Null)
+                }),
+                false => &Value::Null,
+            };
+            if let Err(reason) = route.gate.check(&route.name, &message.message_id, event) {
+                crate::filter::count(&route.name, reason);
+                filtered.push((route.destination_id, reason.as_str()));
+                continue;
+            }
+            targets.push(Target {
+                destination_id: route.destination_id,
+                ordered: route.ordered,
+                run_size: route.run_size,
+            });
+        }
+        let routed = targets.iter().map(|t| (t.destination_id, None));
+        let stopped = filtered.into_iter().map(|(id, reason)| (id, Some(reason)));
+        let trail = EventTrail::new(
+            &message.message_id,
+            source_id,
+            received_at,
+            routed.chain(stopped),
+        );
+        (targets, trail)
+    }
+
+    /// The route of the destination called `name`.
+    pub fn find(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|route| route.name == name)
+    }
+}

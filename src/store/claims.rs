@@ -1,0 +1,362 @@
+//! Claiming and finishing runs: a claim leases due runs with `FOR UPDATE SKIP LOCKED`, moving
+//! `run_at` past the lease so that an abandoned claim comes due again by itself; outcomes are
+//! written in one statement per batch, and only while the claim still holds.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use super::{Result, Store, JOBS_CHANNEL};
+
+/// Which of a destination's queues: live traffic, or replays of the archive (which yield to
+/// live traffic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Live,
+    Replay,
+}
+
+/// A claimed run: events of one source for one destination.
+#[derive(Debug, Clone)]
+pub struct ClaimedRun {
+    pub id: i64,
+    /// This claim's attempt number; outcomes are written only while it still holds.
+    pub attempts: i32,
+    pub enqueued_at: OffsetDateTime,
+    pub events: Vec<ClaimedEvent>,
+}
+
+/// One event of a claimed run.
+#[derive(Debug, Clone)]
+pub struct ClaimedEvent {
+    pub id: i64,
+    pub message_id: String,
+    pub payload: Vec<u8>,
+}
+
+/// What became of one event of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fate {
+    Delivered,
+    /// Try again with the run.
+    Retry,
+    /// Never tried or cut off by shutdown: due again at once.
+    Release,
+    Dead {
+        status: Option<i32>,
+        error: String,
+    },
+}
+
+/// The outcome of a whole run, written when every event of it has one.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub id: i64,
+    pub attempts: i32,
+    /// When the events left to try are due again.
+    pub delay: Duration,
+    pub status: Option<i32>,
+    pub error: Option<String>,
+    pub events: Vec<(i64, Fate)>,
+}
+
+/// A claim: the `due` runs (`$1` destination, `$2` at most) are leased for `$3` seconds to
+/// owner `$4` and returned with their events, one row per event.
+macro_rules! claim {
+    ($due:literal) => {
+        concat!(
+            "WITH due AS (",
+            $due,
+            r#"), claimed AS (
+    UPDATE jobs j
+    SET run_at = now() + make_interval(secs => $3), attempts = j.attempts + 1, owner = $4
+    FROM due
+    WHERE j.id = due.id
+    RETURNING j.id, j.day, j.event_ids, j.attempts, j.enqueued_at
+)
+SELECT c.id, c.attempts, c.enqueued_at, e.id AS event_id, e.message_id, e.payload
+FROM claimed c
+CROSS JOIN LATERAL unnest(c.event_ids) WITH ORDINALITY AS u(event_id, position)
+JOIN events e ON e.day = c.day AND e.id = u.event_id
+ORDER BY c.id, u.position
+"#
+        )
+    };
+}
+
+/// The oldest due runs of a destination.
+const CLAIM: &str = claim!(
+    r#"
+    SELECT id FROM jobs
+    WHERE destination_id = $1 AND (replay_id IS NOT NULL) = $5 AND run_at <= now()
+      AND NOT EXISTS (SELECT 1 FROM paused_destinations WHERE destination_id = $1)
+    ORDER BY run_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+"#
+);
+
+/// Per-user ordering: only the oldest run of each user is claimable, so while it is in flight
+/// or waiting to be retried, that user's later runs wait and other users' do not.
+const CLAIM_ORDERED: &str = claim!(
+    r#"
+    SELECT j.id FROM jobs j
+    WHERE j.destination_id = $1 AND (j.replay_id IS NOT NULL) = $5 AND j.run_at <= now()
+      AND NOT EXISTS (SELECT 1 FROM paused_destinations WHERE destination_id = $1)
+      AND NOT EXISTS (
+          SELECT 1 FROM jobs earlier
+          WHERE earlier.destination_id = j.destination_id
+            AND (earlier.replay_id IS NOT NULL) = $5
+            AND earlier.order_key = j.order_key
+            AND earlier.id < j.id)
+    ORDER BY j.id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+"#
+);
+
+/// Writes run outcomes. Only runs still held by this claim (`$11` owner, the attempt number)
+/// are touched, so a late outcome never overwrites a newer claim's, and an event is never both
+/// delivered and dead-lettered. A run with events left to try keeps them and comes due after
+/// its delay; a run with none left is deleted; dead events go to the dead letters.
+const FINISH: &str = r#"
+WITH r AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::int[], $5::text[])
+        AS r(id, attempts, delay, status, error)
+), e AS (
+    SELECT * FROM unnest($6::bigint[], $7::bigint[], $8::smallint[], $9::int[], $10::text[])
+        AS e(run, event_id, fate, status, error)
+), mine AS (
+    SELECT j.id, j.day, j.destination_id, j.attempts, j.replay_id
+    FROM jobs j JOIN r ON r.id = j.id AND r.attempts = j.attempts
+    WHERE j.owner = $11
+    FOR UPDATE OF j
+), left_over AS (
+    SELECT e.run, array_agg(e.event_id ORDER BY e.event_id) AS ids
+    FROM e JOIN mine ON mine.id = e.run
+    WHERE e.fate IN (1, 3)
+    GROUP BY e.run
+), kept AS (
+    UPDATE jobs j
+    SET event_ids = l.ids, run_at = now() + make_interval(secs => r.delay), owner = NULL,
+        last_status = coalesce(r.status, j.last_status),
+        last_error = coalesce(r.error, j.last_error)
+    FROM left_over l JOIN r ON r.id = l.run
+    WHERE j.id = l.run
+    RETURNING j.id
+), gone AS (
+    DELETE FROM jobs j
+    USING mine
+    WHERE j.id = mine.id AND NOT EXISTS (SELECT 1 FROM left_over l WHERE l.run = mine.id)
+    RETURNING j.id
+), dead AS (
+    INSERT INTO dead_letters (destination_id, source_id, message_id, attempts, last_status,
+                              last_error, received_at, payload, order_key, replay_id)
+    SELECT mine.destination_id, ev.source_id, ev.message_id, mine.attempts, e.status, e.error,
+           ev.received_at, ev.payload, ev.order_key, mine.replay_id
+    FROM e
+    JOIN mine ON mine.id = e.run
+    JOIN events ev ON ev.day = mine.day AND ev.id = e.event_id
+    WHERE e.fate = 2
+    RETURNING 1
+), progress AS (
+    UPDATE replays p
+    SET delivered = p.delivered + c.delivered, failed = p.failed + c.failed
+    FROM (SELECT mine.replay_id,
+                 count(*) FILTER (WHERE e.fate = 0) AS delivered,
+                 count(*) FILTER (WHERE e.fate = 2) AS failed
+          FROM e JOIN mine ON mine.id = e.run
+          WHERE mine.replay_id IS NOT NULL
+          GROUP BY mine.replay_id) c
+    WHERE p.id = c.replay_id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM mine) AS runs
+"#;
+
+const DUE_DESTINATIONS: &str = r#"
+SELECT d FROM unnest($1::int[]) AS d
+WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.destination_id = d AND j.run_at <= now())
+  AND NOT EXISTS (SELECT 1 FROM paused_destinations p WHERE p.destination_id = d)
+"#;
+
+impl Store {
+    /// Claims up to `limit` due runs of one destination's `lane` for `lease`, oldest first;
+    /// with `ordered`, only each user's oldest run.
+    pub async fn claim(
+        &self,
+        destination_id: i32,
+        limit: usize,
+        lease: Duration,
+        owner: i32,
+        ordered: bool,
+        lane: Lane,
+    ) -> Result<Vec<ClaimedRun>> {
+        let sql = if ordered { CLAIM_ORDERED } else { CLAIM };
+        let rows = sqlx::query(sql)
+            .bind(destination_id)
+            .bind(limit as i64)
+            .bind(lease.as_secs_f64())
+            .bind(owner)
+            .bind(lane == Lane::Replay)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut runs: Vec<ClaimedRun> = Vec::new();
+        for row in rows {
+            let id: i64 = row.get("id");
+            if runs.last().is_none_or(|run| run.id != id) {
+                runs.push(ClaimedRun {
+                    id,
+                    attempts: row.get("attempts"),
+                    enqueued_at: row.get("enqueued_at"),
+                    events: Vec::new(),
+                });
+            }
+            if let Some(run) = runs.last_mut() {
+                run.events.push(ClaimedEvent {
+                    id: row.get("event_id"),
+                    message_id: row.get("message_id"),
+                    payload: row.get("payload"),
+                });
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Records run outcomes of claims held by `owner` in one statement; returns how many runs
+    /// were still held (the others' outcomes are dropped: a newer claim owns them).
+    pub async fn finish(&self, owner: i32, outcomes: &[RunOutcome]) -> Result<u64> {
+        let mut ids = Vec::with_capacity(outcomes.len());
+        let mut attempts = Vec::with_capacity(outcomes.len());
+        let mut delays = Vec::with_capacity(outcomes.len());
+        let mut statuses = Vec::with_capacity(outcomes.len());
+        let mut errors: Vec<Option<String>> = Vec::with_capacity(outcomes.len());
+        let mut event_run = Vec::new();
+        let mut event_ids = Vec::new();
+        let mut fates: Vec<i16> = Vec::new();
+        let mut event_status = Vec::new();
+        let mut event_error: Vec<Option<String>> = Vec::new();
+        for outcome in outcomes {
+            ids.push(outcome.id);
+            attempts.push(outcome.attempts);
+            delays.push(outcome.delay.as_secs_f64());
+            statuses.push(outcome.status);
+            errors.push(outcome.error.as_deref().map(storable));
+            for (event, fate) in &outcome.events {
+                event_run.push(outcome.id);
+                event_ids.push(*event);
+                let (code, status, error) = match fate {
+                    Fate::Delivered => (0, None, None),
+                    Fate::Retry => (1, None, None),
+                    Fate::Dead { status, error } => (2, *status, Some(storable(error))),
+                    Fate::Release => (3, None, None),
+                };
+                fates.push(code);
+                event_status.push(status);
+                event_error.push(error);
+            }
+        }
+        let held: i64 = sqlx::query_scalar(FINISH)
+            .bind(&ids)
+            .bind(&attempts)
+            .bind(&delays)
+            .bind(&statuses)
+            .bind(&errors)
+            .bind(&event_run)
+            .bind(&event_ids)
+            .bind(&fates)
+            .bind(&event_status)
+            .bind(&event_error)
+            .bind(owner)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(held as u64)
+    }
+
+    /// Of `destinations`, those with a job due now.
+    pub async fn due_destinations(&self, destinations: &[i32]) -> Result<Vec<i32>> {
+        Ok(sqlx::query_scalar(DUE_DESTINATIONS)
+            .bind(destinations)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Queued jobs per (destination id, source id), and how many of them are waiting for a
+    /// retry. A full count: callers sample it now and then rather than per request.
+    pub async fn queued(&self) -> Result<Vec<(i32, i32, i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT destination_id, source_id, sum(cardinality(event_ids))::bigint, \
+                    coalesce(sum(cardinality(event_ids)) FILTER (WHERE last_error IS NOT NULL), 0)::bigint \
+             FROM jobs GROUP BY 1, 2",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Seconds since the oldest queued live delivery of each destination id was enqueued.
+    pub async fn oldest_queued_ages(&self) -> Result<HashMap<i32, f64>> {
+        let rows: Vec<(i32, f64)> = sqlx::query_as(
+            "SELECT destination_id, \
+                    greatest(extract(epoch FROM now() - min(enqueued_at)), 0)::float8 \
+             FROM jobs WHERE replay_id IS NULL GROUP BY destination_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Pauses (or resumes) a destination's deliveries in every process. A resume notifies the
+    /// delivering processes so they claim its backlog at once.
+    pub async fn set_paused(&self, destination_id: i32, paused: bool) -> Result<()> {
+        if paused {
+            sqlx::query(
+                "INSERT INTO paused_destinations (destination_id) VALUES ($1) \
+                 ON CONFLICT (destination_id) DO NOTHING",
+            )
+            .bind(destination_id)
+            .execute(&self.pool)
+            .await?;
+        } else {
+            sqlx::query(
+                "WITH gone AS (DELETE FROM paused_destinations WHERE destination_id = $1) \
+                 SELECT pg_notify($2, $1::text)",
+            )
+            .bind(destination_id)
+            .bind(JOBS_CHANNEL)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The paused destinations' ids.
+    pub async fn paused(&self) -> Result<HashSet<i32>> {
+        let ids: Vec<i32> = sqlx::query_scalar("SELECT destination_id FROM paused_destinations")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids.into_iter().collect())
+    }
+}
+
+/// Text as Postgres can store it: `text` columns refuse NUL, which a vendor's error body may
+/// hold.
+pub fn storable(text: &str) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_text_has_no_nul() {
+        assert_eq!(storable("a\0b"), "a\u{FFFD}b");
+        assert_eq!(storable("plain"), "plain");
+    }
+}

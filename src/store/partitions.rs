@@ -1,0 +1,171 @@
+//! Day partitions of `events` and `message_ids`: made days ahead, dropped once past their
+//! use, with DDL that never waits long for a lock; and the one repair a commit may need.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::PgConnection;
+use time::OffsetDateTime;
+
+use super::{Result, Store, StoreError};
+
+/// Advisory lock key: partition upkeep, one instance at a time.
+const UPKEEP_LOCK: i64 = 0x5357_0002;
+
+/// How long partition DDL may wait for a lock before it gives up until the next pass.
+const DDL_LOCK_TIMEOUT: &str = "SET lock_timeout = '50ms'";
+
+const SECONDS_PER_DAY: i64 = 86_400;
+
+/// The UTC day number (days since the epoch) of now.
+pub fn today() -> i32 {
+    let seconds = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default();
+    (seconds / SECONDS_PER_DAY) as i32
+}
+
+/// UTC day number of a time.
+pub(super) fn day_of(time: OffsetDateTime) -> i32 {
+    time.unix_timestamp().div_euclid(SECONDS_PER_DAY) as i32
+}
+
+impl Store {
+    /// Partition upkeep, one process at a time: creates the day partitions of today and the
+    /// next two days, drops dedup days older than yesterday, and drops archive days older than
+    /// `retention` that no queued run refers to. Each DDL statement waits at most 50 ms for its
+    /// lock; one that cannot get it is skipped until the next pass (days are made ahead, so a
+    /// skipped pass costs nothing), so a reader holding a lock never stalls ingest.
+    pub async fn upkeep(&self, retention: Duration) -> Result<UpkeepReport> {
+        let mut conn = self.pool.acquire().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(UPKEEP_LOCK)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !locked {
+            return Ok(UpkeepReport::default());
+        }
+        let report = upkeep_locked(&mut conn, retention).await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(UPKEEP_LOCK)
+            .execute(&mut *conn)
+            .await;
+        let _ = sqlx::query("RESET lock_timeout").execute(&mut *conn).await;
+        report
+    }
+
+    /// Creates today's partitions if missing, waiting for locks as long as needed: for a
+    /// commit that found its day missing (upkeep had not run yet).
+    pub async fn prepare_today(&self) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        let day = today();
+        for table in ["events", "message_ids"] {
+            create_day(&mut conn, table, day).await?;
+        }
+        Ok(())
+    }
+}
+
+/// What an upkeep pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpkeepReport {
+    pub created: u32,
+    pub dropped_days: u32,
+    /// DDL that could not get its lock within the timeout, left for the next pass.
+    pub deferred: u32,
+}
+
+async fn upkeep_locked(conn: &mut PgConnection, retention: Duration) -> Result<UpkeepReport> {
+    let mut report = UpkeepReport::default();
+    sqlx::query(DDL_LOCK_TIMEOUT).execute(&mut *conn).await?;
+    let day = today();
+    for table in ["events", "message_ids"] {
+        let existing = day_partitions(conn, table).await?;
+        for d in day..=day + 2 {
+            if existing.contains(&d) {
+                continue;
+            }
+            match create_day(conn, table, d).await {
+                Ok(()) => report.created += 1,
+                Err(error) if is_lock_timeout(&error) => report.deferred += 1,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+    // Dedup covers today and yesterday.
+    for old in day_partitions(conn, "message_ids").await? {
+        if old < day - 1 {
+            match drop_day(conn, "message_ids", old).await {
+                Ok(()) => report.dropped_days += 1,
+                Err(error) if is_lock_timeout(&error) => report.deferred += 1,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+    // An archive day goes once all of it is older than the retention and no run needs it.
+    let retention_days = retention.as_secs().div_ceil(SECONDS_PER_DAY as u64) as i32;
+    for old in day_partitions(conn, "events").await? {
+        if old >= day - retention_days || old >= day {
+            continue;
+        }
+        let needed: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM jobs WHERE day = $1)")
+            .bind(old)
+            .fetch_one(&mut *conn)
+            .await?;
+        if needed {
+            continue;
+        }
+        match drop_day(conn, "events", old).await {
+            Ok(()) => report.dropped_days += 1,
+            Err(error) if is_lock_timeout(&error) => report.deferred += 1,
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(report)
+}
+
+/// The days of a table's partitions (`<table>_d<day>`).
+async fn day_partitions(conn: &mut PgConnection, table: &str) -> Result<Vec<i32>> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i \
+         JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = $1::regclass",
+    )
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await?;
+    let prefix = format!("{table}_d");
+    Ok(names
+        .iter()
+        .filter_map(|name| name.strip_prefix(&prefix)?.parse().ok())
+        .collect())
+}
+
+// Statements naming a partition are not kept prepared: each names a different table.
+async fn create_day(conn: &mut PgConnection, table: &str, day: i32) -> Result<()> {
+    let sql = format!(
+        "CREATE TABLE IF NOT EXISTS {table}_d{day} PARTITION OF {table} \
+         FOR VALUES FROM ({day}) TO ({next})",
+        next = day + 1
+    );
+    sqlx::query(&sql)
+        .persistent(false)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn drop_day(conn: &mut PgConnection, table: &str, day: i32) -> Result<()> {
+    let sql = format!("DROP TABLE IF EXISTS {table}_d{day}");
+    sqlx::query(&sql)
+        .persistent(false)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// 55P03: lock_not_available, what `lock_timeout` raises.
+fn is_lock_timeout(error: &StoreError) -> bool {
+    matches!(error, StoreError::Database(sqlx::Error::Database(db))
+        if db.code().as_deref() == Some("55P03"))
+}
