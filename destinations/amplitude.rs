@@ -20,10 +20,10 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use url::Url;
 
-use super::mapping::{self, Call, Message, Part, Plan};
+use super::mapping::{self, Message};
 use crate::destination::{
-    classify_status, Built, DeliveryContext, Destination, Event, HttpRequest, HttpResponse, Kind,
-    KindDefaults, Outcome, SettingError, Settings, Verdict,
+    classify_status, Built, Call, DeliveryContext, Destination, Event, HttpRequest, HttpResponse,
+    Kind, KindDefaults, Outcome, Part, Plan, SettingError, Settings, Verdict,
 };
 
 pub static KIND: Kind = Kind {

@@ -17,9 +17,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use url::Url;
 
-use super::mapping::{self, Call, Message};
+use super::mapping::{self, Message};
 use crate::destination::{
-    Built, Event, HttpDestination, HttpRequest, Kind, KindDefaults, SettingError, Settings,
+    Built, Call, Event, HttpDestination, HttpRequest, Kind, KindDefaults, SettingError, Settings,
 };
 
 pub static KIND: Kind = Kind {

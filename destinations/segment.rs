@@ -20,10 +20,10 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use url::Url;
 
-use super::mapping::{self, Part, Plan};
+use super::mapping;
 use crate::destination::{
     classify_status, Built, DeliveryContext, Destination, Event, HttpRequest, Kind, KindDefaults,
-    SettingError, Settings, Verdict,
+    Part, Plan, SettingError, Settings, Verdict,
 };
 
 pub static KIND: Kind = Kind {

@@ -31,7 +31,7 @@ use url::Url;
 use crate::config::redact;
 use crate::destination::{
     classify_status, Built, DeliveryContext, Destination, EndpointStats, Event, HttpRequest,
-    HttpResponse, Kind, KindDefaults, Outcome, SettingError, Settings, Verdict,
+    HttpResponse, Kind, KindDefaults, Outcome, SendError, SettingError, Settings, Verdict,
 };
 use balancer::{Answer, Balancer, Policy, Report, Strategy};
 
@@ -428,7 +428,7 @@ fn labels(urls: &[Url]) -> Vec<String> {
 
 /// What an endpoint's answer means: the batch's outcome, what the balancer learns, and the
 /// `outcome` label of `switchyard_endpoint_requests_total`.
-fn judge(result: Result<HttpResponse, Outcome>) -> (Outcome, Report, &'static str) {
+fn judge(result: Result<HttpResponse, SendError>) -> (Outcome, Report, &'static str) {
     match result {
         Ok(response) => {
             let outcome = classify_status(&response);
@@ -445,17 +445,18 @@ fn judge(result: Result<HttpResponse, Outcome>) -> (Outcome, Report, &'static st
             };
             (outcome, report, label)
         }
-        // The engine's sender marks a timeout, and only a timeout, as throttled.
-        Err(
-            outcome @ Outcome::Retry {
-                throttled: true, ..
-            },
-        ) => (outcome, Report::new(Answer::Failure), "timeout"),
-        Err(outcome @ Outcome::Retry { .. }) => {
-            (outcome, Report::new(Answer::Failure), "connection_error")
+        Err(error @ SendError::Timeout(_)) => {
+            (error.outcome(), Report::new(Answer::Failure), "timeout")
         }
+        Err(error @ SendError::Connect(_)) => (
+            error.outcome(),
+            Report::new(Answer::Failure),
+            "connection_error",
+        ),
         // Refused by the address policy: nothing learned about the endpoint.
-        Err(outcome) => (outcome, Report::new(Answer::Other), "refused"),
+        Err(error @ SendError::Refused(_)) => {
+            (error.outcome(), Report::new(Answer::Other), "refused")
+        }
     }
 }
 
@@ -485,7 +486,7 @@ impl Destination for Webhook {
             let request = self.request(&self.urls[0], events);
             match ctx.http.send(request).await {
                 Ok(response) => Verdict::All(classify_status(&response)),
-                Err(outcome) => Verdict::All(outcome),
+                Err(error) => Verdict::All(error.outcome()),
             }
         })
     }
@@ -582,7 +583,7 @@ mod tests {
     }
 
     impl crate::destination::HttpSender for Replicas {
-        fn send(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse, Outcome>> {
+        fn send(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse, SendError>> {
             let host = request.url.host_str().unwrap_or_default().to_owned();
             self.sent_to.lock().unwrap().push(host.clone());
             let mut headers = HeaderMap::new();

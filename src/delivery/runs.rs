@@ -212,19 +212,13 @@ pub(super) async fn deliver(lane: &Lane, open: &OpenRuns, claimed: Vec<Claimed>)
             humantime::format_duration(limit)
         ))),
     };
-    let outcomes = match verdict {
-        Verdict::All(outcome) => vec![outcome; claimed.len()],
-        Verdict::PerEvent(outcomes) if outcomes.len() == claimed.len() => outcomes,
-        Verdict::PerEvent(outcomes) => vec![
-            Outcome::retry(format!(
-                "the {} plugin returned {} outcomes for {} events",
-                lane.config.kind,
-                outcomes.len(),
-                claimed.len()
-            ));
+    let outcomes = verdict.per_event(claimed.len(), |got| {
+        format!(
+            "the {} plugin returned {got} outcomes for {} events",
+            lane.config.kind,
             claimed.len()
-        ],
-    };
+        )
+    });
     lane.learn(&outcomes);
     let name = lane.config.name.clone();
     let now = OffsetDateTime::now_utc();

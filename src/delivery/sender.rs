@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 
 use crate::config::SecurityConfig;
 use crate::delivery::egress::{self, EgressPolicy, GuardedResolver};
-use crate::destination::{HttpRequest, HttpResponse, HttpSender, Outcome};
+use crate::destination::{HttpRequest, HttpResponse, HttpSender, SendError};
 
 /// Bytes of a vendor's answer kept at most (enough for any error body worth reading).
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -82,13 +82,13 @@ pub struct Sender {
 }
 
 impl HttpSender for Sender {
-    fn send(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse, Outcome>> {
+    fn send(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse, SendError>> {
         Box::pin(async move {
             let timeout = self.timeout;
             // A literal address never reaches the resolver: check it here.
             if let Some(address) = literal_address(&request.url) {
                 if let Err(refused) = self.http.policy.check(address) {
-                    return Err(Outcome::failed(refused.to_string()));
+                    return Err(SendError::Refused(refused.to_string()));
                 }
             }
             let exchange = async {
@@ -111,13 +111,13 @@ impl HttpSender for Sender {
             };
             match tokio::time::timeout(timeout, exchange).await {
                 Ok(Ok(response)) => Ok(response),
-                Ok(Err(error)) if error.is_timeout() => Err(timed_out(timeout)),
+                Ok(Err(error)) if error.is_timeout() => Err(SendError::Timeout(timeout)),
                 Ok(Err(error)) if egress::refused_in(&error).is_some() => {
                     let refused = egress::refused_in(&error).map(ToString::to_string);
-                    Err(Outcome::failed(refused.unwrap_or_default()))
+                    Err(SendError::Refused(refused.unwrap_or_default()))
                 }
-                Ok(Err(error)) => Err(Outcome::retry(describe(&error))),
-                Err(_) => Err(timed_out(timeout)),
+                Ok(Err(error)) => Err(SendError::Connect(describe(&error))),
+                Err(_) => Err(SendError::Timeout(timeout)),
             }
         })
     }
@@ -136,16 +136,6 @@ fn literal_address(url: &url::Url) -> Option<std::net::IpAddr> {
         url::Host::Ipv4(v4) => Some(v4.into()),
         url::Host::Ipv6(v6) => Some(v6.into()),
         url::Host::Domain(_) => None,
-    }
-}
-
-/// A timeout is the vendor saying "slow down": it counts against the destination (AIMD).
-fn timed_out(timeout: Duration) -> Outcome {
-    Outcome::Retry {
-        status: None,
-        retry_after: None,
-        throttled: true,
-        message: format!("timed out after {}", humantime::format_duration(timeout)),
     }
 }
 

@@ -274,22 +274,12 @@ impl Destination for Shaped {
                 futures::future::join_all(chunks.iter().map(|c| self.inner.deliver(ctx, c))).await;
             let mut made_outcomes = Vec::with_capacity(shaped.len());
             for (chunk, verdict) in chunks.iter().zip(verdicts) {
-                match verdict {
-                    Verdict::All(outcome) => {
-                        made_outcomes.extend(std::iter::repeat_n(outcome, chunk.len()))
-                    }
-                    Verdict::PerEvent(list) if list.len() == chunk.len() => {
-                        made_outcomes.extend(list)
-                    }
-                    Verdict::PerEvent(list) => made_outcomes.extend(std::iter::repeat_n(
-                        Outcome::retry(format!(
-                            "the plugin returned {} outcomes for {} events",
-                            list.len(),
-                            chunk.len()
-                        )),
-                        chunk.len(),
-                    )),
-                }
+                made_outcomes.extend(verdict.per_event(chunk.len(), |got| {
+                    format!(
+                        "the plugin returned {got} outcomes for {} events",
+                        chunk.len()
+                    )
+                }));
             }
             for (owner, outcome) in owners.into_iter().zip(made_outcomes) {
                 let slot = &mut outcomes[owner];

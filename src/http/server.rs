@@ -25,7 +25,7 @@ use arc_swap::ArcSwap;
 use crate::http::browser::Peer;
 use crate::http::error::ApiError;
 use crate::ingest::backpressure::QueueDepth;
-use crate::ingest::{self, CallType, Endpoint};
+use crate::ingest::{self, Call, Endpoint};
 use crate::pipeline::{Pipeline, ReloadError, Reloader};
 use crate::store::commit::{CommitError, GroupCommit};
 use crate::store::{NewEvent, Store};
@@ -297,8 +297,8 @@ async fn single(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let call = CallType::parse(&call)
-        .or_else(|| CallType::parse_short(&call))
+    let call = Call::parse(&call)
+        .or_else(|| Call::parse_short(&call))
         .ok_or_else(|| ApiError::not_found("no such endpoint"))?;
     ingest(&state, Endpoint::Single(call), peer, &headers, body).await
 }
@@ -870,7 +870,7 @@ async fn test_destination(
         .find(&name)
         .ok_or_else(|| ApiError::not_found(format!("no enabled destination `{name}`")))?;
     let kind = event.get("type").and_then(Value::as_str).unwrap_or("track");
-    let call = CallType::parse(kind).ok_or_else(|| invalid(format!("unknown type `{kind}`")))?;
+    let call = Call::parse(kind).ok_or_else(|| invalid(format!("unknown type `{kind}`")))?;
     event.insert("type".into(), Value::from(call.as_str()));
     let message_id = match event.get("messageId").and_then(Value::as_str) {
         Some(id) => id.to_owned(),

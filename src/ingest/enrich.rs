@@ -10,7 +10,7 @@ use super::*;
 
 /// Validates one message and enriches it as Segment does.
 pub(super) fn enrich(
-    endpoint_call: Option<CallType>,
+    endpoint_call: Option<Call>,
     mut object: Map<String, Value>,
     defaults: &BatchDefaults,
     now: OffsetDateTime,
@@ -20,7 +20,7 @@ pub(super) fn enrich(
     let call = match endpoint_call {
         Some(call) => call,
         None => match object.get("type") {
-            Some(Value::String(name)) => CallType::parse(name)
+            Some(Value::String(name)) => Call::parse(name)
                 .ok_or_else(|| invalid(format!("unknown message type `{name}`")))?,
             Some(_) => return Err(invalid("`type` must be a string")),
             None => return Err(invalid("the message has no `type`")),
@@ -34,7 +34,7 @@ pub(super) fn enrich(
         return Err(invalid("a message needs a `userId` or an `anonymousId`"));
     }
     let event = match call {
-        CallType::Track => match object.get("event") {
+        Call::Track => match object.get("event") {
             Some(Value::String(name)) if !name.is_empty() => Some(name.clone()),
             Some(Value::String(_)) | None | Some(Value::Null) => {
                 return Err(invalid("a track call needs an `event` name"))
@@ -43,10 +43,10 @@ pub(super) fn enrich(
         },
         _ => None,
     };
-    if call == CallType::Group && id_field(&mut object, "groupId")?.is_none() {
+    if call == Call::Group && id_field(&mut object, "groupId")?.is_none() {
         return Err(invalid("a group call needs a `groupId`"));
     }
-    if call == CallType::Alias && id_field(&mut object, "previousId")?.is_none() {
+    if call == Call::Alias && id_field(&mut object, "previousId")?.is_none() {
         return Err(invalid("an alias call needs a `previousId`"));
     }
     for name in ["properties", "traits", "context", "integrations"] {

@@ -11,6 +11,7 @@ mod enrich;
 mod parse;
 mod route;
 
+pub use crate::destination::Call;
 pub use enrich::{format_time, parse_time};
 pub use parse::{decode_body, parse, parse_authorized, request_too_large};
 pub use route::{Route, Routes};
@@ -37,54 +38,10 @@ const ENRICHMENT_BYTES: usize = 512;
 /// any message is expanded: an unknown key costs no more than reading the body.
 pub type Authorize<'a> = &'a dyn Fn(Option<&str>) -> Result<(), ApiError>;
 
-/// The Segment calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CallType {
-    Track,
-    Identify,
-    Page,
-    Screen,
-    Group,
-    Alias,
-}
-
-impl CallType {
-    pub const ALL: [CallType; 6] = [
-        CallType::Track,
-        CallType::Identify,
-        CallType::Page,
-        CallType::Screen,
-        CallType::Group,
-        CallType::Alias,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CallType::Track => "track",
-            CallType::Identify => "identify",
-            CallType::Page => "page",
-            CallType::Screen => "screen",
-            CallType::Group => "group",
-            CallType::Alias => "alias",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<CallType> {
-        CallType::ALL.into_iter().find(|t| t.as_str() == name)
-    }
-
-    /// The one-letter paths of the browser and mobile SDKs (`/v1/t`, `/v1/i`, ...).
-    pub fn parse_short(letter: &str) -> Option<CallType> {
-        CallType::ALL
-            .into_iter()
-            .find(|t| t.as_str().get(..1) == Some(letter))
-    }
-}
-
 /// Which endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
-    Single(CallType),
+    Single(Call),
     /// `/v1/batch` and `/v1/import`.
     Batch,
 }
@@ -149,7 +106,7 @@ fn digest(key: &str) -> [u8; 32] {
 /// A message that passed validation, enriched and serialized.
 #[derive(Debug, Clone)]
 pub struct Message {
-    pub call: CallType,
+    pub call: Call,
     pub message_id: String,
     /// userId, else anonymousId: whose event this is (per-user ordering).
     pub user_key: String,
@@ -166,7 +123,7 @@ impl Message {
         let object = value.as_object()?;
         let text = |key: &str| object.get(key).and_then(Value::as_str).map(str::to_owned);
         Some(Message {
-            call: CallType::parse(object.get("type")?.as_str()?)?,
+            call: Call::parse(object.get("type")?.as_str()?)?,
             message_id: text("messageId").unwrap_or_default(),
             user_key: text("userId")
                 .or_else(|| text("anonymousId"))

@@ -11,7 +11,7 @@ fn now() -> OffsetDateTime {
     OffsetDateTime::parse("2026-11-21T12:00:10Z", &Rfc3339).unwrap()
 }
 
-fn single(call: CallType, body: Value) -> Result<Message, ApiError> {
+fn single(call: Call, body: Value) -> Result<Message, ApiError> {
     let bytes = serde_json::to_vec(&body).unwrap();
     parse(Endpoint::Single(call), &bytes, now()).map(|mut p| p.messages.remove(0).1)
 }
@@ -23,7 +23,7 @@ fn json_of(message: &Message) -> Value {
 #[test]
 fn corrects_clock_skew_and_sets_server_fields() {
     let message = single(
-        CallType::Track,
+        Call::Track,
         json!({"event": "E", "userId": "u", "timestamp": "2026-11-21T11:00:00Z",
                "sentAt": "2026-11-21T11:00:05Z", "writeKey": "secret"}),
     )
@@ -45,7 +45,7 @@ fn corrects_clock_skew_and_sets_server_fields() {
 #[test]
 fn a_null_anonymous_id_is_fine_next_to_a_user_id() {
     let message = single(
-        CallType::Identify,
+        Call::Identify,
         json!({"userId": "u", "anonymousId": null, "messageId": "m1"}),
     )
     .unwrap();
@@ -56,22 +56,22 @@ fn a_null_anonymous_id_is_fine_next_to_a_user_id() {
 #[test]
 fn required_fields_per_call_type() {
     let cases = [
-        (CallType::Track, json!({"userId": "u"})),
-        (CallType::Track, json!({"event": "", "userId": "u"})),
-        (CallType::Group, json!({"userId": "u"})),
-        (CallType::Alias, json!({"userId": "u"})),
-        (CallType::Page, json!({"anonymousId": null, "userId": null})),
-        (CallType::Track, json!({"event": "E", "userId": {"a": 1}})),
+        (Call::Track, json!({"userId": "u"})),
+        (Call::Track, json!({"event": "", "userId": "u"})),
+        (Call::Group, json!({"userId": "u"})),
+        (Call::Alias, json!({"userId": "u"})),
+        (Call::Page, json!({"anonymousId": null, "userId": null})),
+        (Call::Track, json!({"event": "E", "userId": {"a": 1}})),
         (
-            CallType::Track,
+            Call::Track,
             json!({"event": "E", "userId": "u", "properties": [1]}),
         ),
         (
-            CallType::Track,
+            Call::Track,
             json!({"event": "E", "userId": "u", "timestamp": 5}),
         ),
         (
-            CallType::Track,
+            Call::Track,
             json!({"event": "E", "userId": "u", "timestamp": "yesterday"}),
         ),
     ];
@@ -79,9 +79,9 @@ fn required_fields_per_call_type() {
         let error = single(call, body.clone()).unwrap_err();
         assert_eq!(error.status, StatusCode::BAD_REQUEST, "{body}");
     }
-    assert!(single(CallType::Group, json!({"userId": 7, "groupId": 9})).is_ok());
-    assert!(single(CallType::Alias, json!({"userId": "u", "previousId": "p"})).is_ok());
-    assert!(single(CallType::Screen, json!({"anonymousId": "a"})).is_ok());
+    assert!(single(Call::Group, json!({"userId": 7, "groupId": 9})).is_ok());
+    assert!(single(Call::Alias, json!({"userId": "u", "previousId": "p"})).is_ok());
+    assert!(single(Call::Screen, json!({"anonymousId": "a"})).is_ok());
 }
 
 #[test]
@@ -141,11 +141,11 @@ fn the_client_address_fills_context_ip_unless_the_sdk_sent_one() {
             json!("203.0.113.9")
         ]
     );
-    assert_eq!(CallType::parse_short("t"), Some(CallType::Track));
-    assert_eq!(CallType::parse_short("s"), Some(CallType::Screen));
-    assert_eq!(CallType::parse_short("a"), Some(CallType::Alias));
-    assert_eq!(CallType::parse_short("x"), None);
-    assert_eq!(CallType::parse_short(""), None);
+    assert_eq!(Call::parse_short("t"), Some(Call::Track));
+    assert_eq!(Call::parse_short("s"), Some(Call::Screen));
+    assert_eq!(Call::parse_short("a"), Some(Call::Alias));
+    assert_eq!(Call::parse_short("x"), None);
+    assert_eq!(Call::parse_short(""), None);
 }
 
 #[test]
@@ -161,7 +161,7 @@ fn limits_and_encodings() {
         r#"{{"event":"E","userId":"u","properties":{{"x":"{}"}}}}"#,
         "a".repeat(40_000)
     );
-    let error = parse(Endpoint::Single(CallType::Track), huge.as_bytes(), now()).unwrap_err();
+    let error = parse(Endpoint::Single(Call::Track), huge.as_bytes(), now()).unwrap_err();
     assert_eq!(error.status, StatusCode::PAYLOAD_TOO_LARGE);
     let many = json!({"batch": vec![json!({"type": "track"}); MAX_BATCH_MESSAGES + 1]});
     let error = parse(Endpoint::Batch, many.to_string().as_bytes(), now()).unwrap_err();
@@ -171,7 +171,7 @@ fn limits_and_encodings() {
     let error = decode_body(Some("br"), b"{}").unwrap_err();
     assert_eq!(error.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     let error = parse(
-        Endpoint::Single(CallType::Track),
+        Endpoint::Single(Call::Track),
         b"{\"event\":\"\xff\"}",
         now(),
     )
@@ -179,10 +179,10 @@ fn limits_and_encodings() {
     assert_eq!(error.code, "invalid_utf8");
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     let deep = format!(r#"{{"event":"E","userId":"u","properties":{{"d":{deep}}}}}"#);
-    let error = parse(Endpoint::Single(CallType::Track), deep.as_bytes(), now());
+    let error = parse(Endpoint::Single(Call::Track), deep.as_bytes(), now());
     assert_eq!(error.unwrap_err().status.as_u16() / 100, 4);
     let error = parse(
-        Endpoint::Single(CallType::Track),
+        Endpoint::Single(Call::Track),
         br#"{"event":"E","userId":"u","properties":{"n":1e999}}"#,
         now(),
     );
@@ -282,7 +282,7 @@ fn an_unknown_body_key_is_refused_before_any_message_is_expanded() {
     assert_eq!(error.status, StatusCode::UNAUTHORIZED);
     let single = json!({"writeKey": "wk_nope", "event": "E", "userId": "u"});
     let error = parse_authorized(
-        Endpoint::Single(CallType::Track),
+        Endpoint::Single(Call::Track),
         single.to_string().as_bytes(),
         now(),
         None,

@@ -5,16 +5,26 @@
 //! retries, timeouts, leases and dead letters are the engine's. Most kinds only map events to
 //! an [`HttpRequest`] ([`HttpDestination`]); a kind that is not HTTP (the `postgres` warehouse)
 //! implements [`Destination::deliver`] itself.
+//!
+//! It owns the delivery vocabulary every kind shares: [`Outcome`] and [`Verdict`] (with
+//! [`Verdict::per_event`], the one way a verdict becomes an outcome per event), [`Call`], the
+//! HTTP types and [`SendError`] in [`http`], and [`Plan`] for a batch sent as several requests.
+
+mod http;
+mod plan;
+
+pub use http::{
+    classify_status, parse_retry_after, HttpRequest, HttpResponse, HttpSender, SendError,
+    MAX_RETRY_AFTER,
+};
+pub use plan::{Part, Plan};
 
 use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
-use reqwest::header::HeaderMap;
-use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use url::Url;
@@ -83,83 +93,61 @@ pub enum Verdict {
     PerEvent(Vec<Outcome>),
 }
 
-/// A request a plugin wants sent. The engine sends it with the destination's timeout, never
-/// follows redirects, and refuses addresses the security settings forbid.
-#[derive(Debug, Clone)]
-pub struct HttpRequest {
-    pub method: Method,
-    pub url: Url,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-impl HttpRequest {
-    /// A JSON `POST`.
-    pub fn post_json(url: Url, body: impl Into<Bytes>) -> HttpRequest {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            reqwest::header::CONTENT_TYPE,
-            reqwest::header::HeaderValue::from_static("application/json"),
-        );
-        HttpRequest {
-            method: Method::POST,
-            url,
-            headers,
-            body: body.into(),
+impl Verdict {
+    /// One outcome for each of the `count` events it judges. A `PerEvent` list of the wrong
+    /// length is a plugin's bug: every event is retried, with `mismatch(length)` as the reason.
+    pub fn per_event(self, count: usize, mismatch: impl FnOnce(usize) -> String) -> Vec<Outcome> {
+        match self {
+            Verdict::All(outcome) => vec![outcome; count],
+            Verdict::PerEvent(outcomes) if outcomes.len() == count => outcomes,
+            Verdict::PerEvent(outcomes) => vec![Outcome::retry(mismatch(outcomes.len())); count],
         }
     }
 }
 
-/// The vendor's answer.
-#[derive(Debug, Clone)]
-pub struct HttpResponse {
-    pub status: u16,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+/// The Segment calls: what ingest accepts and what a kind maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Call {
+    Track,
+    Identify,
+    Page,
+    Screen,
+    Group,
+    Alias,
 }
 
-impl HttpResponse {
-    /// The `Retry-After` header as a duration (delta seconds or an HTTP date).
-    pub fn retry_after(&self) -> Option<Duration> {
-        let value = self
-            .headers
-            .get(reqwest::header::RETRY_AFTER)?
-            .to_str()
-            .ok()?;
-        parse_retry_after(value, std::time::SystemTime::now())
-    }
+impl Call {
+    pub const ALL: [Call; 6] = [
+        Call::Track,
+        Call::Identify,
+        Call::Page,
+        Call::Screen,
+        Call::Group,
+        Call::Alias,
+    ];
 
-    /// The body as text, cut to a size worth keeping in a dead letter.
-    pub fn body_excerpt(&self) -> String {
-        const KEEP: usize = 1024;
-        let text = String::from_utf8_lossy(&self.body);
-        match text.char_indices().nth(KEEP) {
-            Some((cut, _)) => format!("{}…", &text[..cut]),
-            None => text.into_owned(),
+    /// Its name in a message's `type` and in the API's paths.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Call::Track => "track",
+            Call::Identify => "identify",
+            Call::Page => "page",
+            Call::Screen => "screen",
+            Call::Group => "group",
+            Call::Alias => "alias",
         }
     }
-}
 
-/// The longest `Retry-After` taken from any vendor, before the destination's own cap
-/// (`retry.max_backoff`, applied by [`RetryAfterCap`]): far enough to mean "a long time",
-/// near enough that adding it to any clock reading cannot overflow.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// Parses `Retry-After`: delta seconds, or an HTTP date relative to `now`. Never fails on
-/// size: any run of digits, however long, is at most [`MAX_RETRY_AFTER`]; a date in the past
-/// is zero; anything else (negative, fractional, garbage) is `None`.
-pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        let seconds = value.parse::<u64>().unwrap_or(u64::MAX);
-        return Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER));
+    pub fn parse(name: &str) -> Option<Call> {
+        Call::ALL.into_iter().find(|t| t.as_str() == name)
     }
-    let when = httpdate::parse_http_date(value).ok()?;
-    Some(
-        when.duration_since(now)
-            .unwrap_or(Duration::ZERO)
-            .min(MAX_RETRY_AFTER),
-    )
+
+    /// The one-letter paths of the browser and mobile SDKs (`/v1/t`, `/v1/i`, ...).
+    pub fn parse_short(letter: &str) -> Option<Call> {
+        Call::ALL
+            .into_iter()
+            .find(|t| t.as_str().get(..1) == Some(letter))
+    }
 }
 
 /// Caps every `Retry-After` a plugin reports at the destination's `retry.max_backoff`, so a
@@ -218,42 +206,6 @@ impl Destination for RetryAfterCap {
 
     fn take_over(&self, previous: &dyn Destination) {
         self.inner.take_over(previous)
-    }
-}
-
-/// The classification every HTTP vendor shares unless it documents otherwise: 2xx delivered;
-/// 408, 429 and 5xx retried (honoring `Retry-After`); every other answer, 3xx included, is
-/// permanent.
-pub fn classify_status(response: &HttpResponse) -> Outcome {
-    let status = response.status;
-    match status {
-        200..=299 => Outcome::Delivered,
-        408 | 429 | 500..=599 => Outcome::Retry {
-            status: Some(status),
-            retry_after: response.retry_after(),
-            throttled: status == 429 || (status == 503 && response.retry_after().is_some()),
-            message: format!("HTTP {status}: {}", response.body_excerpt()),
-        },
-        _ => Outcome::Failed {
-            status: Some(status),
-            message: format!("HTTP {status}: {}", response.body_excerpt()),
-        },
-    }
-}
-
-/// Sends a plugin's HTTP request; implemented by the engine (timeouts, address policy).
-pub trait HttpSender: Send + Sync {
-    fn send(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse, Outcome>>;
-
-    /// The addresses `host` resolves to that the security settings let deliveries reach, for
-    /// kinds that connect by themselves (`postgres`); `Err` says why there is none. A sender
-    /// that knows no policy allows nothing.
-    fn allowed_addresses<'a>(
-        &'a self,
-        host: &'a str,
-        _port: u16,
-    ) -> BoxFuture<'a, Result<Vec<std::net::IpAddr>, String>> {
-        Box::pin(async move { Err(format!("no address policy to check {host} against")) })
     }
 }
 
@@ -337,7 +289,7 @@ impl<T: HttpDestination> Destination for T {
             };
             match ctx.http.send(request).await {
                 Ok(response) => self.classify(&response, events),
-                Err(outcome) => Verdict::All(outcome),
+                Err(error) => Verdict::All(error.outcome()),
             }
         })
     }
