@@ -353,8 +353,7 @@ where = 'match(event, "x") or contains(\'
 "#;
     std::fs::write(&file, bad).unwrap();
     let errors: Vec<String> = load(&file)
-        .err()
-        .expect("errors")
+        .expect_err("errors")
         .0
         .iter()
         .map(ToString::to_string)
@@ -414,7 +413,7 @@ fn columns_count_characters() {
 #[test]
 fn an_unreadable_file_is_one_error() {
     let path = Path::new("/nonexistent/switchyard.toml");
-    let errors = load(path).err().expect("an error");
+    let errors = load(path).expect_err("an error");
     assert_eq!(errors.0.len(), 1);
     assert_eq!((errors.0[0].line, errors.0[0].col), (1, 1));
     assert!(errors.0[0]
