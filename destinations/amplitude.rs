@@ -61,21 +61,17 @@ pub struct Amplitude {
 }
 
 fn build(settings: &Settings) -> Result<Built, Vec<SettingError>> {
-    let mut errors = Vec::new();
-    let Some(config) = settings.parse::<AmplitudeConfig>(&mut errors) else {
-        return Err(errors);
-    };
-    mapping::non_empty("api_key", &config.api_key, &mut errors);
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    Ok(Built {
-        credential: Some(config.api_key.clone()),
-        plugin: Arc::new(Amplitude {
-            url: mapping::endpoint_url(settings.endpoint, DEFAULT_BASE, "/2/httpapi"),
-            api_key: config.api_key,
-        }),
-    })
+    mapping::with_credential(
+        settings,
+        "api_key",
+        |config: &AmplitudeConfig| &config.api_key,
+        |config| {
+            Arc::new(Amplitude {
+                url: mapping::endpoint_url(settings.endpoint, DEFAULT_BASE, "/2/httpapi"),
+                api_key: config.api_key,
+            })
+        },
+    )
 }
 
 /// One Segment message as an Amplitude event; `None` for a call Amplitude has no event for.

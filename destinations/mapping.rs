@@ -16,7 +16,11 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use url::Url;
 
-use crate::destination::{Call, Event, HttpResponse, SettingError};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use crate::destination::{Built, Call, Destination, Event, HttpResponse, SettingError, Settings};
 
 /// One enriched Segment message (as ingest committed it), with the accessors kinds map from.
 #[derive(Debug, Clone)]
@@ -309,6 +313,30 @@ pub fn non_empty(key: &str, value: &str, errors: &mut Vec<SettingError>) {
 }
 
 // Requests.
+
+/// Builds a kind whose own keys hold one credential (`api_key`, `write_key`): they parse into
+/// `C`, the credential (the key named `key`) may not be empty, and it is what two destinations
+/// of one vendor account share (the default `rate_limit_key`). `plugin` makes the destination.
+pub fn with_credential<C: DeserializeOwned>(
+    settings: &Settings,
+    key: &str,
+    credential: impl Fn(&C) -> &str,
+    plugin: impl FnOnce(C) -> Arc<dyn Destination>,
+) -> Result<Built, Vec<SettingError>> {
+    let mut errors = Vec::new();
+    let Some(config) = settings.parse::<C>(&mut errors) else {
+        return Err(errors);
+    };
+    let credential = credential(&config).to_owned();
+    non_empty(key, &credential, &mut errors);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Built {
+        credential: Some(credential),
+        plugin: plugin(config),
+    })
+}
 
 /// `base` (the destination's `endpoint`, else the vendor's `default_base`) with `path` appended
 /// to its path: `http://127.0.0.1:9000/` + `/2/httpapi`.

@@ -54,21 +54,17 @@ pub struct Posthog {
 }
 
 fn build(settings: &Settings) -> Result<Built, Vec<SettingError>> {
-    let mut errors = Vec::new();
-    let Some(config) = settings.parse::<PosthogConfig>(&mut errors) else {
-        return Err(errors);
-    };
-    mapping::non_empty("api_key", &config.api_key, &mut errors);
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    Ok(Built {
-        credential: Some(config.api_key.clone()),
-        plugin: Arc::new(Posthog {
-            url: mapping::endpoint_url(settings.endpoint, DEFAULT_BASE, "/batch/"),
-            api_key: config.api_key,
-        }),
-    })
+    mapping::with_credential(
+        settings,
+        "api_key",
+        |config: &PosthogConfig| &config.api_key,
+        |config| {
+            Arc::new(Posthog {
+                url: mapping::endpoint_url(settings.endpoint, DEFAULT_BASE, "/batch/"),
+                api_key: config.api_key,
+            })
+        },
+    )
 }
 
 /// One Segment message as a PostHog event.

@@ -59,21 +59,17 @@ pub struct Segment {
 }
 
 fn build(settings: &Settings) -> Result<Built, Vec<SettingError>> {
-    let mut errors = Vec::new();
-    let Some(config) = settings.parse::<SegmentConfig>(&mut errors) else {
-        return Err(errors);
-    };
-    mapping::non_empty("write_key", &config.write_key, &mut errors);
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    Ok(Built {
-        credential: Some(config.write_key.clone()),
-        plugin: Arc::new(Segment {
-            url: mapping::endpoint_url(settings.endpoint, DEFAULT_BASE, "/v1/batch"),
-            write_key: config.write_key,
-        }),
-    })
+    mapping::with_credential(
+        settings,
+        "write_key",
+        |config: &SegmentConfig| &config.write_key,
+        |config| {
+            Arc::new(Segment {
+                url: mapping::endpoint_url(settings.endpoint, DEFAULT_BASE, "/v1/batch"),
+                write_key: config.write_key,
+            })
+        },
+    )
 }
 
 /// The event as forwarded: as stored, without `sentAt`.

@@ -61,15 +61,8 @@ enum Command {
         /// The destination to deliver to.
         #[arg(long)]
         destination: String,
-        /// Start of the range (RFC 3339), inclusive.
-        #[arg(long)]
-        from: String,
-        /// End of the range (RFC 3339), exclusive.
-        #[arg(long)]
-        to: String,
-        /// Only events of these sources (repeatable; default: every source).
-        #[arg(long = "source")]
-        sources: Vec<String>,
+        #[command(flatten)]
+        range: ArchiveRange,
         /// Print progress until the replay is done.
         #[arg(long)]
         wait: bool,
@@ -92,20 +85,41 @@ enum Command {
     },
 }
 
+/// Which archived events: received in [--from, --to), of some sources or all.
+#[derive(clap::Args)]
+struct ArchiveRange {
+    /// Start of the range (RFC 3339), inclusive.
+    #[arg(long)]
+    from: String,
+    /// End of the range (RFC 3339), exclusive.
+    #[arg(long)]
+    to: String,
+    /// Only events of these sources (repeatable; default: every source).
+    #[arg(long = "source")]
+    sources: Vec<String>,
+}
+
+impl ArchiveRange {
+    /// The time range, checked, and the sources' ids (`None`: every source).
+    async fn resolve(
+        &self,
+        store: &Store,
+    ) -> anyhow::Result<(
+        (time::OffsetDateTime, time::OffsetDateTime),
+        Option<Vec<i32>>,
+    )> {
+        let range = (rfc3339(&self.from, "--from")?, rfc3339(&self.to, "--to")?);
+        Ok((range, source_ids(store, &self.sources).await?))
+    }
+}
+
 #[derive(Subcommand)]
 enum ArchiveCommand {
     /// Write archived events received in [--from, --to) as NDJSON (gzip when the output file
     /// ends in .gz), oldest first, to --output or stdout.
     Export {
-        /// Start of the range (RFC 3339), inclusive.
-        #[arg(long)]
-        from: String,
-        /// End of the range (RFC 3339), exclusive.
-        #[arg(long)]
-        to: String,
-        /// Only events of these sources (repeatable; default: every source).
-        #[arg(long = "source")]
-        sources: Vec<String>,
+        #[command(flatten)]
+        range: ArchiveRange,
         /// The file to write (default: stdout).
         #[arg(long)]
         output: Option<PathBuf>,
@@ -179,20 +193,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Replay {
             destination,
-            from,
-            to,
-            sources,
+            range,
             wait,
             database_url,
         } => {
             let store = open_store(database_url).await?;
-            let range = (rfc3339(&from, "--from")?, rfc3339(&to, "--to")?);
+            let (range, sources) = range.resolve(&store).await?;
             anyhow::ensure!(range.0 < range.1, "--from must be before --to");
             let destination_id = store
                 .destination_id(&destination)
                 .await?
                 .with_context(|| format!("no destination `{destination}` in this database"))?;
-            let sources = source_ids(&store, &sources).await?;
             let replay = store
                 .create_replay(destination_id, range.0, range.1, sources.as_deref())
                 .await?;
@@ -217,16 +228,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Archive {
             command:
                 ArchiveCommand::Export {
-                    from,
-                    to,
-                    sources,
+                    range,
                     output,
                     database_url,
                 },
         } => {
             let store = open_store(database_url).await?;
-            let range = (rfc3339(&from, "--from")?, rfc3339(&to, "--to")?);
-            let sources = source_ids(&store, &sources).await?;
+            let (range, sources) = range.resolve(&store).await?;
             let written = switchyard::cli::archive::export(
                 &store,
                 range,
