@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use switchyard::testkit::{
-    start_switchyard, start_switchyard_from, MockServer, Reply, TestDatabase, ADMIN_TOKEN,
+    admin_ok, send_batch, start_switchyard, start_switchyard_from, MockServer, Reply, TestDatabase,
 };
 
 const KEY: &str = "wk_balancing";
@@ -35,29 +35,12 @@ async fn send(base: &str, ids: &[String]) {
         .iter()
         .map(|id| json!({"type": "track", "event": "Order Completed", "userId": "u", "messageId": id}))
         .collect();
-    let response = reqwest::Client::new()
-        .post(format!("{base}/v1/batch"))
-        .basic_auth(KEY, Some(""))
-        .json(&json!({ "batch": batch }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let (status, answer) = send_batch(base, KEY, &batch).await;
+    assert_eq!(status, 200, "{answer}");
 }
 
 async fn admin(base: &str, method: reqwest::Method, path: &str) -> Value {
-    let response = reqwest::Client::new()
-        .request(method, format!("{base}{path}"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        response.status().is_success(),
-        "{path}: {}",
-        response.status()
-    );
-    response.json().await.unwrap()
+    admin_ok(base, method, path, None).await
 }
 
 /// The `endpoints` of the one destination.

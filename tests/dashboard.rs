@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use switchyard::testkit::{start_switchyard, MockServer, Reply, TestDatabase, ADMIN_TOKEN};
+use switchyard::testkit::{
+    admin_ok, start_switchyard, MockServer, Reply, TestDatabase, ADMIN_TOKEN,
+};
 
 const KEY: &str = "wk_dashboard";
 
@@ -75,18 +77,7 @@ retry.initial_backoff = "50ms"
 }
 
 async fn admin_get(addr: std::net::SocketAddr, path: &str) -> Value {
-    let response = reqwest::Client::new()
-        .get(format!("http://{addr}{path}"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("the admin API answers");
-    assert!(
-        response.status().is_success(),
-        "{path}: {}",
-        response.status()
-    );
-    response.json().await.expect("JSON")
+    admin_ok(&format!("http://{addr}"), reqwest::Method::GET, path, None).await
 }
 
 /// The CRM's dead letters: (id, messageId).

@@ -6,7 +6,9 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
-use switchyard::testkit::{start_switchyard, MockServer, Reply, TestDatabase, ADMIN_TOKEN};
+use switchyard::testkit::{
+    admin_ok, send_batch, start_switchyard, MockServer, Reply, TestDatabase,
+};
 
 const KEY: &str = "wk_delivery";
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -27,14 +29,8 @@ kind = "webhook"
 }
 
 async fn send(addr: std::net::SocketAddr, events: &[Value]) {
-    let response = reqwest::Client::new()
-        .post(format!("http://{addr}/v1/batch"))
-        .basic_auth(KEY, Some(""))
-        .json(&json!({ "batch": events }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let (status, answer) = send_batch(&format!("http://{addr}"), KEY, events).await;
+    assert_eq!(status, 200, "{answer}");
 }
 
 fn track(id: &str) -> Value {
@@ -48,19 +44,7 @@ async fn admin(
     path: &str,
     body: Option<Value>,
 ) -> Value {
-    let mut request = reqwest::Client::new()
-        .request(method, format!("http://{addr}{path}"))
-        .bearer_auth(ADMIN_TOKEN);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    assert!(
-        response.status().is_success(),
-        "{path}: {}",
-        response.status()
-    );
-    response.json().await.unwrap()
+    admin_ok(&format!("http://{addr}"), method, path, body).await
 }
 
 /// Verifies a request the way a Standard Webhooks receiver does.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchyard::testkit::{
-    start_switchyard, MockServer, PrivateCluster, Process, Reply, TestDatabase, ADMIN_TOKEN,
+    self, start_switchyard, MockServer, PrivateCluster, Process, Reply, TestDatabase,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
@@ -130,19 +130,7 @@ async fn load(
 }
 
 async fn admin(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-    let mut request = reqwest::Client::new()
-        .request(method, format!("{base}{path}"))
-        .bearer_auth(ADMIN_TOKEN);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    request
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap_or(Value::Null)
+    testkit::admin(base, method, path, body).await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use switchyard::testkit::{start_switchyard_from, MockServer, TestDatabase, ADMIN_TOKEN};
+use switchyard::testkit::{self, send_batch, start_switchyard_from, MockServer, TestDatabase};
 
 const KEY: &str = "wk_filters";
 
@@ -33,14 +33,7 @@ fn write_config(dir: &Path, destinations: &[String]) -> PathBuf {
 }
 
 async fn send(base: &str, batch: Vec<Value>) {
-    let response = reqwest::Client::new()
-        .post(format!("{base}/v1/batch"))
-        .basic_auth(KEY, Some(""))
-        .json(&json!({ "batch": batch }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(send_batch(base, KEY, &batch).await.0, 200);
 }
 
 async fn admin(
@@ -49,15 +42,7 @@ async fn admin(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut request = reqwest::Client::new()
-        .request(method, format!("{base}{path}"))
-        .bearer_auth(ADMIN_TOKEN);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    testkit::admin(base, method, path, body).await
 }
 
 async fn metric(base: &str, series: &str) -> f64 {

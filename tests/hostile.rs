@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use switchyard::testkit::{start_switchyard, MockServer, Reply, TestDatabase, ADMIN_TOKEN};
+use switchyard::testkit::{self, start_switchyard, MockServer, Reply, TestDatabase, ADMIN_TOKEN};
 
 const KEY: &str = "wk_hostile";
 
@@ -29,15 +29,9 @@ fn track(id: &str, user: &str) -> Value {
 }
 
 async fn admin_get(addr: std::net::SocketAddr, path: &str) -> Value {
-    reqwest::Client::new()
-        .get(format!("http://{addr}{path}"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
+    testkit::admin(&format!("http://{addr}"), reqwest::Method::GET, path, None)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+        .1
 }
 
 /// Item 3: a 429 asking for a pause of centuries (or past `u64`/`Instant` range) pauses the key

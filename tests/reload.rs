@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use switchyard::testkit::{
-    start_switchyard_from, MockServer, Process, Reply, TestDatabase, ADMIN_TOKEN,
+    self, send_batch, start_switchyard_from, MockServer, Process, Reply, TestDatabase,
 };
 
 const KEY: &str = "wk_reload";
@@ -25,25 +25,11 @@ async fn send(base: &str, ids: &[&str]) {
         .iter()
         .map(|id| json!({"type": "track", "event": "E", "userId": "u", "messageId": id}))
         .collect();
-    let response = reqwest::Client::new()
-        .post(format!("{base}/v1/batch"))
-        .basic_auth(KEY, Some(""))
-        .json(&json!({ "batch": batch }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(send_batch(base, KEY, &batch).await.0, 200);
 }
 
 async fn admin(base: &str, method: reqwest::Method, path: &str) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .request(method, format!("{base}{path}"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    testkit::admin(base, method, path, None).await
 }
 
 #[tokio::test]

@@ -4,10 +4,12 @@
 //! The mock records every request and answers as scripted: 200, any status with headers (a 429
 //! with `Retry-After`), after a delay, or never (a hung vendor).
 
+mod client;
 pub mod conformance;
 mod mock;
 mod process;
 
+pub use client::{admin, admin_ok, send_batch};
 pub use mock::{MockServer, Received, Reply};
 pub use process::{PrivateCluster, Process};
 
@@ -100,30 +102,30 @@ pub async fn start_switchyard(config_toml: &str, database_url: &str) -> Running 
 pub async fn start_switchyard_as(config_toml: &str, database_url: &str, role: Role) -> Running {
     let config = crate::config::parse(config_toml, "test.toml")
         .unwrap_or_else(|errors| panic!("test config is invalid:\n{errors}"));
-    serve::start(serve::Settings {
-        listen: "127.0.0.1:0".into(),
-        database_url: Some(database_url.to_owned()),
-        config,
-        config_path: None,
-        role,
-        admin_token: Some(ADMIN_TOKEN.into()),
-        grace: Duration::from_secs(5),
-        timeouts: test_timeouts(),
-    })
-    .await
-    .expect("switchyard starts")
+    start(config, None, database_url, role).await
 }
 
 /// Starts Switchyard in this process with its config read from `path` (so it can be reloaded).
 pub async fn start_switchyard_from(path: &std::path::Path, database_url: &str) -> Running {
     let config = crate::config::load(path)
         .unwrap_or_else(|errors| panic!("test config is invalid:\n{errors}"));
+    start(config, Some(path), database_url, Role::All).await
+}
+
+/// Starts Switchyard in this process on a free loopback port, with the test's admin token and
+/// short client timeouts.
+async fn start(
+    config: crate::config::Config,
+    config_path: Option<&std::path::Path>,
+    database_url: &str,
+    role: Role,
+) -> Running {
     serve::start(serve::Settings {
         listen: "127.0.0.1:0".into(),
         database_url: Some(database_url.to_owned()),
         config,
-        config_path: Some(path.to_owned()),
-        role: Role::All,
+        config_path: config_path.map(ToOwned::to_owned),
+        role,
         admin_token: Some(ADMIN_TOKEN.into()),
         grace: Duration::from_secs(5),
         timeouts: test_timeouts(),
