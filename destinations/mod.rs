@@ -6,27 +6,29 @@
 
 use crate::destination::Kind;
 
-pub mod amplitude;
-pub mod ga4;
 pub mod mapping;
-pub mod mixpanel;
-pub mod postgres;
-pub mod posthog;
-pub mod segment;
-pub mod slack;
-pub mod webhook;
 
-/// Every kind the config may name.
-pub static KINDS: &[&Kind] = &[
-    &webhook::KIND,
-    &amplitude::KIND,
-    &mixpanel::KIND,
-    &ga4::KIND,
-    &posthog::KIND,
-    &slack::KIND,
-    &segment::KIND,
-    &postgres::KIND,
-];
+/// Declares each kind's module and lists its `KIND` in [`KINDS`], from one name per kind.
+macro_rules! kinds {
+    ($($kind:ident,)*) => {
+        $(pub mod $kind;)*
+
+        /// Every kind the config may name.
+        pub static KINDS: &[&Kind] = &[$(&$kind::KIND),*];
+    };
+}
+
+// One line per kind: its file's name.
+kinds! {
+    webhook,
+    amplitude,
+    mixpanel,
+    ga4,
+    posthog,
+    slack,
+    segment,
+    postgres,
+}
 
 /// Kinds added at run time (an embedding program's own, or a test's).
 static REGISTERED: std::sync::RwLock<Vec<&'static Kind>> = std::sync::RwLock::new(Vec::new());

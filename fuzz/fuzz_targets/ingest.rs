@@ -2,11 +2,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use switchyard::ingest::{decode_body, parse, CallType, Endpoint};
+use switchyard::ingest::{decode_body, parse, Call, Endpoint};
 
 fuzz_target!(|data: &[u8]| {
     let now = time::OffsetDateTime::UNIX_EPOCH;
-    for endpoint in [Endpoint::Batch, Endpoint::Single(CallType::Track)] {
+    for endpoint in [Endpoint::Batch, Endpoint::Single(Call::Track)] {
         if let Ok(parsed) = parse(endpoint, data, now) {
             for (_, message) in parsed.messages {
                 // What ingest accepted is valid JSON for every destination.
