@@ -151,10 +151,25 @@ fn main() -> ExitCode {
         Ok(code) => code,
         // Once, on stderr, ending with a newline (the log would repeat it).
         Err(error) => {
-            eprintln!("switchyard: {error:#}");
+            eprintln!("switchyard: {}", describe(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, like `{:#}`, but without a cause that only repeats
+/// the text of the one before it (sqlx's database errors carry their message twice).
+fn describe(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain().map(ToString::to_string) {
+        if !line.ends_with(&cause) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&cause);
+        }
+    }
+    line
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -366,4 +381,32 @@ async fn source_ids(store: &Store, names: &[String]) -> anyhow::Result<Option<Ve
         ids.push(id);
     }
     Ok(Some(ids))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("error returned from database: {0}")]
+    struct Wrapped(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("password authentication failed for user \"postgres\"")]
+    struct Inner;
+
+    #[test]
+    fn a_cause_that_repeats_the_one_before_is_said_once() {
+        let error = anyhow::Error::new(Wrapped(Inner)).context("the database refused us");
+        assert_eq!(
+            describe(&error),
+            "the database refused us: error returned from database: password authentication \
+             failed for user \"postgres\""
+        );
+        let plain = anyhow::anyhow!("no such file").context("cannot read switchyard.toml");
+        assert_eq!(
+            describe(&plain),
+            "cannot read switchyard.toml: no such file"
+        );
+    }
 }

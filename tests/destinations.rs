@@ -483,10 +483,18 @@ async fn postgres_conformance() {
     );
 
     let role = format!("sy_reader_{}", &db.name[db.name.len() - 8..]);
-    db.scalar(&format!("CREATE ROLE {role} LOGIN")).await;
+    db.scalar(&format!("CREATE ROLE {role} LOGIN PASSWORD 'reader'"))
+        .await;
     db.scalar("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
         .await;
-    let reader_url = db.url.replacen("postgres@", &format!("{role}@"), 1);
+    // The test database may be reached with any user and password (SWITCHYARD_TEST_DATABASE_URL):
+    // swap in the reader's, whatever they were.
+    let mut reader_url = url::Url::parse(&db.url).expect("the test database URL parses");
+    reader_url.set_username(&role).expect("a URL with a host");
+    reader_url
+        .set_password(Some("reader"))
+        .expect("a URL with a host");
+    let reader_url = reader_url.to_string();
     let denied = warehouse(&reader_url, "not_allowed");
     let verdict = conformance::deliver(&*denied, &events[..1], timeout).await;
     drop(denied);
