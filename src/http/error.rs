@@ -7,6 +7,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::ingest::IngestError;
+
 /// An answer other than success.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -19,13 +21,7 @@ pub struct ApiError {
     pub rejected: Vec<Rejection>,
 }
 
-/// One message of a batch that was refused, and why.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Rejection {
-    pub index: usize,
-    pub code: &'static str,
-    pub message: String,
-}
+pub use crate::ingest::Rejection;
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
@@ -67,6 +63,33 @@ impl ApiError {
         ApiError {
             retry_after: Some(retry_after),
             ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message)
+        }
+    }
+}
+
+/// What each ingest refusal answers.
+impl From<IngestError> for ApiError {
+    fn from(error: IngestError) -> ApiError {
+        match error {
+            IngestError::Invalid {
+                code,
+                message,
+                rejected,
+            } => ApiError {
+                rejected,
+                ..ApiError::bad_request(code, message)
+            },
+            IngestError::TooLarge(message) => ApiError::too_large(message),
+            IngestError::UnsupportedEncoding(message) => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_encoding",
+                message,
+            ),
+            IngestError::Unauthorized(message) => ApiError::unauthorized(message),
+            IngestError::Overloaded {
+                message,
+                retry_after,
+            } => ApiError::overloaded(message, retry_after),
         }
     }
 }

@@ -25,7 +25,7 @@ use arc_swap::ArcSwap;
 use crate::http::browser::Peer;
 use crate::http::error::ApiError;
 use crate::ingest::backpressure::QueueDepth;
-use crate::ingest::{self, Call, Endpoint};
+use crate::ingest::{self, Call, Endpoint, IngestError};
 use crate::pipeline::{Pipeline, ReloadError, Reloader};
 use crate::store::commit::{CommitError, GroupCommit};
 use crate::store::{NewEvent, Store};
@@ -329,7 +329,7 @@ async fn ingest(
     let basic_key = basic_write_key(headers)?;
     if let Some(key) = &basic_key {
         if pipeline.sources.find(key).is_none() {
-            return Err(reject_unknown_key());
+            return Err(reject_unknown_key().into());
         }
     }
     let encoding = headers
@@ -355,7 +355,7 @@ async fn ingest(
             if std::error::Error::source(&error)
                 .is_some_and(|e| e.is::<http_body_util::LengthLimitError>())
             {
-                ingest::request_too_large()
+                ingest::request_too_large().into()
             } else {
                 ApiError::bad_request("invalid_body", format!("reading the body failed: {error}"))
             }
@@ -454,9 +454,9 @@ async fn ingest(
     Ok(Json(answer).into_response())
 }
 
-fn no_write_key() -> ApiError {
-    ApiError::unauthorized(
-        "no write key: send it as the HTTP Basic username or as `writeKey` in the body",
+fn no_write_key() -> IngestError {
+    IngestError::Unauthorized(
+        "no write key: send it as the HTTP Basic username or as `writeKey` in the body".into(),
     )
 }
 
@@ -494,10 +494,10 @@ fn shrink(permit: &mut tokio::sync::SemaphorePermit<'static>, bytes: usize) {
     }
 }
 
-fn reject_unknown_key() -> ApiError {
+fn reject_unknown_key() -> IngestError {
     metrics::counter!("switchyard_rejected_events_total", "source" => "unknown", "code" => "unauthorized")
         .increment(1);
-    ApiError::unauthorized("unknown write key")
+    IngestError::Unauthorized("unknown write key".into())
 }
 
 /// The write key from `Authorization: Basic base64(key:)`, if the request has one.

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
+use super::IngestError;
 use crate::config::LimitsConfig;
-use crate::http::error::ApiError;
 use crate::store::Store;
 
 /// How long clients are asked to wait when the queue is full.
@@ -64,7 +64,12 @@ impl QueueDepth {
     }
 
     /// 429 when a bound is passed; `jobs` is what the request would add.
-    pub fn admit(&self, limits: &LimitsConfig, source: i32, jobs: usize) -> Result<(), ApiError> {
+    pub fn admit(
+        &self,
+        limits: &LimitsConfig,
+        source: i32,
+        jobs: usize,
+    ) -> Result<(), IngestError> {
         if limits.max_queued.is_none() && limits.max_queued_per_source.is_none() {
             return Ok(());
         }
@@ -73,10 +78,12 @@ impl QueueDepth {
         let total = counts.total + since_total + jobs as i64;
         if let Some(max) = limits.max_queued {
             if total > max as i64 {
-                return Err(ApiError::overloaded(
-                    format!("{total} deliveries are queued, past the limit of {max}; retry later"),
-                    RETRY_AFTER,
-                ));
+                return Err(IngestError::Overloaded {
+                    message: format!(
+                        "{total} deliveries are queued, past the limit of {max}; retry later"
+                    ),
+                    retry_after: RETRY_AFTER,
+                });
             }
         }
         if let Some(max) = limits.max_queued_per_source {
@@ -84,13 +91,13 @@ impl QueueDepth {
                 + counts.since.get(&source).copied().unwrap_or(0)
                 + jobs as i64;
             if own > max as i64 {
-                return Err(ApiError::overloaded(
-                    format!(
+                return Err(IngestError::Overloaded {
+                    message: format!(
                         "{own} deliveries of this source are queued, past the limit of {max}; \
                          retry later"
                     ),
-                    RETRY_AFTER,
-                ));
+                    retry_after: RETRY_AFTER,
+                });
             }
         }
         Ok(())
@@ -120,8 +127,10 @@ mod tests {
         assert!(depth.admit(&limits(Some(100), None), 1, 10).is_ok());
         depth.queued(2, 10);
         let error = depth.admit(&limits(Some(100), None), 1, 1).unwrap_err();
-        assert_eq!(error.status.as_u16(), 429);
-        assert!(error.retry_after.is_some());
+        assert!(
+            matches!(error, IngestError::Overloaded { retry_after, .. } if !retry_after.is_zero()),
+            "{error:?}"
+        );
         assert!(
             depth.admit(&limits(None, Some(95)), 2, 5).is_ok(),
             "per source"

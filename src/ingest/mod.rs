@@ -8,22 +8,21 @@
 
 pub mod backpressure;
 mod enrich;
+mod error;
 mod parse;
 mod route;
 
 pub use crate::destination::Call;
 pub use enrich::{format_time, parse_time};
+pub use error::{IngestError, Rejection};
 pub use parse::{decode_body, parse, parse_authorized, request_too_large};
 pub use route::{Route, Routes};
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::http::StatusCode;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-
-use crate::http::error::{ApiError, Rejection};
 
 /// Segment's limits: 32 KB a message, 500 KB a request, 2,500 messages a batch.
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
@@ -36,7 +35,7 @@ const ENRICHMENT_BYTES: usize = 512;
 
 /// Says whether the request may go on once its body's `writeKey` (if any) is known, before
 /// any message is expanded: an unknown key costs no more than reading the body.
-pub type Authorize<'a> = &'a dyn Fn(Option<&str>) -> Result<(), ApiError>;
+pub type Authorize<'a> = &'a dyn Fn(Option<&str>) -> Result<(), IngestError>;
 
 /// Which endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

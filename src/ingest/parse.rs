@@ -11,7 +11,7 @@ use super::enrich::{enrich, time_field};
 use super::*;
 
 /// Decodes the body per `Content-Encoding`, within the request limit.
-pub fn decode_body(encoding: Option<&str>, body: &[u8]) -> Result<Vec<u8>, ApiError> {
+pub fn decode_body(encoding: Option<&str>, body: &[u8]) -> Result<Vec<u8>, IngestError> {
     match encoding.map(|e| e.trim().to_ascii_lowercase()).as_deref() {
         None | Some("") | Some("identity") => Ok(body.to_vec()),
         Some("gzip") | Some("x-gzip") => {
@@ -21,30 +21,28 @@ pub fn decode_body(encoding: Option<&str>, body: &[u8]) -> Result<Vec<u8>, ApiEr
                 .take(limit)
                 .read_to_end(&mut out)
                 .map_err(|e| {
-                    ApiError::bad_request("invalid_gzip", format!("the gzip body is invalid: {e}"))
+                    IngestError::invalid("invalid_gzip", format!("the gzip body is invalid: {e}"))
                 })?;
             if out.len() > MAX_REQUEST_BYTES {
                 return Err(request_too_large());
             }
             Ok(out)
         }
-        Some(other) => Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_encoding",
-            format!("Content-Encoding `{other}` is not supported; send identity or gzip"),
-        )),
+        Some(other) => Err(IngestError::UnsupportedEncoding(format!(
+            "Content-Encoding `{other}` is not supported; send identity or gzip"
+        ))),
     }
 }
 
-pub fn request_too_large() -> ApiError {
-    ApiError::too_large(format!(
+pub fn request_too_large() -> IngestError {
+    IngestError::TooLarge(format!(
         "the request is larger than {MAX_REQUEST_BYTES} bytes; send smaller batches"
     ))
 }
 
 /// Parses and validates a decoded body. Request-level problems are errors; problems with single
 /// messages of a batch are listed in `rejected` and the rest goes on.
-pub fn parse(endpoint: Endpoint, body: &[u8], now: OffsetDateTime) -> Result<Parsed, ApiError> {
+pub fn parse(endpoint: Endpoint, body: &[u8], now: OffsetDateTime) -> Result<Parsed, IngestError> {
     parse_authorized(endpoint, body, now, None, &|_| Ok(()))
 }
 
@@ -56,16 +54,16 @@ pub fn parse_authorized(
     now: OffsetDateTime,
     client_ip: Option<std::net::IpAddr>,
     authorize: Authorize,
-) -> Result<Parsed, ApiError> {
+) -> Result<Parsed, IngestError> {
     if body.len() > MAX_REQUEST_BYTES {
         return Err(request_too_large());
     }
     let text = std::str::from_utf8(body)
-        .map_err(|_| ApiError::bad_request("invalid_utf8", "the body is not valid UTF-8"))?;
+        .map_err(|_| IngestError::invalid("invalid_utf8", "the body is not valid UTF-8"))?;
     match endpoint {
         Endpoint::Single(call) => {
             if text.len() > MAX_MESSAGE_BYTES {
-                return Err(ApiError::too_large(format!(
+                return Err(IngestError::TooLarge(format!(
                     "a message may be at most {MAX_MESSAGE_BYTES} bytes"
                 )));
             }
@@ -77,7 +75,7 @@ pub fn parse_authorized(
                 ..BatchDefaults::default()
             };
             let message = enrich(Some(call), object, &defaults, now)
-                .map_err(|(code, message)| ApiError::bad_request(code, message))?;
+                .map_err(|(code, message)| IngestError::invalid(code, message))?;
             Ok(Parsed {
                 write_key,
                 messages: vec![(0, message)],
@@ -103,26 +101,26 @@ fn parse_batch(
     now: OffsetDateTime,
     client_ip: Option<std::net::IpAddr>,
     authorize: Authorize,
-) -> Result<Parsed, ApiError> {
+) -> Result<Parsed, IngestError> {
     let fields: HashMap<String, &RawValue> = serde_json::from_str(text).map_err(json_error)?;
     let items: Vec<&RawValue> = match fields.get("batch") {
         Some(raw) => serde_json::from_str(raw.get()).map_err(|_| {
-            ApiError::bad_request("invalid_batch", "`batch` must be an array of messages")
+            IngestError::invalid("invalid_batch", "`batch` must be an array of messages")
         })?,
         None => {
-            return Err(ApiError::bad_request(
+            return Err(IngestError::invalid(
                 "invalid_batch",
                 "the body needs a `batch` array of messages",
             ))
         }
     };
     if items.len() > MAX_BATCH_MESSAGES {
-        return Err(ApiError::too_large(format!(
+        return Err(IngestError::TooLarge(format!(
             "a batch may hold at most {MAX_BATCH_MESSAGES} messages, this one has {}",
             items.len()
         )));
     }
-    let field = |name: &str| -> Result<Option<Value>, ApiError> {
+    let field = |name: &str| -> Result<Option<Value>, IngestError> {
         match fields.get(name) {
             None => Ok(None),
             Some(raw) => serde_json::from_str(raw.get())
@@ -134,7 +132,7 @@ fn parse_batch(
         None | Some(Value::Null) => None,
         Some(Value::String(key)) => Some(key),
         Some(_) => {
-            return Err(ApiError::bad_request(
+            return Err(IngestError::invalid(
                 "invalid_field",
                 "`writeKey` must be a string",
             ))
@@ -147,7 +145,7 @@ fn parse_batch(
         .map(|raw| raw.get().len())
         .sum::<usize>();
     if shared > MAX_MESSAGE_BYTES {
-        return Err(ApiError::too_large(format!(
+        return Err(IngestError::TooLarge(format!(
             "the batch-level `context` and `integrations` are copied into every message, so \
              together they may be at most {MAX_MESSAGE_BYTES} bytes"
         )));
@@ -155,7 +153,7 @@ fn parse_batch(
     let sent_at = field("sentAt")?.filter(|v| !v.is_null());
     if let Some(value) = &sent_at {
         time_field(value, "sentAt")
-            .map_err(|(code, message)| ApiError::bad_request(code, message))?;
+            .map_err(|(code, message)| IngestError::invalid(code, message))?;
     }
     let defaults = BatchDefaults {
         sent_at,
@@ -184,7 +182,7 @@ fn parse_batch(
             }
         };
         if expanded > MAX_REQUEST_BYTES {
-            return Err(ApiError::too_large(format!(
+            return Err(IngestError::TooLarge(format!(
                 "with the batch-level `context` and `integrations` copied into each message, \
                  the batch is larger than {MAX_REQUEST_BYTES} bytes; send smaller batches"
             )));
@@ -222,39 +220,42 @@ fn within_message_limit(message: Message, expanded: &mut usize) -> Result<Messag
     Ok(message)
 }
 
-fn parse_object(text: &str) -> Result<Map<String, Value>, ApiError> {
+fn parse_object(text: &str) -> Result<Map<String, Value>, IngestError> {
     match serde_json::from_str::<Value>(text).map_err(json_error)? {
         Value::Object(object) => Ok(object),
-        _ => Err(ApiError::bad_request(
+        _ => Err(IngestError::invalid(
             "invalid_json",
             "the body must be a JSON object",
         )),
     }
 }
 
-fn json_error(error: serde_json::Error) -> ApiError {
-    ApiError::bad_request(
+fn json_error(error: serde_json::Error) -> IngestError {
+    IngestError::invalid(
         "invalid_json",
         format!("the body is not valid JSON: {error}"),
     )
 }
 
-fn object_field(value: Option<Value>, name: &str) -> Result<Option<Map<String, Value>>, ApiError> {
+fn object_field(
+    value: Option<Value>,
+    name: &str,
+) -> Result<Option<Map<String, Value>>, IngestError> {
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(object)) => Ok(Some(object)),
-        Some(_) => Err(ApiError::bad_request(
+        Some(_) => Err(IngestError::invalid(
             "invalid_field",
             format!("`{name}` must be an object"),
         )),
     }
 }
 
-fn write_key_of(object: &Map<String, Value>) -> Result<Option<String>, ApiError> {
+fn write_key_of(object: &Map<String, Value>) -> Result<Option<String>, IngestError> {
     match object.get("writeKey") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(key)) => Ok(Some(key.clone())),
-        Some(_) => Err(ApiError::bad_request(
+        Some(_) => Err(IngestError::invalid(
             "invalid_field",
             "`writeKey` must be a string",
         )),

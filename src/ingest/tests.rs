@@ -5,6 +5,8 @@ use time::OffsetDateTime;
 
 use super::route::integrations_allow;
 use super::*;
+use crate::http::error::ApiError;
+use axum::http::StatusCode;
 use serde_json::json;
 
 fn now() -> OffsetDateTime {
@@ -13,7 +15,9 @@ fn now() -> OffsetDateTime {
 
 fn single(call: Call, body: Value) -> Result<Message, ApiError> {
     let bytes = serde_json::to_vec(&body).unwrap();
-    parse(Endpoint::Single(call), &bytes, now()).map(|mut p| p.messages.remove(0).1)
+    parse(Endpoint::Single(call), &bytes, now())
+        .map(|mut p| p.messages.remove(0).1)
+        .map_err(ApiError::from)
 }
 
 fn json_of(message: &Message) -> Value {
@@ -151,7 +155,9 @@ fn the_client_address_fills_context_ip_unless_the_sdk_sent_one() {
 #[test]
 fn a_malformed_batch_sent_at_is_refused_even_when_no_message_uses_it() {
     let body = json!({"batch": [], "sentAt": "not a date"});
-    let error = parse(Endpoint::Batch, body.to_string().as_bytes(), now()).unwrap_err();
+    let error = parse(Endpoint::Batch, body.to_string().as_bytes(), now())
+        .map_err(ApiError::from)
+        .unwrap_err();
     assert_eq!(error.status, StatusCode::BAD_REQUEST);
 }
 
@@ -161,32 +167,41 @@ fn limits_and_encodings() {
         r#"{{"event":"E","userId":"u","properties":{{"x":"{}"}}}}"#,
         "a".repeat(40_000)
     );
-    let error = parse(Endpoint::Single(Call::Track), huge.as_bytes(), now()).unwrap_err();
+    let error = parse(Endpoint::Single(Call::Track), huge.as_bytes(), now())
+        .map_err(ApiError::from)
+        .unwrap_err();
     assert_eq!(error.status, StatusCode::PAYLOAD_TOO_LARGE);
     let many = json!({"batch": vec![json!({"type": "track"}); MAX_BATCH_MESSAGES + 1]});
-    let error = parse(Endpoint::Batch, many.to_string().as_bytes(), now()).unwrap_err();
+    let error = parse(Endpoint::Batch, many.to_string().as_bytes(), now())
+        .map_err(ApiError::from)
+        .unwrap_err();
     assert_eq!(error.status, StatusCode::PAYLOAD_TOO_LARGE);
-    let error = decode_body(Some("gzip"), b"\x1f\x8bnot gzip").unwrap_err();
+    let error = decode_body(Some("gzip"), b"\x1f\x8bnot gzip")
+        .map_err(ApiError::from)
+        .unwrap_err();
     assert_eq!(error.code, "invalid_gzip");
-    let error = decode_body(Some("br"), b"{}").unwrap_err();
+    let error = decode_body(Some("br"), b"{}")
+        .map_err(ApiError::from)
+        .unwrap_err();
     assert_eq!(error.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     let error = parse(
         Endpoint::Single(Call::Track),
         b"{\"event\":\"\xff\"}",
         now(),
     )
+    .map_err(ApiError::from)
     .unwrap_err();
     assert_eq!(error.code, "invalid_utf8");
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     let deep = format!(r#"{{"event":"E","userId":"u","properties":{{"d":{deep}}}}}"#);
     let error = parse(Endpoint::Single(Call::Track), deep.as_bytes(), now());
-    assert_eq!(error.unwrap_err().status.as_u16() / 100, 4);
+    assert_eq!(ApiError::from(error.unwrap_err()).status.as_u16() / 100, 4);
     let error = parse(
         Endpoint::Single(Call::Track),
         br#"{"event":"E","userId":"u","properties":{"n":1e999}}"#,
         now(),
     );
-    assert_eq!(error.unwrap_err().code, "invalid_json");
+    assert_eq!(ApiError::from(error.unwrap_err()).code, "invalid_json");
 }
 
 #[test]
@@ -235,14 +250,18 @@ fn a_batch_context_copied_into_every_message_counts_against_the_limits() {
         "batch": vec![message.clone(); MAX_BATCH_MESSAGES],
         "context": {"padding": "x".repeat(8 * 1024)},
     });
-    let error = parse(Endpoint::Batch, amplified.to_string().as_bytes(), now()).unwrap_err();
+    let error = parse(Endpoint::Batch, amplified.to_string().as_bytes(), now())
+        .map_err(ApiError::from)
+        .unwrap_err();
     assert_eq!(error.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(error.code, "too_large");
     let oversized = json!({
         "batch": [message.clone()],
         "context": {"padding": "x".repeat(MAX_MESSAGE_BYTES)},
     });
-    let error = parse(Endpoint::Batch, oversized.to_string().as_bytes(), now()).unwrap_err();
+    let error = parse(Endpoint::Batch, oversized.to_string().as_bytes(), now())
+        .map_err(ApiError::from)
+        .unwrap_err();
     assert_eq!(error.status, StatusCode::PAYLOAD_TOO_LARGE);
     // One message that the context pushes past 32 KB is rejected alone.
     let big = json!({"type": "track", "event": "E", "userId": "u",
@@ -269,7 +288,7 @@ fn an_unknown_body_key_is_refused_before_any_message_is_expanded() {
     let body = json!({"writeKey": "wk_nope", "batch": [{"type": "nonsense"}]});
     let refuse = |key: Option<&str>| match key {
         Some("wk_ok") => Ok(()),
-        _ => Err(ApiError::unauthorized("unknown write key")),
+        _ => Err(IngestError::Unauthorized("unknown write key".into())),
     };
     let error = parse_authorized(
         Endpoint::Batch,
@@ -278,6 +297,7 @@ fn an_unknown_body_key_is_refused_before_any_message_is_expanded() {
         None,
         &refuse,
     )
+    .map_err(ApiError::from)
     .unwrap_err();
     assert_eq!(error.status, StatusCode::UNAUTHORIZED);
     let single = json!({"writeKey": "wk_nope", "event": "E", "userId": "u"});
@@ -288,6 +308,7 @@ fn an_unknown_body_key_is_refused_before_any_message_is_expanded() {
         None,
         &refuse,
     )
+    .map_err(ApiError::from)
     .unwrap_err();
     assert_eq!(error.status, StatusCode::UNAUTHORIZED);
 }
