@@ -175,12 +175,17 @@ pub struct Reloader {
 }
 
 /// What a reload changed.
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Default, serde::Serialize, utoipa::ToSchema)]
 pub struct ReloadReport {
+    /// Sources in the new config.
+    #[schema(value_type = u64)]
     pub sources: usize,
+    /// Destinations in the new config.
+    #[schema(value_type = u64)]
     pub destinations: usize,
-    /// Destinations no longer in the config, whose queued jobs became dead letters.
+    /// Destinations no longer in the config; their queued jobs became dead letters.
     pub removed: Vec<String>,
+    /// How many jobs that was.
     pub dead_lettered: u64,
 }
 

@@ -242,16 +242,18 @@ pub trait Destination: Send + Sync + 'static {
 }
 
 /// One endpoint of a destination with several, as this process sees it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = EndpointStatus)]
 pub struct EndpointStats {
     /// The URL with its credentials and query masked.
     pub url: String,
     /// This process's requests to it not answered yet.
+    #[schema(value_type = u64)]
     pub in_flight: usize,
     /// Rolling share of failed requests (connection errors, timeouts, 5xx), fading with time.
     pub error_rate: f64,
     /// What it last reported in `X-Server-Utilization` (0.0 to 1.0), fading with time and
-    /// adjusted for this process's requests sent since; `None` without a report or when
+    /// adjusted for this process's requests sent since; null without a report or when
     /// `use_utilization` is off.
     pub utilization: Option<f64>,
     /// New or recovering: one request at a time until it answers with a 2xx.

@@ -24,6 +24,7 @@ use arc_swap::ArcSwap;
 
 use crate::http::browser::Peer;
 use crate::http::error::ApiError;
+use crate::http::openapi::{DeadLetter, DeadLetters};
 use crate::ingest::backpressure::QueueDepth;
 use crate::ingest::{self, Call, Endpoint, IngestError};
 use crate::pipeline::{Pipeline, ReloadError, Reloader};
@@ -748,7 +749,7 @@ struct DeadLetterQuery {
 async fn dead_letters(
     State(state): State<Arc<AppState>>,
     query: Result<Query<DeadLetterQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeadLetters>, ApiError> {
     let Query(query) = query.map_err(query_error)?;
     if query
         .destination
@@ -765,29 +766,20 @@ async fn dead_letters(
         .store
         .dead_letters(query.destination.as_deref(), limit)
         .await?;
-    let items: Vec<Value> = letters
-        .into_iter()
-        .map(|letter| {
-            json!({
-                "id": letter.id,
-                "message_id": letter.message_id,
-                "destination": letter.destination,
-                "attempts": letter.attempts,
-                "last_status": letter.last_status,
-                "last_error": letter.last_error,
-                "failed_at": ingest::format_time(letter.failed_at),
-                "event": serde_json::from_slice::<Value>(&letter.payload).unwrap_or(Value::Null),
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(DeadLetters {
+        items: letters.into_iter().map(DeadLetter::from).collect(),
+    }))
 }
 
-#[derive(Deserialize)]
-struct ReplayRequest {
-    destination: String,
-    /// Dead letter ids; JSON numbers with an integral value (`7` or `7.0`).
-    ids: Option<Vec<serde_json::Number>>,
+/// `POST /admin/v1/dead-letters/replay`.
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct ReplayRequest {
+    /// The destination's name.
+    pub destination: String,
+    /// Which dead letters; all of the destination's when absent or null. JSON numbers with an
+    /// integral value (`7` or `7.0`).
+    #[schema(value_type = Option<Vec<i64>>)]
+    pub ids: Option<Vec<serde_json::Number>>,
 }
 
 async fn replay(

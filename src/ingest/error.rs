@@ -44,9 +44,12 @@ impl IngestError {
 }
 
 /// One message of a batch that was refused, and why.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Rejection {
+    /// Its position in `batch`, from 0.
+    #[schema(value_type = u64, minimum = 0)]
     pub index: usize,
+    #[schema(value_type = String)]
     pub code: &'static str,
     pub message: String,
 }

@@ -1,6 +1,12 @@
 //! The answers' schemas.
 
+use serde::Serialize;
 use utoipa::ToSchema;
+
+pub use crate::destination::EndpointStats;
+pub use crate::http::server::ReplayRequest;
+pub use crate::ingest::Rejection;
+pub use crate::pipeline::ReloadReport;
 
 /// What the SDKs report about themselves at `/v1/m`.
 #[derive(ToSchema)]
@@ -41,16 +47,6 @@ pub struct Failure {
     pub rejected: Option<Vec<Rejection>>,
 }
 
-/// One refused message of a batch.
-#[derive(ToSchema)]
-pub struct Rejection {
-    /// Its position in `batch`, from 0.
-    #[schema(minimum = 0)]
-    pub index: u64,
-    pub code: String,
-    pub message: String,
-}
-
 /// One destination, as `GET /admin/v1/destinations` shows it.
 #[derive(ToSchema)]
 pub struct DestinationStatus {
@@ -76,29 +72,11 @@ pub struct DestinationStatus {
     /// The share of the rate limit in force (below 1 after the vendor throttled).
     pub rate_factor: f64,
     /// Per endpoint of a webhook with several `urls` (empty otherwise).
-    pub endpoints: Vec<EndpointStatus>,
-}
-
-/// One endpoint of a load-balanced destination, as this process sees it.
-#[derive(ToSchema)]
-pub struct EndpointStatus {
-    /// The URL with credentials and query masked.
-    pub url: String,
-    pub in_flight: u64,
-    /// Rolling share of failed requests, fading over time.
-    pub error_rate: f64,
-    /// The last `X-Server-Utilization` it reported (0.0 to 1.0), if any.
-    pub utilization: Option<f64>,
-    /// New or recovering: one request at a time until it answers.
-    pub probation: bool,
-    /// Its share of the draw while it ramps up (0.1 to 1).
-    pub weight: f64,
-    pub requests: u64,
-    pub failures: u64,
+    pub endpoints: Vec<EndpointStats>,
 }
 
 /// A message that could not be delivered, with the last answer.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct DeadLetter {
     pub id: i64,
     pub message_id: String,
@@ -114,19 +92,25 @@ pub struct DeadLetter {
     pub event: Option<serde_json::Value>,
 }
 
-/// `GET /admin/v1/dead-letters`.
-#[derive(ToSchema)]
-pub struct DeadLetters {
-    pub items: Vec<DeadLetter>,
+impl From<crate::store::DeadLetter> for DeadLetter {
+    fn from(letter: crate::store::DeadLetter) -> DeadLetter {
+        DeadLetter {
+            id: letter.id,
+            message_id: letter.message_id,
+            destination: letter.destination,
+            attempts: letter.attempts,
+            last_status: letter.last_status,
+            last_error: letter.last_error,
+            failed_at: crate::ingest::format_time(letter.failed_at),
+            event: Some(serde_json::from_slice(&letter.payload).unwrap_or(serde_json::Value::Null)),
+        }
+    }
 }
 
-/// `POST /admin/v1/dead-letters/replay`.
-#[derive(ToSchema)]
-pub struct ReplayRequest {
-    /// The destination's name.
-    pub destination: String,
-    /// Which dead letters; all of the destination's when absent or null.
-    pub ids: Option<Vec<i64>>,
+/// `GET /admin/v1/dead-letters`.
+#[derive(Serialize, ToSchema)]
+pub struct DeadLetters {
+    pub items: Vec<DeadLetter>,
 }
 
 /// The answer to a replay.
@@ -247,19 +231,6 @@ pub struct Reloaded {
     /// Always true.
     pub reloaded: bool,
     pub report: ReloadReport,
-}
-
-/// What a reload changed.
-#[derive(ToSchema)]
-pub struct ReloadReport {
-    /// Sources in the new config.
-    pub sources: u64,
-    /// Destinations in the new config.
-    pub destinations: u64,
-    /// Destinations no longer in the config; their queued jobs became dead letters.
-    pub removed: Vec<String>,
-    /// How many jobs that was.
-    pub dead_lettered: u64,
 }
 
 /// `/healthz` and `/readyz`.

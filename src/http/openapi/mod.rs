@@ -126,7 +126,7 @@ pub async fn serve() -> Response {
         Failure,
         Rejection,
         DestinationStatus,
-        EndpointStatus,
+        EndpointStats,
         DeadLetter,
         DeadLetters,
         ReplayRequest,
