@@ -1,5 +1,5 @@
-//! Where recent events went: a bounded in-memory ring of the last [`CAPACITY`] events this
-//! process routed, each with the destinations it was routed to or filtered from and every
+//! Where recent events went: a bounded in-memory ring of the last events this process routed
+//! (`[server] event_trail`, [`DEFAULT_CAPACITY`] unless set; 0 records nothing), each with the destinations it was routed to or filtered from and every
 //! delivery attempt this process made. It answers `GET /admin/v1/events/{messageId}`.
 //!
 //! It is per process, shared by every server in it (only tests run several), keyed by
@@ -11,19 +11,21 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex};
 
 use time::OffsetDateTime;
 
-/// Events kept; the oldest is forgotten when a new one comes.
-pub const CAPACITY: usize = 50_000;
+/// Events kept unless `[server] event_trail` says otherwise; the oldest is forgotten when a
+/// new one comes.
+pub const DEFAULT_CAPACITY: usize = 50_000;
 /// Attempts kept per destination (the first ones and the last ones are what matters).
 const MAX_ATTEMPTS: usize = 8;
 /// Errors are cut to this many bytes.
 const MAX_ERROR: usize = 300;
 
 /// This process's trail.
-pub static TRAIL: LazyLock<Trail> = LazyLock::new(|| Trail::new(CAPACITY));
+pub static TRAIL: LazyLock<Trail> = LazyLock::new(|| Trail::new(DEFAULT_CAPACITY));
 
 /// What happened to an event at one destination so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +106,8 @@ pub struct AttemptResult<'a> {
 }
 
 pub struct Trail {
-    capacity: usize,
+    /// 0: recording is off.
+    capacity: AtomicUsize,
     hasher: RandomState,
     ring: Mutex<Ring>,
 }
@@ -132,9 +135,33 @@ impl Ring {
 impl Trail {
     pub fn new(capacity: usize) -> Trail {
         Trail {
-            capacity: capacity.max(1),
+            capacity: AtomicUsize::new(capacity),
             hasher: RandomState::new(),
             ring: Mutex::default(),
+        }
+    }
+
+    /// Events kept at most; 0 when recording is off.
+    pub fn capacity(&self) -> usize {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    /// Keeps at most `capacity` events from now on (the config's `[server] event_trail`, at
+    /// start and at each reload): a smaller ring forgets its oldest events at once, and 0 turns
+    /// recording off and frees the ring.
+    pub fn set_capacity(&self, capacity: usize) {
+        self.capacity.store(capacity, Ordering::Relaxed);
+        let mut ring = self.ring();
+        if capacity == 0 {
+            let first = ring.first + ring.events.len() as u64;
+            *ring = Ring {
+                first,
+                ..Ring::default()
+            };
+            return;
+        }
+        while ring.events.len() > capacity {
+            self.pop_oldest(&mut ring);
         }
     }
 
@@ -147,6 +174,9 @@ impl Trail {
     /// here from the same source is a repeat that dedup acknowledges without delivering: the
     /// first one's path is kept.
     pub fn accepted(&self, events: Vec<EventTrail>) {
+        if self.capacity() == 0 {
+            return;
+        }
         let hashed: Vec<(u64, EventTrail)> = events
             .into_iter()
             .map(|event| (self.hasher.hash_one(&*event.message_id), event))
@@ -164,19 +194,23 @@ impl Trail {
     }
 
     fn push(&self, ring: &mut Ring, hash: u64, event: EventTrail) {
-        if ring.events.len() == self.capacity {
-            if let Some(old) = ring.events.pop_front() {
-                let old_hash = self.hasher.hash_one(&*old.message_id);
-                let first = ring.first;
-                if ring.index.get(&old_hash) == Some(&first) {
-                    ring.index.remove(&old_hash);
-                }
-            }
-            ring.first += 1;
+        while ring.events.len() >= self.capacity().max(1) {
+            self.pop_oldest(ring);
         }
         let seq = ring.first + ring.events.len() as u64;
         ring.events.push_back(event);
         ring.index.insert(hash, seq);
+    }
+
+    fn pop_oldest(&self, ring: &mut Ring) {
+        if let Some(old) = ring.events.pop_front() {
+            let old_hash = self.hasher.hash_one(&*old.message_id);
+            let first = ring.first;
+            if ring.index.get(&old_hash) == Some(&first) {
+                ring.index.remove(&old_hash);
+            }
+            ring.first += 1;
+        }
     }
 
     /// Records the attempts of one delivery request to `destination_id`, all at `at`.
@@ -186,6 +220,9 @@ impl Trail {
         at: OffsetDateTime,
         results: impl IntoIterator<Item = AttemptResult<'a>>,
     ) {
+        if self.capacity() == 0 {
+            return;
+        }
         let hashed: Vec<(u64, AttemptResult<'a>)> = results
             .into_iter()
             .map(|result| (self.hasher.hash_one(result.message_id), result))
@@ -308,6 +345,26 @@ mod tests {
         trail.accepted(vec![event("m2", 2, 9)]);
         trail.accepted(vec![event("x", 1, 1)]);
         assert_eq!(trail.find("m2").unwrap().routes[0].destination_id, 9);
+    }
+
+    #[test]
+    fn a_smaller_capacity_forgets_the_oldest_and_zero_records_nothing() {
+        let trail = Trail::new(4);
+        let event = |id: &str| EventTrail::new(id, 1, now(), [(1, None)]);
+        for i in 0..4 {
+            trail.accepted(vec![event(&format!("m{i}"))]);
+        }
+        trail.set_capacity(2);
+        assert_eq!(trail.len(), 2);
+        assert!(trail.find("m1").is_none());
+        assert!(trail.find("m3").is_some());
+        trail.set_capacity(0);
+        assert_eq!(trail.len(), 0);
+        trail.accepted(vec![event("m9")]);
+        assert!(trail.find("m9").is_none(), "off: nothing is recorded");
+        trail.set_capacity(3);
+        trail.accepted(vec![event("m10")]);
+        assert!(trail.find("m10").is_some());
     }
 
     #[test]

@@ -612,7 +612,7 @@ mod routes {
         params(("message_id" = String, Path, description = "The event's messageId")),
         responses(
             (status = 200, description = "The event's path", body = EventPath),
-            (status = 404, description = "Unknown here, or aged out of the ring", body = Failure),
+            (status = 404, description = "Unknown here, or aged out of the ring (`not_found`), or this process records no trail (`event_trail_off`: `[server] event_trail = 0`)", body = Failure),
             AdminErrors,
         ),
         security(("adminToken" = [])),

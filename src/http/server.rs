@@ -625,15 +625,23 @@ async fn event_path(
     message_id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(message_id) = message_id.map_err(path_error)?;
+    let trail = &crate::trail::TRAIL;
+    if trail.capacity() == 0 {
+        return Err(trail_off());
+    }
     let unknown = || {
         ApiError::not_found(format!(
             "no recent event `{message_id}` in this process (each process keeps the last {} \
-             events it routed)",
-            crate::trail::CAPACITY
+             events it routed: `[server] event_trail`)",
+            trail.capacity()
         ))
     };
-    let event = crate::trail::TRAIL.find(&message_id).ok_or_else(unknown)?;
-    let pipeline = state.pipeline.load();
+    let event = trail.find(&message_id).ok_or_else(unknown)?;
+    Ok(Json(event_json(&state.pipeline.load(), &event)))
+}
+
+/// An event's path as the admin API shows it, names resolved through the config in force.
+fn event_json(pipeline: &Pipeline, event: &crate::trail::EventTrail) -> Value {
     let source = pipeline
         .sources
         .sources()
@@ -674,13 +682,23 @@ async fn event_path(
             })
         })
         .collect();
-    Ok(Json(json!({
+    json!({
         "message_id": &*event.message_id,
         "source": source,
         "received_at": ingest::format_time(event.received_at),
         "scope": "process",
         "routes": routes,
-    })))
+    })
+}
+
+/// The answer of the event lookups when this process records no trail.
+fn trail_off() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "event_trail_off",
+        "this process keeps no event trail (`[server] event_trail = 0` in its config): set it \
+         above 0 to look events up",
+    )
 }
 
 #[derive(Deserialize)]
