@@ -67,6 +67,8 @@ pub struct RouteTrail {
 pub struct EventTrail {
     pub message_id: Box<str>,
     pub source_id: i32,
+    /// [`user_hash`] of its userId (else anonymousId), for the search by user.
+    pub user: u64,
     pub received_at: OffsetDateTime,
     pub routes: Vec<RouteTrail>,
 }
@@ -77,12 +79,14 @@ impl EventTrail {
     pub fn new(
         message_id: &str,
         source_id: i32,
+        user: &str,
         received_at: OffsetDateTime,
         routes: impl IntoIterator<Item = (i32, Option<&'static str>)>,
     ) -> EventTrail {
         EventTrail {
             message_id: message_id.into(),
             source_id,
+            user: user_hash(user),
             received_at,
             routes: routes
                 .into_iter()
@@ -94,6 +98,14 @@ impl EventTrail {
                 .collect(),
         }
     }
+}
+
+/// A user's key as the trail keeps it: a hash, not a copy of every id. Two users share a hash
+/// with odds of about one in 2^64 per pair, so a search may in theory show a stranger's event
+/// (ids and times only, to an admin) and never misses one.
+pub fn user_hash(user: &str) -> u64 {
+    static HASHER: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+    HASHER.hash_one(user)
 }
 
 /// One attempt's result, as the scheduler reports it.
@@ -268,6 +280,21 @@ impl Trail {
         self.ring().find_mut(hash, message_id).map(|e| e.clone())
     }
 
+    /// The newest `limit` events of `user` (its userId, else anonymousId), newest first. A scan
+    /// of the ring under its lock: ≈ 8 bytes compared an event, well under a millisecond for
+    /// 50,000.
+    pub fn by_user(&self, user: &str, limit: usize) -> Vec<EventTrail> {
+        let wanted = user_hash(user);
+        self.ring()
+            .events
+            .iter()
+            .rev()
+            .filter(|event| event.user == wanted)
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
     /// How many events are kept now.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -300,6 +327,7 @@ mod tests {
         trail.accepted(vec![EventTrail::new(
             "m1",
             1,
+            "u1",
             now(),
             [(7, None), (8, Some("where"))],
         )]);
@@ -328,7 +356,7 @@ mod tests {
     fn forgets_the_oldest_beyond_capacity() {
         let trail = Trail::new(3);
         let event = |id: &str, source: i32, destination: i32| {
-            EventTrail::new(id, source, now(), [(destination, None)])
+            EventTrail::new(id, source, "u", now(), [(destination, None)])
         };
         for i in 0..5 {
             trail.accepted(vec![event(&format!("m{i}"), 1, 1)]);
@@ -350,7 +378,7 @@ mod tests {
     #[test]
     fn a_smaller_capacity_forgets_the_oldest_and_zero_records_nothing() {
         let trail = Trail::new(4);
-        let event = |id: &str| EventTrail::new(id, 1, now(), [(1, None)]);
+        let event = |id: &str| EventTrail::new(id, 1, "u", now(), [(1, None)]);
         for i in 0..4 {
             trail.accepted(vec![event(&format!("m{i}"))]);
         }
@@ -365,6 +393,21 @@ mod tests {
         trail.set_capacity(3);
         trail.accepted(vec![event("m10")]);
         assert!(trail.find("m10").is_some());
+    }
+
+    #[test]
+    fn finds_a_users_newest_events() {
+        let trail = Trail::new(10);
+        for (id, user) in [("a1", "ann"), ("b1", "bob"), ("a2", "ann"), ("a3", "ann")] {
+            trail.accepted(vec![EventTrail::new(id, 1, user, now(), [(1, None)])]);
+        }
+        let ids = |events: Vec<EventTrail>| -> Vec<String> {
+            events.iter().map(|e| e.message_id.to_string()).collect()
+        };
+        assert_eq!(ids(trail.by_user("ann", 10)), ["a3", "a2", "a1"]);
+        assert_eq!(ids(trail.by_user("ann", 2)), ["a3", "a2"]);
+        assert_eq!(ids(trail.by_user("bob", 10)), ["b1"]);
+        assert!(trail.by_user("carl", 10).is_empty());
     }
 
     #[test]

@@ -704,3 +704,64 @@ async fn an_events_path_shows_a_failed_attempt_and_the_delivery() {
     assert_eq!(status, 400);
     sy.shutdown().await.unwrap();
 }
+
+async fn track_as(addr: SocketAddr, user: Value, message_id: &str) {
+    let mut body = json!({"event": "Viewed", "messageId": message_id, "anonymousId": "anon-1"});
+    body["userId"] = user;
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/track"))
+        .basic_auth(WEB_KEY, Some(""))
+        .json(&body)
+        .send()
+        .await
+        .expect("ingest answers");
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_users_last_events_are_found_by_user_id() {
+    let db = TestDatabase::create("event_search").await;
+    let sink = MockServer::start().await;
+    let sy = start_switchyard(&config(&sink), &db.url).await;
+    // The trail is one per test process: ids and the user are this run's own.
+    let run = std::process::id();
+    let user = format!("search-user-{run}");
+    for n in 1..=3 {
+        track_as(sy.addr, json!(user), &format!("search-{run}-{n}")).await;
+    }
+    track_as(sy.addr, json!(format!("someone-else-{run}")), &format!("search-{run}-other")).await;
+    assert!(
+        sink.wait_until(Duration::from_secs(10), |s| s.message_ids().len() == 4)
+            .await
+    );
+    let addr = sy.addr;
+    let query = |path: String| async move { admin_call(addr, reqwest::Method::GET, &path).await };
+    let (status, found) = query(format!("/admin/v1/events?userId={user}")).await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["scope"], "process");
+    let items = found["items"].as_array().unwrap();
+    let ids: Vec<&str> = items
+        .iter()
+        .map(|item| item["message_id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (1..=3).rev().map(|n| format!("search-{run}-{n}")).collect();
+    assert_eq!(ids, expected, "newest first: {found}");
+    // Each one as `GET /admin/v1/events/{messageId}` shows it.
+    assert_eq!(items[0]["source"], "web");
+    assert!(items[0]["received_at"].is_string());
+    assert_eq!(items[0]["routes"][0]["destination"], "hook");
+    assert!(items[0]["routes"][0]["attempts"].is_array());
+
+    let (_, two) = query(format!("/admin/v1/events?userId={user}&limit=2")).await;
+    assert_eq!(two["items"].as_array().unwrap().len(), 2, "{two}");
+    let (status, none) = query(format!("/admin/v1/events?userId=nobody-{run}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(none["items"], json!([]));
+    for bad in ["/admin/v1/events", "/admin/v1/events?userId=", "/admin/v1/events?userId=u&limit=0"] {
+        let (status, answer) = query(bad.to_owned()).await;
+        assert_eq!(status, 400, "{bad}: {answer}");
+        assert_eq!(answer["code"], "invalid_query", "{bad}: {answer}");
+    }
+    sy.shutdown().await.unwrap();
+}
+

@@ -84,6 +84,7 @@ pub async fn serve() -> Response {
         routes::pause_destination,
         routes::resume_destination,
         routes::event_path,
+        routes::search_events,
         routes::stats_series,
         routes::dashboard,
         routes::healthz,
@@ -94,6 +95,7 @@ pub async fn serve() -> Response {
     components(schemas(
         PauseState,
         EventPath,
+        EventSearch,
         EventRoute,
         EventAttempt,
         ArchiveReplayRequest,
@@ -618,6 +620,27 @@ mod routes {
         security(("adminToken" = [])),
     )]
     pub fn event_path() {}
+
+    /// A user's newest events in this process's trail, newest first, each as
+    /// `/admin/v1/events/{message_id}` shows it: matched on `userId`, or `anonymousId` for
+    /// events without one.
+    #[utoipa::path(
+        get,
+        path = "/admin/v1/events",
+        tag = "admin",
+        params(
+            ("userId" = String, Query, description = "The user (userId, else anonymousId)"),
+            ("limit" = Option<u32>, Query, description = "Events at most, 1..=100 (default 20)"),
+        ),
+        responses(
+            (status = 200, description = "The user's recent events", body = EventSearch),
+            (status = 400, description = "No `userId`, or `limit` out of range", body = Failure),
+            (status = 404, description = "This process records no trail (`event_trail_off`: `[server] event_trail = 0`)", body = Failure),
+            AdminErrors,
+        ),
+        security(("adminToken" = [])),
+    )]
+    pub fn search_events() {}
 
     /// Per-second counts for the last hour, from this process's in-memory ring:
     /// accepted/rejected per source; delivered/retried/dead, queue depth and p50/p99 latency
@@ -1288,6 +1311,16 @@ pub struct EventPath {
     /// Always `process`: the answer is this process's memory only.
     pub scope: String,
     pub routes: Vec<EventRoute>,
+}
+
+/// A user's recent events (`GET /admin/v1/events?userId=...`).
+#[derive(ToSchema)]
+pub struct EventSearch {
+    pub user_id: String,
+    /// Always `process`: the answer is this process's memory only.
+    pub scope: String,
+    /// Newest first.
+    pub items: Vec<EventPath>,
 }
 
 /// One destination in an event's path.

@@ -195,6 +195,7 @@ fn admin_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
             "/admin/v1/destinations/{name}/resume",
             post(resume_destination),
         ),
+        ("/admin/v1/events", get(search_events)),
         ("/admin/v1/events/{message_id}", get(event_path)),
         ("/admin/v1/stats/series", get(stats_series)),
     ]
@@ -638,6 +639,55 @@ async fn event_path(
     };
     let event = trail.find(&message_id).ok_or_else(unknown)?;
     Ok(Json(event_json(&state.pipeline.load(), &event)))
+}
+
+#[derive(Deserialize)]
+struct EventSearch {
+    #[serde(rename = "userId")]
+    user_id: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Events a search by user answers at most, and by default.
+const SEARCH_MAX: i64 = 100;
+const SEARCH_DEFAULT: i64 = 20;
+
+/// `GET /admin/v1/events?userId=U&limit=N`: the user's newest events in this process's trail
+/// (matched on userId, else anonymousId), newest first, each as `GET /admin/v1/events/{id}`
+/// shows it.
+async fn search_events(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<EventSearch>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(query_error)?;
+    let user = query.user_id.filter(|user| !user.is_empty()).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_query",
+            "give `userId` (events are found by messageId at /admin/v1/events/{messageId})",
+        )
+    })?;
+    let limit = query.limit.unwrap_or(SEARCH_DEFAULT);
+    if !(1..=SEARCH_MAX).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`limit` must be 1 to {SEARCH_MAX}"),
+        ));
+    }
+    let trail = &crate::trail::TRAIL;
+    if trail.capacity() == 0 {
+        return Err(trail_off());
+    }
+    let pipeline = state.pipeline.load();
+    let items: Vec<Value> = trail
+        .by_user(&user, limit as usize)
+        .iter()
+        .map(|event| event_json(&pipeline, event))
+        .collect();
+    Ok(Json(json!({
+        "user_id": user,
+        "scope": "process",
+        "items": items,
+    })))
 }
 
 /// An event's path as the admin API shows it, names resolved through the config in force.

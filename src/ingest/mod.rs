@@ -779,6 +779,7 @@ impl Routes {
         let trail = EventTrail::new(
             &message.message_id,
             source_id,
+            &message.user_key,
             received_at,
             routed.chain(stopped),
         );
