@@ -765,3 +765,74 @@ async fn a_users_last_events_are_found_by_user_id() {
     sy.shutdown().await.unwrap();
 }
 
+/// Pausing while a destination holds claimed work: requests already out finish, and nothing
+/// new starts after the pause is answered: neither events claimed but not yet sent nor the
+/// retry of a failed one. A resume delivers all of it.
+#[tokio::test]
+async fn a_pause_stops_claimed_work_and_retries_until_resumed() {
+    let db = TestDatabase::create("pause_claimed").await;
+    // The first request fails (a retry comes due soon), the next ones take 3 s each.
+    let sink = MockServer::scripted(|n, _| match n {
+        1 => Reply::status(500),
+        _ => Reply::ok().after(Duration::from_secs(3)),
+    })
+    .await;
+    let toml = format!(
+        "[[sources]]\nname = \"web\"\nwrite_key = \"{WEB_KEY}\"\n\n[[destinations]]\nname = \"slow\"\n\
+         kind = \"webhook\"\nurl = \"{}\"\nmax_in_flight = 4\nretry.initial_backoff = \"100ms\"\n",
+        sink.url("/in")
+    );
+    let sy = start_switchyard(&toml, &db.url).await;
+    let ids: Vec<String> = (0..8).map(|n| format!("claimed-{n}")).collect();
+    let batch: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"type": "track", "userId": "u", "event": "E", "messageId": id}))
+        .collect();
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/batch", sy.addr))
+        .basic_auth(WEB_KEY, Some(""))
+        .json(&json!({ "batch": batch }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // Four requests out, the failed one's slot reused: five requests, and the rest of the
+    // second claimed run waits in the process for a free slot.
+    assert!(
+        sink.wait_until(Duration::from_secs(10), |s| s.received().len() >= 5)
+            .await
+    );
+    let (status, _) =
+        admin_call(sy.addr, reqwest::Method::POST, "/admin/v1/destinations/slow/pause").await;
+    assert_eq!(status, 200);
+    let at_pause = sink.received().len();
+    assert_eq!(at_pause, 5, "{:?}", sink.message_ids());
+    // The requests out finish (3 s); the slots they free start nothing.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let received = sink.received();
+    assert_eq!(
+        received.len(),
+        at_pause,
+        "nothing started after the pause: {:?}",
+        sink.message_ids()
+    );
+    assert!(received[1..].iter().all(|r| r.status == 200), "in-flight requests finished");
+    let (_, list) = admin_call(sy.addr, reqwest::Method::GET, "/admin/v1/destinations").await;
+    assert_eq!(list[0]["in_flight"], 0, "{list}");
+
+    sink.script(|_, _| Reply::ok());
+    let (status, _) =
+        admin_call(sy.addr, reqwest::Method::POST, "/admin/v1/destinations/slow/resume").await;
+    assert_eq!(status, 200);
+    assert!(
+        sink.wait_until(Duration::from_secs(10), |s| {
+            let mut got = s.message_ids();
+            got.retain(|id| id.starts_with("claimed-"));
+            ids.iter().all(|id| got.contains(id))
+        })
+        .await,
+        "everything arrives after the resume: {:?}",
+        sink.message_ids()
+    );
+    sy.shutdown().await.unwrap();
+}

@@ -609,14 +609,17 @@ async fn resume_destination(
 /// Pauses or resumes a configured destination (enabled or not), in every process and across
 /// restarts: the state lives in Postgres, where claims read it.
 async fn set_paused(state: &AppState, name: String, paused: bool) -> Result<Json<Value>, ApiError> {
-    let id = state
-        .pipeline
-        .load()
+    let pipeline = state.pipeline.load_full();
+    let id = pipeline
         .destination_ids
         .get(&name)
         .copied()
         .ok_or_else(|| ApiError::not_found(format!("no destination `{name}`")))?;
     state.store.set_paused(id, paused).await?;
+    // This process's lane stops before the answer (others follow the notice within moments).
+    if let Some(lane) = pipeline.lanes.iter().find(|lane| lane.id == id) {
+        lane.stats.paused.store(paused, Ordering::Release);
+    }
     Ok(Json(json!({ "name": name, "paused": paused })))
 }
 

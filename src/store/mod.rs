@@ -1414,27 +1414,23 @@ impl Store {
             .await?)
     }
 
-    /// Pauses (or resumes) a destination's deliveries in every process. A resume notifies the
-    /// delivering processes so they claim its backlog at once.
+    /// Pauses (or resumes) a destination's deliveries in every process. Both notify the
+    /// delivering processes with an empty notice ("look at everything"), on which they re-read
+    /// the paused destinations: a pause stops what they claimed before it, a resume lets them
+    /// claim the backlog at once.
     pub async fn set_paused(&self, destination_id: i32, paused: bool) -> Result<()> {
-        if paused {
-            sqlx::query(
-                "INSERT INTO paused_destinations (destination_id) VALUES ($1) \
-                 ON CONFLICT (destination_id) DO NOTHING",
-            )
-            .bind(destination_id)
-            .execute(&self.pool)
-            .await?;
+        let statement = if paused {
+            "WITH added AS (INSERT INTO paused_destinations (destination_id) VALUES ($1) \
+             ON CONFLICT (destination_id) DO NOTHING) SELECT pg_notify($2, '')"
         } else {
-            sqlx::query(
-                "WITH gone AS (DELETE FROM paused_destinations WHERE destination_id = $1) \
-                 SELECT pg_notify($2, $1::text)",
-            )
+            "WITH gone AS (DELETE FROM paused_destinations WHERE destination_id = $1) \
+             SELECT pg_notify($2, '')"
+        };
+        sqlx::query(statement)
             .bind(destination_id)
             .bind(JOBS_CHANNEL)
             .execute(&self.pool)
             .await?;
-        }
         Ok(())
     }
 
