@@ -729,7 +729,12 @@ async fn a_users_last_events_are_found_by_user_id() {
     for n in 1..=3 {
         track_as(sy.addr, json!(user), &format!("search-{run}-{n}")).await;
     }
-    track_as(sy.addr, json!(format!("someone-else-{run}")), &format!("search-{run}-other")).await;
+    track_as(
+        sy.addr,
+        json!(format!("someone-else-{run}")),
+        &format!("search-{run}-other"),
+    )
+    .await;
     assert!(
         sink.wait_until(Duration::from_secs(10), |s| s.message_ids().len() == 4)
             .await
@@ -757,7 +762,11 @@ async fn a_users_last_events_are_found_by_user_id() {
     let (status, none) = query(format!("/admin/v1/events?userId=nobody-{run}")).await;
     assert_eq!(status, 200);
     assert_eq!(none["items"], json!([]));
-    for bad in ["/admin/v1/events", "/admin/v1/events?userId=", "/admin/v1/events?userId=u&limit=0"] {
+    for bad in [
+        "/admin/v1/events",
+        "/admin/v1/events?userId=",
+        "/admin/v1/events?userId=u&limit=0",
+    ] {
         let (status, answer) = query(bad.to_owned()).await;
         assert_eq!(status, 400, "{bad}: {answer}");
         assert_eq!(answer["code"], "invalid_query", "{bad}: {answer}");
@@ -802,8 +811,12 @@ async fn a_pause_stops_claimed_work_and_retries_until_resumed() {
         sink.wait_until(Duration::from_secs(10), |s| s.received().len() >= 5)
             .await
     );
-    let (status, _) =
-        admin_call(sy.addr, reqwest::Method::POST, "/admin/v1/destinations/slow/pause").await;
+    let (status, _) = admin_call(
+        sy.addr,
+        reqwest::Method::POST,
+        "/admin/v1/destinations/slow/pause",
+    )
+    .await;
     assert_eq!(status, 200);
     let at_pause = sink.received().len();
     assert_eq!(at_pause, 5, "{:?}", sink.message_ids());
@@ -816,13 +829,20 @@ async fn a_pause_stops_claimed_work_and_retries_until_resumed() {
         "nothing started after the pause: {:?}",
         sink.message_ids()
     );
-    assert!(received[1..].iter().all(|r| r.status == 200), "in-flight requests finished");
+    assert!(
+        received[1..].iter().all(|r| r.status == 200),
+        "in-flight requests finished"
+    );
     let (_, list) = admin_call(sy.addr, reqwest::Method::GET, "/admin/v1/destinations").await;
     assert_eq!(list[0]["in_flight"], 0, "{list}");
 
     sink.script(|_, _| Reply::ok());
-    let (status, _) =
-        admin_call(sy.addr, reqwest::Method::POST, "/admin/v1/destinations/slow/resume").await;
+    let (status, _) = admin_call(
+        sy.addr,
+        reqwest::Method::POST,
+        "/admin/v1/destinations/slow/resume",
+    )
+    .await;
     assert_eq!(status, 200);
     assert!(
         sink.wait_until(Duration::from_secs(10), |s| {

@@ -313,12 +313,18 @@ async fn event_trail_sizes_the_event_lookup_and_zero_turns_it_off() {
     let off = format!("{}\n[server]\nevent_trail = 0\n", config(&sink));
     let sy = Process::spawn(BIN, &off, &db.url).await;
     assert_eq!(send_batch(&sy.base(), &["off-1".to_owned()]).await, 200);
-    assert!(sink.wait_until(Duration::from_secs(10), |s| s.message_ids().len() == 1).await);
+    assert!(
+        sink.wait_until(Duration::from_secs(10), |s| s.message_ids().len() == 1)
+            .await
+    );
     let (status, answer) = event_lookup(&sy.base(), "off-1").await;
     assert_eq!(status, 404, "{answer}");
     assert_eq!(answer["code"], "event_trail_off", "{answer}");
     assert!(
-        answer["message"].as_str().unwrap().contains("event_trail = 0"),
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("event_trail = 0"),
         "{answer}"
     );
 
@@ -336,8 +342,18 @@ async fn event_trail_sizes_the_event_lookup_and_zero_turns_it_off() {
         assert_eq!(send_batch(&sy.base(), &[id.to_owned()]).await, 200);
     }
     let (status, answer) = event_lookup(&sy.base(), "two-1").await;
-    assert_eq!((status, answer["code"].as_str()), (404, Some("not_found")), "{answer}");
-    assert!(answer["message"].as_str().unwrap().contains("last 2 events"), "{answer}");
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (404, Some("not_found")),
+        "{answer}"
+    );
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("last 2 events"),
+        "{answer}"
+    );
     let (status, answer) = event_lookup(&sy.base(), "two-3").await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["message_id"], "two-3");
