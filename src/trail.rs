@@ -12,7 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use time::OffsetDateTime;
 
@@ -122,7 +122,26 @@ pub struct Trail {
     capacity: AtomicUsize,
     hasher: RandomState,
     ring: Mutex<Ring>,
+    /// Attempts that did not deliver, for the live debugger ([`Trail::watch`]); sent only
+    /// while someone watches, whether or not the ring records.
+    outcomes: tokio::sync::broadcast::Sender<Arc<Outcome>>,
 }
+
+/// An attempt that did not deliver (filtered by the transform, retrying, dead), as the live
+/// debugger shows it.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub message_id: Box<str>,
+    pub destination_id: i32,
+    /// The event's source, when the ring still holds the event.
+    pub source_id: Option<i32>,
+    pub state: State,
+    pub status: Option<u16>,
+    pub error: Option<Box<str>>,
+}
+
+/// Outcomes a watcher may fall behind by before it misses some.
+const OUTCOMES_BUFFER: usize = 1024;
 
 #[derive(Default)]
 struct Ring {
@@ -150,7 +169,13 @@ impl Trail {
             capacity: AtomicUsize::new(capacity),
             hasher: RandomState::new(),
             ring: Mutex::default(),
+            outcomes: tokio::sync::broadcast::channel(OUTCOMES_BUFFER).0,
         }
+    }
+
+    /// Attempts that do not deliver, from now on.
+    pub fn watch(&self) -> tokio::sync::broadcast::Receiver<Arc<Outcome>> {
+        self.outcomes.subscribe()
     }
 
     /// Events kept at most; 0 when recording is off.
@@ -232,16 +257,33 @@ impl Trail {
         at: OffsetDateTime,
         results: impl IntoIterator<Item = AttemptResult<'a>>,
     ) {
-        if self.capacity() == 0 {
+        let watched = self.outcomes.receiver_count() > 0;
+        if self.capacity() == 0 && !watched {
             return;
         }
         let hashed: Vec<(u64, AttemptResult<'a>)> = results
             .into_iter()
             .map(|result| (self.hasher.hash_one(result.message_id), result))
             .collect();
+        let mut notes = Vec::new();
         let mut ring = self.ring();
         for (hash, result) in hashed {
-            let Some(event) = ring.find_mut(hash, result.message_id) else {
+            let error = result
+                .error
+                .as_deref()
+                .map(|e| Box::<str>::from(cut(e, MAX_ERROR)));
+            let found = ring.find_mut(hash, result.message_id);
+            if watched && result.state != State::Delivered {
+                notes.push(Outcome {
+                    message_id: result.message_id.into(),
+                    destination_id,
+                    source_id: found.as_ref().map(|event| event.source_id),
+                    state: result.state,
+                    status: result.status,
+                    error: error.clone(),
+                });
+            }
+            let Some(event) = found else {
                 continue;
             };
             let route = match event
@@ -269,8 +311,13 @@ impl Trail {
             route.attempts.push(Attempt {
                 at,
                 status: result.status,
-                error: result.error.as_deref().map(|e| cut(e, MAX_ERROR).into()),
+                error,
             });
+        }
+        drop(ring);
+        for note in notes {
+            // An error only means the last watcher left meanwhile.
+            let _ = self.outcomes.send(Arc::new(note));
         }
     }
 
@@ -408,6 +455,45 @@ mod tests {
         assert_eq!(ids(trail.by_user("ann", 2)), ["a3", "a2"]);
         assert_eq!(ids(trail.by_user("bob", 10)), ["b1"]);
         assert!(trail.by_user("carl", 10).is_empty());
+    }
+
+    #[test]
+    fn watchers_hear_of_attempts_that_did_not_deliver() {
+        let trail = Trail::new(0);
+        let mut watcher = trail.watch();
+        let attempt = |id: &'static str, state: State| AttemptResult {
+            message_id: id,
+            state,
+            status: None,
+            error: (state != State::Delivered).then(|| "why".to_owned()),
+        };
+        trail.attempted(
+            3,
+            now(),
+            [
+                attempt("ok", State::Delivered),
+                attempt("null", State::Filtered("transform")),
+                attempt("boom", State::Dead),
+            ],
+        );
+        let first = watcher.try_recv().unwrap();
+        assert_eq!(
+            (&*first.message_id, first.destination_id, first.state),
+            ("null", 3, State::Filtered("transform"))
+        );
+        assert_eq!(
+            first.source_id, None,
+            "the ring is off: the source is unknown"
+        );
+        let second = watcher.try_recv().unwrap();
+        assert_eq!(
+            (&*second.message_id, second.error.as_deref()),
+            ("boom", Some("why"))
+        );
+        assert!(
+            watcher.try_recv().is_err(),
+            "delivered attempts are not sent"
+        );
     }
 
     #[test]

@@ -516,9 +516,13 @@ mod routes {
 
     /// The live debugger: every accepted message as it arrives, as server-sent events.
     ///
-    /// `event: message` carries `{"source", "received_at", "message"}`; `event: lagged` carries
-    /// `{"skipped": N}` when the viewer read too slowly and missed N messages (ingest never
-    /// waits for a viewer). A comment every 15 s keeps the connection open.
+    /// `event: message` carries `{"source", "received_at", "message", "routes"}` (`routes`:
+    /// `[{destination, state: "queued"|"filtered", reason?}]`, `reason` the first rule that
+    /// stopped it); `event: outcome` carries an attempt that did not deliver, `{"message_id",
+    /// "source", "destination", "state", "reason"?, "status"?, "error"?}` (a transform's `null`
+    /// or failure, a retry, a dead letter); `event: lagged` carries `{"skipped": N}` when the
+    /// viewer read too slowly and missed N frames (ingest never waits for a viewer). A comment
+    /// every 15 s keeps the connection open.
     #[utoipa::path(
         get,
         path = "/admin/v1/live",
@@ -1329,7 +1333,9 @@ pub struct EventRoute {
     pub destination: String,
     /// `queued`, `retrying`, `delivered`, `dead` or `filtered`.
     pub state: String,
-    /// Why it was filtered: `where`, `consent`, `sample` or `transform`.
+    /// Why it was filtered: the first rule that stopped it, in the order they apply:
+    /// `integrations`, `events`, `where`, `consent`, `sample` or `transform` (the script
+    /// returned `null`).
     pub reason: Option<String>,
     pub attempts: Vec<EventAttempt>,
 }

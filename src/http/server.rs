@@ -420,9 +420,16 @@ async fn ingest(
         .collect();
     let jobs: usize = events.iter().map(|e| e.targets.len()).sum();
     state.depth.admit(&pipeline.limits, source.id, jobs)?;
-    let live = state
-        .live
-        .prepare(&source.name, events.iter().map(|e| e.payload.as_slice()));
+    let live = match state.live.is_watched() {
+        true => state.live.prepare(
+            &source.name,
+            events.iter().zip(&trails).map(|(event, trail)| {
+                let routes = event_json(&pipeline, trail)["routes"].take();
+                (event.payload.as_slice(), routes)
+            }),
+        ),
+        false => Default::default(),
+    };
     if !events.is_empty() {
         match tokio::time::timeout(state.commit_timeout, state.commit.commit(events)).await {
             Ok(Ok(_)) => {
@@ -663,12 +670,15 @@ async fn search_events(
     query: Result<Query<EventSearch>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(query_error)?;
-    let user = query.user_id.filter(|user| !user.is_empty()).ok_or_else(|| {
-        ApiError::bad_request(
-            "invalid_query",
-            "give `userId` (events are found by messageId at /admin/v1/events/{messageId})",
-        )
-    })?;
+    let user = query
+        .user_id
+        .filter(|user| !user.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                "give `userId` (events are found by messageId at /admin/v1/events/{messageId})",
+            )
+        })?;
     let limit = query.limit.unwrap_or(SEARCH_DEFAULT);
     if !(1..=SEARCH_MAX).contains(&limit) {
         return Err(ApiError::bad_request(
@@ -693,21 +703,27 @@ async fn search_events(
     })))
 }
 
-/// An event's path as the admin API shows it, names resolved through the config in force.
-fn event_json(pipeline: &Pipeline, event: &crate::trail::EventTrail) -> Value {
-    let source = pipeline
+fn source_name(pipeline: &Pipeline, id: i32) -> Option<String> {
+    pipeline
         .sources
         .sources()
         .into_iter()
-        .find(|source| source.id == event.source_id)
-        .map(|source| source.name.clone());
-    let destination = |id: i32| {
-        pipeline
-            .destination_ids
-            .iter()
-            .find(|(_, &known)| known == id)
-            .map(|(name, _)| name.clone())
-    };
+        .find(|source| source.id == id)
+        .map(|source| source.name.clone())
+}
+
+fn destination_name(pipeline: &Pipeline, id: i32) -> Option<String> {
+    pipeline
+        .destination_ids
+        .iter()
+        .find(|(_, &known)| known == id)
+        .map(|(name, _)| name.clone())
+}
+
+/// An event's path as the admin API shows it, names resolved through the config in force.
+fn event_json(pipeline: &Pipeline, event: &crate::trail::EventTrail) -> Value {
+    let source = source_name(pipeline, event.source_id);
+    let destination = |id: i32| destination_name(pipeline, id);
     let routes: Vec<Value> = event
         .routes
         .iter()
@@ -973,7 +989,7 @@ async fn test_destination(
     // A sample event comes from no source: `sources` is not checked.
     let mut route = route.clone();
     route.sources = None;
-    let routed = route.accepts(0, &message);
+    let refused = route.routing(0, &message).err().flatten();
     let metadata = crate::filter::Metadata {
         destination_name: lane.config.name.clone(),
         destination_kind: lane.config.kind.clone(),
@@ -982,7 +998,7 @@ async fn test_destination(
         &lane.config.gate,
         &lane.config.shaping,
         &metadata,
-        routed,
+        refused,
         &message_id,
         Value::Object(event),
     )
@@ -995,7 +1011,27 @@ async fn live(
     query: Result<Query<crate::http::live::LiveQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(query_error)?;
-    Ok(state.live.sse(query.source))
+    let pipeline = state.pipeline.clone();
+    let render: crate::http::live::OutcomeRenderer = Arc::new(move |outcome| {
+        let pipeline = pipeline.load();
+        let destination = destination_name(&pipeline, outcome.destination_id)?;
+        let source = outcome.source_id.and_then(|id| source_name(&pipeline, id));
+        let reason = match outcome.state {
+            crate::trail::State::Filtered(reason) => Some(reason),
+            _ => None,
+        };
+        let data = json!({
+            "message_id": &*outcome.message_id,
+            "source": source,
+            "destination": destination,
+            "state": outcome.state.as_str(),
+            "reason": reason,
+            "status": outcome.status,
+            "error": outcome.error.as_deref(),
+        });
+        Some((source, data.to_string()))
+    });
+    Ok(state.live.sse(query.source, render))
 }
 
 /// `POST /admin/v1/replays`: `{"destination", "from", "to", "sources"?}`.

@@ -113,6 +113,8 @@ pub struct ClaimedEvent {
     pub id: i64,
     pub message_id: String,
     pub payload: Vec<u8>,
+    /// Its source's name.
+    pub source: Option<String>,
 }
 
 /// What became of one event of a run.
@@ -285,10 +287,12 @@ macro_rules! claim {
     WHERE j.id = due.id
     RETURNING j.id, j.day, j.event_ids, j.attempts, j.enqueued_at
 )
-SELECT c.id, c.attempts, c.enqueued_at, e.id AS event_id, e.message_id, e.payload
+SELECT c.id, c.attempts, c.enqueued_at, e.id AS event_id, e.message_id, e.payload,
+       s.name AS source
 FROM claimed c
 CROSS JOIN LATERAL unnest(c.event_ids) WITH ORDINALITY AS u(event_id, position)
 JOIN events e ON e.day = c.day AND e.id = u.event_id
+LEFT JOIN sources s ON s.id = e.source_id
 ORDER BY c.id, u.position
 "#
         )
@@ -608,6 +612,7 @@ impl Store {
                     id: row.get("event_id"),
                     message_id: row.get("message_id"),
                     payload: row.get("payload"),
+                    source: row.get("source"),
                 });
             }
         }
