@@ -74,11 +74,23 @@ pub struct LaneStats {
     pub last_error: Mutex<Option<String>>,
     /// Per-second rates for the dashboard.
     pub rates: rates::DestinationRates,
-    /// Paused (`POST /admin/v1/destinations/{name}/pause`): set by the handler that answers it,
-    /// and from Postgres whenever the scheduler looks at every destination (a pause or resume
-    /// anywhere notifies every process so). Claims check Postgres themselves; this flag stops
-    /// the events a lane claimed before the pause from starting after it.
+    /// Paused (`POST /admin/v1/destinations/{name}/pause`): set by the handler that answers it
+    /// ([`LaneStats::set_paused`]), and from Postgres whenever the scheduler looks at every
+    /// destination (a pause or resume anywhere notifies every process so). Claims check
+    /// Postgres themselves; this flag stops the events a lane claimed before the pause from
+    /// starting after it.
     pub paused: std::sync::atomic::AtomicBool,
+    /// Bumped by each [`LaneStats::set_paused`], so that a read of Postgres begun before it
+    /// does not overwrite it.
+    pause_changes: AtomicU64,
+}
+
+impl LaneStats {
+    /// Pauses or resumes this process's lane at once (the handler, after Postgres has it).
+    pub fn set_paused(&self, paused: bool) {
+        self.pause_changes.fetch_add(1, Ordering::AcqRel);
+        self.paused.store(paused, Ordering::Release);
+    }
 }
 
 impl Lane {
@@ -432,11 +444,19 @@ impl Scheduler {
             }
         }
         if everyone {
+            let changes: Vec<u64> = self
+                .lanes
+                .values()
+                .map(|lane| lane.stats.pause_changes.load(Ordering::Acquire))
+                .collect();
             match self.store.paused().await {
                 Ok(paused) => {
-                    for lane in self.lanes.values() {
-                        let flag = paused.contains(&lane.id);
-                        lane.stats.paused.store(flag, Ordering::Release);
+                    for (lane, before) in self.lanes.values().zip(changes) {
+                        // A pause or resume answered here meanwhile is newer than this read.
+                        if lane.stats.pause_changes.load(Ordering::Acquire) == before {
+                            let flag = paused.contains(&lane.id);
+                            lane.stats.paused.store(flag, Ordering::Release);
+                        }
                     }
                 }
                 Err(error) => tracing::warn!(%error, "reading paused destinations failed"),

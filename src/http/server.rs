@@ -625,7 +625,7 @@ async fn set_paused(state: &AppState, name: String, paused: bool) -> Result<Json
     state.store.set_paused(id, paused).await?;
     // This process's lane stops before the answer (others follow the notice within moments).
     if let Some(lane) = pipeline.lanes.iter().find(|lane| lane.id == id) {
-        lane.stats.paused.store(paused, Ordering::Release);
+        lane.stats.set_paused(paused);
     }
     Ok(Json(json!({ "name": name, "paused": paused })))
 }
