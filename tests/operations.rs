@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sqlx::Connection as _;
+use switchyard::cli::serve::Role;
 use switchyard::testkit::{self, start_switchyard, MockServer, Reply, TestDatabase, ADMIN_TOKEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -779,7 +780,18 @@ async fn a_users_last_events_are_found_by_user_id() {
 /// retry of a failed one. A resume delivers all of it.
 #[tokio::test]
 async fn a_pause_stops_claimed_work_and_retries_until_resumed() {
-    let db = TestDatabase::create("pause_claimed").await;
+    pause_with_claimed_work("pause_claimed", false).await;
+}
+
+/// The same when the pause is answered by another process than the one holding the work (an
+/// ingest-only front, and a worker that hears of the pause through its notice).
+#[tokio::test]
+async fn a_pause_answered_elsewhere_stops_the_worker_holding_claimed_work() {
+    pause_with_claimed_work("pause_claimed_split", true).await;
+}
+
+async fn pause_with_claimed_work(label: &str, split: bool) {
+    let db = TestDatabase::create(label).await;
     // The first request fails (a retry comes due soon), the next ones take 3 s each.
     let sink = MockServer::scripted(|n, _| match n {
         1 => Reply::status(500),
@@ -791,7 +803,14 @@ async fn a_pause_stops_claimed_work_and_retries_until_resumed() {
          kind = \"webhook\"\nurl = \"{}\"\nmax_in_flight = 4\nretry.initial_backoff = \"100ms\"\n",
         sink.url("/in")
     );
-    let sy = start_switchyard(&toml, &db.url).await;
+    // `sy` takes the events and answers the admin calls; `worker`, when split, delivers.
+    let (sy, worker) = if split {
+        let front = testkit::start_switchyard_as(&toml, &db.url, Role::Ingest).await;
+        let worker = testkit::start_switchyard_as(&toml, &db.url, Role::Worker).await;
+        (front, Some(worker))
+    } else {
+        (start_switchyard(&toml, &db.url).await, None)
+    };
     let ids: Vec<String> = (0..8).map(|n| format!("claimed-{n}")).collect();
     let batch: Vec<Value> = ids
         .iter()
@@ -833,7 +852,8 @@ async fn a_pause_stops_claimed_work_and_retries_until_resumed() {
         received[1..].iter().all(|r| r.status == 200),
         "in-flight requests finished"
     );
-    let (_, list) = admin_call(sy.addr, reqwest::Method::GET, "/admin/v1/destinations").await;
+    let deliverer = worker.as_ref().map_or(sy.addr, |w| w.addr);
+    let (_, list) = admin_call(deliverer, reqwest::Method::GET, "/admin/v1/destinations").await;
     assert_eq!(list[0]["in_flight"], 0, "{list}");
 
     sink.script(|_, _| Reply::ok());
@@ -854,5 +874,8 @@ async fn a_pause_stops_claimed_work_and_retries_until_resumed() {
         "everything arrives after the resume: {:?}",
         sink.message_ids()
     );
+    if let Some(worker) = worker {
+        worker.shutdown().await.unwrap();
+    }
     sy.shutdown().await.unwrap();
 }
