@@ -1361,8 +1361,8 @@ pub struct DestinationTestResult {
     pub destination: String,
     /// Whether anything would be sent.
     pub delivered: bool,
-    /// What stopped it: `routing` (`events` or `integrations`), `where`, `consent`, `sample`
-    /// or `transform` (the script returned `null`).
+    /// What stopped it, the first rule in the order they apply: `integrations`, `events`,
+    /// `where`, `consent`, `sample` or `transform` (the script returned `null`).
     pub filtered: Option<String>,
     /// The transform's error: the event would be dead-lettered with it.
     pub error: Option<String>,
