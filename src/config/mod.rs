@@ -153,15 +153,31 @@ pub struct SecurityConfig {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
-/// `[server]`: how clients reach this service.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// `[server]`: how clients reach this service, and what it keeps in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     /// The address browsers and apps reach (`https://events.example.com`), used in the
     /// analytics.js settings; unset: the address each request came to.
     pub public_url: Option<Url>,
     /// Proxies whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Events whose path this process keeps for `GET /admin/v1/events` (0: none, recording
+    /// off), at most [`MAX_EVENT_TRAIL`].
+    pub event_trail: usize,
 }
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            public_url: None,
+            trusted_proxies: Vec::new(),
+            event_trail: crate::trail::DEFAULT_CAPACITY,
+        }
+    }
+}
+
+/// The largest `[server] event_trail`: about 5 GB of memory at ≈ 460 bytes an event.
+pub const MAX_EVENT_TRAIL: usize = 10_000_000;
 
 /// One problem in the file, located.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,7 +355,7 @@ const LIMITS_KEYS: &[&str] = &[
     "max_concurrent_deliveries",
 ];
 const SECURITY_KEYS: &[&str] = &["deny_private_networks", "allow_networks", "ca_file"];
-const SERVER_KEYS: &[&str] = &["public_url", "trusted_proxies"];
+const SERVER_KEYS: &[&str] = &["public_url", "trusted_proxies", "event_trail"];
 
 const DEFAULT_MAX_IN_FLIGHT: usize = 32;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -887,6 +903,26 @@ impl Reader<'_> {
         ServerConfig {
             public_url,
             trusted_proxies: self.networks(table, "trusted_proxies"),
+            event_trail: self.event_trail(table),
+        }
+    }
+
+    /// `event_trail`: a whole number of events, 0 to [`MAX_EVENT_TRAIL`].
+    fn event_trail(&mut self, table: Section) -> usize {
+        let default = crate::trail::DEFAULT_CAPACITY;
+        let Some(number) = self.get(table, "event_trail", "an integer", toml::Value::as_integer)
+        else {
+            return default;
+        };
+        match usize::try_from(number) {
+            Ok(events) if events <= MAX_EVENT_TRAIL => events,
+            _ => {
+                let message = format!(
+                    "`server.event_trail` must be 0 (off) to {MAX_EVENT_TRAIL} events, not {number}"
+                );
+                self.error(table.place.value("event_trail"), message);
+                default
+            }
         }
     }
 
@@ -1327,18 +1363,32 @@ allowed_origins = ["https://Shop.example/", "shop.example"]
 [server]
 public_url = "ftp://events.example.com"
 trusted_proxies = ["10.0.0.0/8"]
+event_trail = -1
 
 [security]
 ca_file = "no-such-file.pem"
 "#;
         let found = errors(text);
-        assert_eq!(found.len(), 3, "{found:?}");
+        assert_eq!(found.len(), 4, "{found:?}");
         assert!(found[0].starts_with("switchyard.toml:5:45: `allowed_origins`: `shop.example`"));
         assert!(found[1].starts_with("switchyard.toml:8:14: `public_url` must be"));
-        assert!(found[2].starts_with("switchyard.toml:12:11: `ca_file`: cannot read"));
+        assert_eq!(
+            found[2],
+            "switchyard.toml:10:15: `server.event_trail` must be 0 (off) to 10000000 events, not -1"
+        );
+        assert!(found[3].starts_with("switchyard.toml:13:11: `ca_file`: cannot read"));
+        assert!(errors(&text.replace("-1", "\"many\""))[2].contains("event_trail"));
+        assert!(errors(&text.replace("-1", "10000001"))[2].contains("event_trail"));
+        let default = parse(
+            "[[sources]]\nname = \"web\"\nwrite_key = \"wk\"\n",
+            "switchyard.toml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(default.server.event_trail, 50_000);
         let good = text
             .replace(", \"shop.example\"", "")
             .replace("ftp://", "https://")
+            .replace("event_trail = -1", "event_trail = 0")
             .replace("ca_file = \"no-such-file.pem\"", "");
         let config = parse(&good, "switchyard.toml").unwrap_or_else(|e| panic!("{e}"));
         assert!(config.sources[0]
@@ -1356,6 +1406,7 @@ ca_file = "no-such-file.pem"
             server.trusted_proxies,
             ["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
         );
+        assert_eq!(server.event_trail, 0);
     }
 
     #[test]

@@ -84,6 +84,7 @@ pub async fn serve() -> Response {
         routes::pause_destination,
         routes::resume_destination,
         routes::event_path,
+        routes::search_events,
         routes::stats_series,
         routes::dashboard,
         routes::healthz,
@@ -94,6 +95,7 @@ pub async fn serve() -> Response {
     components(schemas(
         PauseState,
         EventPath,
+        EventSearch,
         EventRoute,
         EventAttempt,
         ArchiveReplayRequest,
@@ -514,9 +516,13 @@ mod routes {
 
     /// The live debugger: every accepted message as it arrives, as server-sent events.
     ///
-    /// `event: message` carries `{"source", "received_at", "message"}`; `event: lagged` carries
-    /// `{"skipped": N}` when the viewer read too slowly and missed N messages (ingest never
-    /// waits for a viewer). A comment every 15 s keeps the connection open.
+    /// `event: message` carries `{"source", "received_at", "message", "routes"}` (`routes`:
+    /// `[{destination, state: "queued"|"filtered", reason?}]`, `reason` the first rule that
+    /// stopped it); `event: outcome` carries an attempt that did not deliver, `{"message_id",
+    /// "source", "destination", "state", "reason"?, "status"?, "error"?}` (a transform's `null`
+    /// or failure, a retry, a dead letter); `event: lagged` carries `{"skipped": N}` when the
+    /// viewer read too slowly and missed N frames (ingest never waits for a viewer). A comment
+    /// every 15 s keeps the connection open.
     #[utoipa::path(
         get,
         path = "/admin/v1/live",
@@ -612,12 +618,33 @@ mod routes {
         params(("message_id" = String, Path, description = "The event's messageId")),
         responses(
             (status = 200, description = "The event's path", body = EventPath),
-            (status = 404, description = "Unknown here, or aged out of the ring", body = Failure),
+            (status = 404, description = "Unknown here, or aged out of the ring (`not_found`), or this process records no trail (`event_trail_off`: `[server] event_trail = 0`)", body = Failure),
             AdminErrors,
         ),
         security(("adminToken" = [])),
     )]
     pub fn event_path() {}
+
+    /// A user's newest events in this process's trail, newest first, each as
+    /// `/admin/v1/events/{message_id}` shows it: matched on `userId`, or `anonymousId` for
+    /// events without one.
+    #[utoipa::path(
+        get,
+        path = "/admin/v1/events",
+        tag = "admin",
+        params(
+            ("userId" = String, Query, description = "The user (userId, else anonymousId)"),
+            ("limit" = Option<u32>, Query, description = "Events at most, 1..=100 (default 20)"),
+        ),
+        responses(
+            (status = 200, description = "The user's recent events", body = EventSearch),
+            (status = 400, description = "No `userId`, or `limit` out of range", body = Failure),
+            (status = 404, description = "This process records no trail (`event_trail_off`: `[server] event_trail = 0`)", body = Failure),
+            AdminErrors,
+        ),
+        security(("adminToken" = [])),
+    )]
+    pub fn search_events() {}
 
     /// Per-second counts for the last hour, from this process's in-memory ring:
     /// accepted/rejected per source; delivered/retried/dead, queue depth and p50/p99 latency
@@ -1290,13 +1317,25 @@ pub struct EventPath {
     pub routes: Vec<EventRoute>,
 }
 
+/// A user's recent events (`GET /admin/v1/events?userId=...`).
+#[derive(ToSchema)]
+pub struct EventSearch {
+    pub user_id: String,
+    /// Always `process`: the answer is this process's memory only.
+    pub scope: String,
+    /// Newest first.
+    pub items: Vec<EventPath>,
+}
+
 /// One destination in an event's path.
 #[derive(ToSchema)]
 pub struct EventRoute {
     pub destination: String,
     /// `queued`, `retrying`, `delivered`, `dead` or `filtered`.
     pub state: String,
-    /// Why it was filtered: `where`, `consent`, `sample` or `transform`.
+    /// Why it was filtered: the first rule that stopped it, in the order they apply:
+    /// `integrations`, `events`, `where`, `consent`, `sample` or `transform` (the script
+    /// returned `null`).
     pub reason: Option<String>,
     pub attempts: Vec<EventAttempt>,
 }
@@ -1322,8 +1361,8 @@ pub struct DestinationTestResult {
     pub destination: String,
     /// Whether anything would be sent.
     pub delivered: bool,
-    /// What stopped it: `routing` (`events` or `integrations`), `where`, `consent`, `sample`
-    /// or `transform` (the script returned `null`).
+    /// What stopped it, the first rule in the order they apply: `integrations`, `events`,
+    /// `where`, `consent`, `sample` or `transform` (the script returned `null`).
     pub filtered: Option<String>,
     /// The transform's error: the event would be dead-lettered with it.
     pub error: Option<String>,
