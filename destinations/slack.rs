@@ -137,6 +137,7 @@ mod tests {
                 r#"{"type":"track","event":"<Signed Up>","anonymousId":"a1"}"#.into(),
             )
             .unwrap(),
+            source: None,
         };
         let request = slack.request(&[event]).unwrap();
         let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();

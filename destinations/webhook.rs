@@ -536,6 +536,7 @@ mod tests {
         Event {
             message_id: id.into(),
             payload: serde_json::value::RawValue::from_string(json.into()).unwrap(),
+            source: None,
         }
     }
 

@@ -131,6 +131,7 @@ impl Pipeline {
             destination_ids,
         };
         crate::http::series::register(&pipeline, &source_names);
+        crate::trail::TRAIL.set_capacity(config.server.event_trail);
         Ok(pipeline)
     }
 }

@@ -1,7 +1,8 @@
 //! The dashboard in a real browser: Debian's headless Chromium, driven by playwright-core
 //! (`tests/browser/dashboard.mjs`), against Switchyard in this process. An operator signs in,
-//! sees a delivered event counted, replays a dead letter, watches the live stream, pauses and
-//! resumes a destination, finds an event's attempts and opens a destination's charts; the
+//! sees a delivered event counted, replays a dead letter, watches the live stream (with each
+//! message's routing), follows an archive replay's progress, pauses and resumes a destination,
+//! finds an event's attempts by messageId and by userId, and opens a destination's charts; the
 //! screenshots land in `target/dashboard*.png` (kept by CI as artifacts).
 //!
 //! Needs `/usr/bin/chromium` (Debian's `chromium` package), Node.js, and `npm ci` in
@@ -156,6 +157,26 @@ async fn an_operator_signs_in_sees_deliveries_and_replays_a_dead_letter() {
         "dash-0 reached the warehouse on its second attempt"
     );
     broken.script(|_, _| Reply::ok());
+    // A replay of the orders' archive since an hour ago, for the dashboard to show.
+    let now = time::OffsetDateTime::now_utc();
+    let rfc3339 = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let started = reqwest::Client::new()
+        .post(format!("http://{}/admin/v1/replays", sy.addr))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(
+            &json!({"destination": "orders", "from": rfc3339(now - time::Duration::hours(1)),
+                      "to": rfc3339(now + time::Duration::minutes(1))}),
+        )
+        .send()
+        .await
+        .expect("the admin API answers");
+    assert_eq!(started.status(), 202);
+    let replay: Value = started.json().await.expect("JSON");
+    let replay_id = replay["id"].as_i64().expect("a replay id");
+    let replay_events = replay["events"].as_u64().expect("its events");
 
     let screenshot = manifest_dir().join("target/dashboard.png");
     let _ = std::fs::remove_file(&screenshot);
@@ -169,6 +190,8 @@ async fn an_operator_signs_in_sees_deliveries_and_replays_a_dead_letter() {
         .env("DEAD_DESTINATION", "crm")
         .env("FLAKY_DESTINATION", "warehouse")
         .env("EVENT_ID", "dash-0")
+        .env("EVENT_USER", "u0")
+        .env("REPLAY_ID", replay_id.to_string())
         .env("SCREENSHOT", &screenshot)
         .env("CHROMIUM", &chromium)
         .kill_on_drop(true)
@@ -231,6 +254,35 @@ async fn an_operator_signs_in_sees_deliveries_and_replays_a_dead_letter() {
         "{report}"
     );
     assert_eq!(attempts[1]["failed"], false, "{report}");
+    assert!(
+        report["user_events"].as_u64().is_some_and(|n| n >= 1),
+        "the search by userId lists the user's events: {report}"
+    );
+    assert_eq!(report["user_attempts"], 2, "{report}");
+    let routes = report["live_routes"].as_array().expect("live routes");
+    assert!(
+        routes
+            .iter()
+            .any(|r| r["destination"] == "orders" && r["state"] == "queued"),
+        "the live panel shows where the event was routed: {report}"
+    );
+    let overview = &report["replay_overview"];
+    assert_eq!(overview["destination"], "orders", "{report}");
+    assert_eq!(overview["state"], "done", "{report}");
+    assert_eq!(overview["max"], replay_events as f64, "{report}");
+    assert!(replay_events >= 4, "{replay}");
+    assert!(
+        overview["label"].as_str().is_some_and(|l| l.contains("of")),
+        "the progress bar has a label: {report}"
+    );
+    assert_eq!(
+        report["replay_page"]["max"], replay_events as f64,
+        "{report}"
+    );
+    assert_eq!(
+        report["replay_page"]["value"], replay_events as f64,
+        "{report}"
+    );
     let charts = report["charts"].as_array().expect("charts");
     assert_eq!(charts.len(), 3, "{report}");
     assert!(

@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use switchyard::testkit::{self, send_batch, start_switchyard_from, MockServer, TestDatabase};
+use switchyard::testkit::{
+    self, send_batch, start_switchyard_from, MockServer, TestDatabase, ADMIN_TOKEN,
+};
 
 const KEY: &str = "wk_filters";
 
@@ -394,8 +396,13 @@ async fn the_test_endpoint_shows_what_would_be_delivered_and_sends_nothing() {
 
     let cases = [
         (
+            json!({"event": "Order", "properties": {"revenue": 20},
+                   "integrations": {"t_sink": false}}),
+            "integrations",
+        ),
+        (
             json!({"event": "Other", "properties": {"revenue": 20}}),
-            "routing",
+            "events",
         ),
         (
             json!({"event": "Order", "properties": {"revenue": 5}}),
@@ -461,5 +468,235 @@ async fn the_test_endpoint_shows_what_would_be_delivered_and_sends_nothing() {
     assert_eq!(status, 404);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(sink.received().is_empty(), "the test sends nothing");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Every frame of a server-sent event stream as (event, data), read until `done` holds or
+/// `limit` passes.
+async fn read_frames(
+    response: &mut reqwest::Response,
+    limit: Duration,
+    done: impl Fn(&[(String, Value)]) -> bool,
+) -> Vec<(String, Value)> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut text = String::new();
+    let mut frames = Vec::new();
+    while !done(&frames) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match tokio::time::timeout(left, response.chunk()).await {
+            Ok(Ok(Some(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            _ => break,
+        }
+        frames = text
+            .split("\n\n")
+            .filter_map(|frame| {
+                let kind = frame.lines().find_map(|l| l.strip_prefix("event: "))?;
+                let data = frame.lines().find_map(|l| l.strip_prefix("data: "))?;
+                Some((kind.to_owned(), serde_json::from_str(data).ok()?))
+            })
+            .collect();
+    }
+    frames
+}
+
+/// Why an event did not reach a destination, named by the first rule that stopped it in the
+/// documented order (integrations → events → where → consent → sample → transform), and how a
+/// transform failed: in the event's path, in the live debugger, and in the dead letters. The
+/// script's `metadata(event)` names the source.
+#[tokio::test]
+async fn the_path_and_the_live_stream_say_which_rule_filtered_an_event() {
+    let db = TestDatabase::create("filters_reasons").await;
+    let dir = scratch("reasons");
+    std::fs::write(
+        dir.join("shape.js"),
+        "export function transformEvent(event, metadata) {\n\
+           if (event.event === 'Skip') return null;\n\
+           if (event.event === 'Boom') throw new Error('boom');\n\
+           event.properties.source = metadata(event).sourceName;\n\
+           event.properties.destination = metadata(event).destinationName;\n\
+           return event;\n\
+         }\n",
+    )
+    .unwrap();
+    let (gauntlet, shaper) = (MockServer::start().await, MockServer::start().await);
+    let path = write_config(
+        &dir,
+        &[
+            webhook(
+                "gauntlet",
+                &gauntlet,
+                "events = [\"Order\"]\nwhere = \"properties.revenue > 10\"\n\
+                 consent = [\"Ads\"]\nsample = 0.0",
+            ),
+            webhook("shaper", &shaper, "transform = \"shape.js\""),
+        ],
+    );
+    let sy = start_switchyard_from(&path, &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    let mut live = reqwest::Client::new()
+        .get(format!("{base}/admin/v1/live"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200);
+
+    let run = std::process::id();
+    let id = |name: &str| format!("why-{run}-{name}");
+    let event = |name: &str, kind: &str, revenue: u32, ads: bool| {
+        json!({"type": "track", "event": kind, "userId": "u", "messageId": id(name),
+               "properties": {"revenue": revenue},
+               "context": {"consent": {"categoryPreferences": {"Ads": ads}}}})
+    };
+    let mut off = event("integrations", "Order", 5, false);
+    off["integrations"] = json!({"All": false});
+    let batch = vec![
+        off,
+        event("events", "Other", 5, false),
+        event("where", "Order", 5, false),
+        event("consent", "Order", 50, false),
+        event("sample", "Order", 50, true),
+        event("skip", "Skip", 50, true),
+        event("boom", "Boom", 50, true),
+    ];
+    send(&base, batch).await;
+
+    let limit = Duration::from_secs(20);
+    // Every rule, named in the event's path (the first one that stopped it).
+    let expected = [
+        ("integrations", "integrations"),
+        ("events", "events"),
+        ("where", "where"),
+        ("consent", "consent"),
+        ("sample", "sample"),
+    ];
+    let route = |path: &Value, destination: &str| {
+        path["routes"]
+            .as_array()
+            .and_then(|routes| routes.iter().find(|r| r["destination"] == destination))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    for (name, reason) in expected {
+        let (status, path) = admin(
+            &base,
+            reqwest::Method::GET,
+            &format!("/admin/v1/events/{}", id(name)),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{path}");
+        let gate = route(&path, "gauntlet");
+        assert_eq!(gate["state"], "filtered", "{name}: {path}");
+        assert_eq!(gate["reason"], reason, "{name}: {path}");
+    }
+    // The transform's null and its failure, once delivery has run it.
+    let started = std::time::Instant::now();
+    let (skip, boom) = loop {
+        let get = |name: &str| {
+            let base = base.clone();
+            let path = format!("/admin/v1/events/{}", id(name));
+            async move { admin(&base, reqwest::Method::GET, &path, None).await.1 }
+        };
+        let (skip, boom) = (get("skip").await, get("boom").await);
+        let settled = route(&skip, "shaper")["state"] == "filtered"
+            && route(&boom, "shaper")["state"] == "dead";
+        if settled || started.elapsed() > limit {
+            break (skip, boom);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(route(&skip, "shaper")["reason"], "transform", "{skip}");
+    let failed = route(&boom, "shaper");
+    assert_eq!(failed["state"], "dead", "{boom}");
+    assert!(
+        failed["attempts"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("transform failed: Error: boom")),
+        "{boom}"
+    );
+    assert_eq!(route(&skip, "gauntlet")["reason"], "events", "{skip}");
+    let integrations_path = format!("/admin/v1/events/{}", id("integrations"));
+    let (_, off_path) = admin(&base, reqwest::Method::GET, &integrations_path, None).await;
+    assert_eq!(
+        route(&off_path, "shaper")["reason"],
+        "integrations",
+        "{off_path}"
+    );
+
+    // The live debugger: each message with its routing, then what delivery made of it.
+    let frames = read_frames(&mut live, limit, |frames| {
+        frames.iter().filter(|(kind, _)| kind == "message").count() >= 7
+            && frames.iter().filter(|(kind, _)| kind == "outcome").count() >= 2
+    })
+    .await;
+    let message = |name: &str| {
+        frames
+            .iter()
+            .find(|(kind, data)| kind == "message" && data["message"]["messageId"] == id(name))
+            .map(|(_, data)| data.clone())
+            .unwrap_or_else(|| panic!("no message frame for {name}: {frames:?}"))
+    };
+    for (name, reason) in expected {
+        let routes = message(name)["routes"].clone();
+        let gate = routes
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["destination"] == "gauntlet"))
+            .unwrap_or_else(|| panic!("{name}: {routes}"));
+        assert_eq!(gate["state"], "filtered", "{name}: {routes}");
+        assert_eq!(gate["reason"], reason, "{name}: {routes}");
+    }
+    let shaper_route = message("sample")["routes"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["destination"] == "shaper").cloned())
+        .unwrap();
+    assert_eq!(shaper_route["state"], "queued", "{shaper_route}");
+    let outcome = |name: &str| {
+        frames
+            .iter()
+            .find(|(kind, data)| kind == "outcome" && data["message_id"] == id(name))
+            .map(|(_, data)| data.clone())
+            .unwrap_or_else(|| panic!("no outcome frame for {name}: {frames:?}"))
+    };
+    let skipped = outcome("skip");
+    assert_eq!(
+        (
+            &skipped["destination"],
+            &skipped["state"],
+            &skipped["reason"]
+        ),
+        (&json!("shaper"), &json!("filtered"), &json!("transform")),
+        "{skipped}"
+    );
+    let boomed = outcome("boom");
+    assert_eq!(boomed["state"], "dead", "{boomed}");
+    assert!(
+        boomed["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("transform failed: Error: boom")),
+        "{boomed}"
+    );
+
+    // The dead letter says how the script failed; the delivered events name their source.
+    let dead = dead_letters(&base, "shaper").await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0]["last_error"]
+        .as_str()
+        .unwrap()
+        .starts_with("transform failed: Error: boom"));
+    assert!(shaper.wait_until(limit, |s| s.events().len() == 4).await);
+    for delivered in shaper.events() {
+        assert_eq!(delivered["properties"]["source"], "web", "{delivered}");
+        assert_eq!(
+            delivered["properties"]["destination"], "shaper",
+            "{delivered}"
+        );
+    }
+    assert!(gauntlet.received().is_empty());
+    let filtered = |r: &str| {
+        format!("switchyard_filtered_events_total{{destination=\"gauntlet\",reason=\"{r}\"}}")
+    };
+    assert_eq!(metric(&base, &filtered("integrations")).await, 1.0);
+    assert_eq!(metric(&base, &filtered("events")).await, 3.0);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sqlx::Connection as _;
+use switchyard::cli::serve::Role;
 use switchyard::testkit::{self, start_switchyard, MockServer, Reply, TestDatabase, ADMIN_TOKEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -702,5 +703,179 @@ async fn an_events_path_shows_a_failed_attempt_and_the_delivery() {
     )
     .await;
     assert_eq!(status, 400);
+    sy.shutdown().await.unwrap();
+}
+
+async fn track_as(addr: SocketAddr, user: Value, message_id: &str) {
+    let mut body = json!({"event": "Viewed", "messageId": message_id, "anonymousId": "anon-1"});
+    body["userId"] = user;
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/track"))
+        .basic_auth(WEB_KEY, Some(""))
+        .json(&body)
+        .send()
+        .await
+        .expect("ingest answers");
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_users_last_events_are_found_by_user_id() {
+    let db = TestDatabase::create("event_search").await;
+    let sink = MockServer::start().await;
+    let sy = start_switchyard(&config(&sink), &db.url).await;
+    // The trail is one per test process: ids and the user are this run's own.
+    let run = std::process::id();
+    let user = format!("search-user-{run}");
+    for n in 1..=3 {
+        track_as(sy.addr, json!(user), &format!("search-{run}-{n}")).await;
+    }
+    track_as(
+        sy.addr,
+        json!(format!("someone-else-{run}")),
+        &format!("search-{run}-other"),
+    )
+    .await;
+    assert!(
+        sink.wait_until(Duration::from_secs(10), |s| s.message_ids().len() == 4)
+            .await
+    );
+    let addr = sy.addr;
+    let query = |path: String| async move { admin_call(addr, reqwest::Method::GET, &path).await };
+    let (status, found) = query(format!("/admin/v1/events?userId={user}")).await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["scope"], "process");
+    let items = found["items"].as_array().unwrap();
+    let ids: Vec<&str> = items
+        .iter()
+        .map(|item| item["message_id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (1..=3).rev().map(|n| format!("search-{run}-{n}")).collect();
+    assert_eq!(ids, expected, "newest first: {found}");
+    // Each one as `GET /admin/v1/events/{messageId}` shows it.
+    assert_eq!(items[0]["source"], "web");
+    assert!(items[0]["received_at"].is_string());
+    assert_eq!(items[0]["routes"][0]["destination"], "hook");
+    assert!(items[0]["routes"][0]["attempts"].is_array());
+
+    let (_, two) = query(format!("/admin/v1/events?userId={user}&limit=2")).await;
+    assert_eq!(two["items"].as_array().unwrap().len(), 2, "{two}");
+    let (status, none) = query(format!("/admin/v1/events?userId=nobody-{run}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(none["items"], json!([]));
+    for bad in [
+        "/admin/v1/events",
+        "/admin/v1/events?userId=",
+        "/admin/v1/events?userId=u&limit=0",
+    ] {
+        let (status, answer) = query(bad.to_owned()).await;
+        assert_eq!(status, 400, "{bad}: {answer}");
+        assert_eq!(answer["code"], "invalid_query", "{bad}: {answer}");
+    }
+    sy.shutdown().await.unwrap();
+}
+
+/// Pausing while a destination holds claimed work: requests already out finish, and nothing
+/// new starts after the pause is answered: neither events claimed but not yet sent nor the
+/// retry of a failed one. A resume delivers all of it.
+#[tokio::test]
+async fn a_pause_stops_claimed_work_and_retries_until_resumed() {
+    pause_with_claimed_work("pause_claimed", false).await;
+}
+
+/// The same when the pause is answered by another process than the one holding the work (an
+/// ingest-only front, and a worker that hears of the pause through its notice).
+#[tokio::test]
+async fn a_pause_answered_elsewhere_stops_the_worker_holding_claimed_work() {
+    pause_with_claimed_work("pause_claimed_split", true).await;
+}
+
+async fn pause_with_claimed_work(label: &str, split: bool) {
+    let db = TestDatabase::create(label).await;
+    // The first request fails (a retry comes due soon), the next ones take 3 s each.
+    let sink = MockServer::scripted(|n, _| match n {
+        1 => Reply::status(500),
+        _ => Reply::ok().after(Duration::from_secs(3)),
+    })
+    .await;
+    let toml = format!(
+        "[[sources]]\nname = \"web\"\nwrite_key = \"{WEB_KEY}\"\n\n[[destinations]]\nname = \"slow\"\n\
+         kind = \"webhook\"\nurl = \"{}\"\nmax_in_flight = 4\nretry.initial_backoff = \"100ms\"\n",
+        sink.url("/in")
+    );
+    // `sy` takes the events and answers the admin calls; `worker`, when split, delivers.
+    let (sy, worker) = if split {
+        let front = testkit::start_switchyard_as(&toml, &db.url, Role::Ingest).await;
+        let worker = testkit::start_switchyard_as(&toml, &db.url, Role::Worker).await;
+        (front, Some(worker))
+    } else {
+        (start_switchyard(&toml, &db.url).await, None)
+    };
+    let ids: Vec<String> = (0..8).map(|n| format!("claimed-{n}")).collect();
+    let batch: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"type": "track", "userId": "u", "event": "E", "messageId": id}))
+        .collect();
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/batch", sy.addr))
+        .basic_auth(WEB_KEY, Some(""))
+        .json(&json!({ "batch": batch }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // Four requests out, the failed one's slot reused: five requests, and the rest of the
+    // second claimed run waits in the process for a free slot.
+    assert!(
+        sink.wait_until(Duration::from_secs(10), |s| s.received().len() >= 5)
+            .await
+    );
+    let (status, _) = admin_call(
+        sy.addr,
+        reqwest::Method::POST,
+        "/admin/v1/destinations/slow/pause",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let at_pause = sink.received().len();
+    assert_eq!(at_pause, 5, "{:?}", sink.message_ids());
+    // The requests out finish (3 s); the slots they free start nothing.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let received = sink.received();
+    assert_eq!(
+        received.len(),
+        at_pause,
+        "nothing started after the pause: {:?}",
+        sink.message_ids()
+    );
+    assert!(
+        received[1..].iter().all(|r| r.status == 200),
+        "in-flight requests finished"
+    );
+    let deliverer = worker.as_ref().map_or(sy.addr, |w| w.addr);
+    let (_, list) = admin_call(deliverer, reqwest::Method::GET, "/admin/v1/destinations").await;
+    assert_eq!(list[0]["in_flight"], 0, "{list}");
+
+    sink.script(|_, _| Reply::ok());
+    let (status, _) = admin_call(
+        sy.addr,
+        reqwest::Method::POST,
+        "/admin/v1/destinations/slow/resume",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        sink.wait_until(Duration::from_secs(10), |s| {
+            let mut got = s.message_ids();
+            got.retain(|id| id.starts_with("claimed-"));
+            ids.iter().all(|id| got.contains(id))
+        })
+        .await,
+        "everything arrives after the resume: {:?}",
+        sink.message_ids()
+    );
+    if let Some(worker) = worker {
+        worker.shutdown().await.unwrap();
+    }
     sy.shutdown().await.unwrap();
 }

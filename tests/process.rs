@@ -292,3 +292,86 @@ kind = "carrier-pigeon"
         .unwrap();
     assert_eq!(output.status.code(), Some(0));
 }
+
+async fn event_lookup(base: &str, message_id: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .get(format!("{base}/admin/v1/events/{message_id}"))
+        .bearer_auth(switchyard::testkit::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// `[server] event_trail` sizes the per-process trail (its own process: the trail is one per
+/// process); 0 turns recording off, and the lookup says so rather than "unknown".
+#[tokio::test]
+async fn event_trail_sizes_the_event_lookup_and_zero_turns_it_off() {
+    let db = TestDatabase::create("event_trail").await;
+    let sink = MockServer::start().await;
+    let off = format!("{}\n[server]\nevent_trail = 0\n", config(&sink));
+    let sy = Process::spawn(BIN, &off, &db.url).await;
+    assert_eq!(send_batch(&sy.base(), &["off-1".to_owned()]).await, 200);
+    assert!(
+        sink.wait_until(Duration::from_secs(10), |s| s.message_ids().len() == 1)
+            .await
+    );
+    let (status, answer) = event_lookup(&sy.base(), "off-1").await;
+    assert_eq!(status, 404, "{answer}");
+    assert_eq!(answer["code"], "event_trail_off", "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("event_trail = 0"),
+        "{answer}"
+    );
+
+    // A reload sizes it again: two events kept, the oldest forgotten.
+    let two = format!("{}\n[server]\nevent_trail = 2\n", config(&sink));
+    std::fs::write(sy.config_path(), two).unwrap();
+    let reloaded = reqwest::Client::new()
+        .post(format!("{}/admin/v1/reload", sy.base()))
+        .bearer_auth(switchyard::testkit::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reloaded.status(), 200);
+    for id in ["two-1", "two-2", "two-3"] {
+        assert_eq!(send_batch(&sy.base(), &[id.to_owned()]).await, 200);
+    }
+    let (status, answer) = event_lookup(&sy.base(), "two-1").await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (404, Some("not_found")),
+        "{answer}"
+    );
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("last 2 events"),
+        "{answer}"
+    );
+    let (status, answer) = event_lookup(&sy.base(), "two-3").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["message_id"], "two-3");
+
+    // `check` validates it where it is written.
+    let bad = format!("{}\n[server]\nevent_trail = -5\n", config(&sink));
+    let path = std::env::temp_dir().join(format!("sy-event-trail-{}.toml", std::process::id()));
+    std::fs::write(&path, bad).unwrap();
+    let check = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(2), "{printed}");
+    assert!(
+        printed.contains(":13:15: `server.event_trail` must be 0 (off) to 10000000 events, not -5"),
+        "{printed}"
+    );
+    std::fs::remove_file(&path).ok();
+}

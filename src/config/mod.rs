@@ -166,15 +166,31 @@ pub struct SecurityConfig {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
-/// `[server]`: how clients reach this service.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// `[server]`: how clients reach this service, and what it keeps in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     /// The address browsers and apps reach (`https://events.example.com`), used in the
     /// analytics.js settings; unset: the address each request came to.
     pub public_url: Option<Url>,
     /// Proxies whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Events whose path this process keeps for `GET /admin/v1/events` (0: none, recording
+    /// off), at most [`MAX_EVENT_TRAIL`].
+    pub event_trail: usize,
 }
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            public_url: None,
+            trusted_proxies: Vec::new(),
+            event_trail: crate::trail::DEFAULT_CAPACITY,
+        }
+    }
+}
+
+/// The largest `[server] event_trail`: about 5 GB of memory at ≈ 460 bytes an event.
+pub const MAX_EVENT_TRAIL: usize = 10_000_000;
 
 /// One problem in the file, located.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -62,7 +62,7 @@ const LIMITS_KEYS: &[&str] = &[
 
 const SECURITY_KEYS: &[&str] = &["deny_private_networks", "allow_networks", "ca_file"];
 
-const SERVER_KEYS: &[&str] = &["public_url", "trusted_proxies"];
+const SERVER_KEYS: &[&str] = &["public_url", "trusted_proxies", "event_trail"];
 
 const DEFAULT_MAX_IN_FLIGHT: usize = 32;
 
@@ -463,6 +463,26 @@ impl Reader<'_> {
         ServerConfig {
             public_url,
             trusted_proxies: self.networks(table, "trusted_proxies"),
+            event_trail: self.event_trail(table),
+        }
+    }
+
+    /// `event_trail`: a whole number of events, 0 to [`MAX_EVENT_TRAIL`].
+    fn event_trail(&mut self, table: Section) -> usize {
+        let default = crate::trail::DEFAULT_CAPACITY;
+        let Some(number) = self.get(table, "event_trail", "an integer", toml::Value::as_integer)
+        else {
+            return default;
+        };
+        match usize::try_from(number) {
+            Ok(events) if events <= MAX_EVENT_TRAIL => events,
+            _ => {
+                let message = format!(
+                    "`server.event_trail` must be 0 (off) to {MAX_EVENT_TRAIL} events, not {number}"
+                );
+                self.error(table.place.value("event_trail"), message);
+                default
+            }
         }
     }
 

@@ -246,18 +246,32 @@ allowed_origins = ["https://Shop.example/", "shop.example"]
 [server]
 public_url = "ftp://events.example.com"
 trusted_proxies = ["10.0.0.0/8"]
+event_trail = -1
 
 [security]
 ca_file = "no-such-file.pem"
 "#;
     let found = errors(text);
-    assert_eq!(found.len(), 3, "{found:?}");
+    assert_eq!(found.len(), 4, "{found:?}");
     assert!(found[0].starts_with("switchyard.toml:5:45: `allowed_origins`: `shop.example`"));
     assert!(found[1].starts_with("switchyard.toml:8:14: `public_url` must be"));
-    assert!(found[2].starts_with("switchyard.toml:12:11: `ca_file`: cannot read"));
+    assert_eq!(
+        found[2],
+        "switchyard.toml:10:15: `server.event_trail` must be 0 (off) to 10000000 events, not -1"
+    );
+    assert!(found[3].starts_with("switchyard.toml:13:11: `ca_file`: cannot read"));
+    assert!(errors(&text.replace("-1", "\"many\""))[2].contains("event_trail"));
+    assert!(errors(&text.replace("-1", "10000001"))[2].contains("event_trail"));
+    let default = parse(
+        "[[sources]]\nname = \"web\"\nwrite_key = \"wk\"\n",
+        "switchyard.toml",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(default.server.event_trail, 50_000);
     let good = text
         .replace(", \"shop.example\"", "")
         .replace("ftp://", "https://")
+        .replace("event_trail = -1", "event_trail = 0")
         .replace("ca_file = \"no-such-file.pem\"", "");
     let config = parse(&good, "switchyard.toml").unwrap_or_else(|e| panic!("{e}"));
     assert!(config.sources[0]
@@ -275,6 +289,7 @@ ca_file = "no-such-file.pem"
         server.trusted_proxies,
         ["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
     );
+    assert_eq!(server.event_trail, 0);
 }
 
 #[test]

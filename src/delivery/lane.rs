@@ -43,6 +43,23 @@ pub struct LaneStats {
     pub last_error: Mutex<Option<String>>,
     /// Per-second rates for the dashboard.
     pub rates: rates::DestinationRates,
+    /// Paused (`POST /admin/v1/destinations/{name}/pause`): set by the handler that answers it
+    /// ([`LaneStats::set_paused`]), and from Postgres whenever the scheduler looks at every
+    /// destination (a pause or resume anywhere notifies every process so). Claims check
+    /// Postgres themselves; this flag stops the events a lane claimed before the pause from
+    /// starting after it.
+    pub paused: std::sync::atomic::AtomicBool,
+    /// Bumped by each [`LaneStats::set_paused`], so that a read of Postgres begun before it
+    /// does not overwrite it.
+    pub(super) pause_changes: AtomicU64,
+}
+
+impl LaneStats {
+    /// Pauses or resumes this process's lane at once (the handler, after Postgres has it).
+    pub fn set_paused(&self, paused: bool) {
+        self.pause_changes.fetch_add(1, Ordering::AcqRel);
+        self.paused.store(paused, Ordering::Release);
+    }
 }
 
 /// A lane's state as this process sees it, since it started.

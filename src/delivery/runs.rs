@@ -70,6 +70,7 @@ impl RunProgress {
             events.push(Event {
                 message_id: event.message_id,
                 payload: raw_payload(&event.payload),
+                source: event.source.map(Into::into),
             });
         }
         let progress = RunProgress {

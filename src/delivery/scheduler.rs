@@ -256,6 +256,23 @@ impl Scheduler {
             }
         }
         if everyone {
+            let changes: Vec<u64> = self
+                .lanes
+                .values()
+                .map(|lane| lane.stats.pause_changes.load(Ordering::Acquire))
+                .collect();
+            match self.store.paused().await {
+                Ok(paused) => {
+                    for (lane, before) in self.lanes.values().zip(changes) {
+                        // A pause or resume answered here meanwhile is newer than this read.
+                        if lane.stats.pause_changes.load(Ordering::Acquire) == before {
+                            let flag = paused.contains(&lane.id);
+                            lane.stats.paused.store(flag, Ordering::Release);
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "reading paused destinations failed"),
+            }
             match self.store.due_destinations(&self.order).await {
                 Ok(due) => {
                     for id in due {
@@ -288,17 +305,7 @@ impl Scheduler {
                 Some(new) if !Arc::ptr_eq(new, old) => new.adopt(old),
                 Some(_) => {}
                 // Removed or disabled: its unsent events go back to the queue.
-                None => {
-                    let unsent = std::mem::take(&mut *old.pending());
-                    for claimed in unsent {
-                        if let Some(outcome) =
-                            claimed.run.record(claimed.position, Fate::Release, None)
-                        {
-                            self.open.remove(claimed.run.id);
-                            let _ = self.finished.send(Settled::new(&claimed.run, outcome));
-                        }
-                    }
-                }
+                None => self.release_pending(old),
             }
         }
         self.lanes = next;
@@ -311,11 +318,28 @@ impl Scheduler {
         self.seen = current;
     }
 
+    /// Gives a lane's claimed but unsent events back to the queue, to be claimed again.
+    fn release_pending(&self, lane: &Lane) {
+        let unsent = std::mem::take(&mut *lane.pending());
+        for claimed in unsent {
+            if let Some(outcome) = claimed.run.record(claimed.position, Fate::Release, None) {
+                self.open.remove(claimed.run.id);
+                let _ = self.finished.send(Settled::new(&claimed.run, outcome));
+            }
+        }
+    }
+
     /// Claims and starts what one destination can take now.
     /// `others` is how many other destinations have work waiting or in flight: while there
     /// are any, this one holds at most its fair share of the pool, so a slow destination that
     /// could take every permit leaves room for the rest.
     async fn visit(&self, lane: &Arc<Lane>, others: usize) -> Visit {
+        // Paused: nothing more starts, not even what was claimed before the pause; requests
+        // in flight finish. Its claims return to the queue for after the resume.
+        if lane.stats.paused.load(Ordering::Acquire) {
+            self.release_pending(lane);
+            return Visit::Idle;
+        }
         // Alone with work, a destination still leaves a quarter of the pool free when there are
         // others, so one that gets an event finds a permit at once instead of waiting for a
         // slow destination's request to end.

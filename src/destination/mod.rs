@@ -34,6 +34,9 @@ use url::Url;
 pub struct Event {
     pub message_id: String,
     pub payload: Box<RawValue>,
+    /// The name of the source it came from (a transform's `metadata(event).sourceName`), when
+    /// known.
+    pub source: Option<std::sync::Arc<str>>,
 }
 
 impl Event {

@@ -24,10 +24,14 @@ use sha2::{Digest, Sha256};
 use crate::destination::{DeliveryContext, Destination, EndpointStats, Event, Outcome, Verdict};
 use transform::{Input, Transform, Transformed};
 
-/// Why an event did not reach a destination though its `sources` and `events` matched: the
-/// `reason` label of `switchyard_filtered_events_total`.
+/// Why an event of one of its sources did not reach a destination: the first rule that
+/// stopped it, and the `reason` label of `switchyard_filtered_events_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
+    /// The message's `integrations` object turned the destination off.
+    Integrations,
+    /// Not one of the destination's `events`.
+    Events,
     Where,
     Consent,
     Sample,
@@ -38,6 +42,8 @@ pub enum Reason {
 impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
+            Reason::Integrations => "integrations",
+            Reason::Events => "events",
             Reason::Where => "where",
             Reason::Consent => "consent",
             Reason::Sample => "sample",
@@ -147,7 +153,7 @@ impl Shaping {
                     .map(|event| Input {
                         event: event.payload.get().to_owned(),
                         metadata: serde_json::json!({
-                            "sourceName": Value::Null,
+                            "sourceName": event.source.as_deref(),
                             "destinationName": metadata.destination_name,
                             "destinationKind": metadata.destination_kind,
                             "messageId": event.message_id,
@@ -263,6 +269,7 @@ impl Destination for Shaped {
                                     .unwrap_or(&event.message_id)
                                     .to_owned(),
                                 payload: to_raw(&value),
+                                source: event.source.clone(),
                             });
                             owners.push(index);
                         }
@@ -312,14 +319,14 @@ impl Destination for Shaped {
     }
 }
 
-/// What a destination would send for `event`, past the routing rules (`routed`: whether its
-/// `sources`, `integrations` and `events` let the event through): the answer of
+/// What a destination would send for `event`, past the routing rules (`refused`: the one of
+/// `integrations` and `events` that stopped it, if one did): the answer of
 /// `POST /admin/v1/destinations/{name}/test`. Nothing is sent.
 pub async fn preview(
     gate: &Gate,
     shaping: &Shaping,
     metadata: &Metadata,
-    routed: bool,
+    refused: Option<Reason>,
     message_id: &str,
     event: Value,
 ) -> Value {
@@ -332,8 +339,8 @@ pub async fn preview(
             "events": events,
         })
     };
-    if !routed {
-        return answer(Some("routing"), None, Vec::new());
+    if let Some(reason) = refused {
+        return answer(Some(reason.as_str()), None, Vec::new());
     }
     if let Err(reason) = gate.check(&metadata.destination_name, message_id, &event) {
         return answer(Some(reason.as_str()), None, Vec::new());
@@ -341,6 +348,7 @@ pub async fn preview(
     let stored = Event {
         message_id: message_id.to_owned(),
         payload: to_raw(&event),
+        source: None,
     };
     match shaping.apply(metadata, &[stored]).await.remove(0) {
         Err(message) => answer(
@@ -499,6 +507,7 @@ mod throughput {
             .map(|i| Event {
                 message_id: format!("m-{i}"),
                 payload: to_raw(&payload),
+                source: Some("web".into()),
             })
             .collect();
         let script = "export function transformEvent(event, metadata) {\n\

@@ -295,8 +295,8 @@ mod tests {
 
     fn server(proxies: &[&str]) -> ServerConfig {
         ServerConfig {
-            public_url: None,
             trusted_proxies: proxies.iter().map(|p| p.parse().unwrap()).collect(),
+            ..ServerConfig::default()
         }
     }
 

@@ -1,5 +1,8 @@
 //! The live debugger: every accepted message as it arrives, streamed to whoever is watching
-//! (`GET /admin/v1/live`, server-sent events), like Segment's source debugger.
+//! (`GET /admin/v1/live`, server-sent events), like Segment's source debugger. Each message
+//! comes with its routing (the destinations it was queued for, and those a rule filtered it
+//! from, with the rule), and later attempts that did not deliver follow as `outcome` frames:
+//! a transform's `null` or failure, a retry, a dead letter.
 //!
 //! Ingest must never wait for a viewer, so the feed is a bounded `broadcast` channel: publishing
 //! is a non-blocking send that costs nothing when nobody watches, and a viewer that reads too
@@ -35,7 +38,7 @@ pub struct LiveQuery {
 }
 
 /// One accepted message, ready to send: `data` is the JSON
-/// `{"source", "received_at", "message"}`.
+/// `{"source", "received_at", "message", "routes"}`.
 #[derive(Debug)]
 struct Published {
     source: Box<str>,
@@ -46,14 +49,22 @@ struct Published {
 #[derive(Debug, Default)]
 pub struct Prepared(Vec<Published>);
 
-/// What a viewer sees: a message, or word that it fell behind.
+/// What a viewer sees: a message, an outcome, or word that it fell behind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// The JSON `{"source", "received_at", "message"}` of one accepted message.
+    /// The JSON `{"source", "received_at", "message", "routes"}` of one accepted message.
     Message(Arc<str>),
+    /// The JSON of an attempt that did not deliver (see [`OutcomeRenderer`]).
+    Outcome(Arc<str>),
     /// This many messages were dropped because the viewer read too slowly.
     Lagged(u64),
 }
+
+/// Renders an attempt that did not deliver as `{"message_id", "destination", "state",
+/// "reason"?, "status"?, "error"?}` with its source's name, resolving ids through the config
+/// in force; `None` skips it.
+pub type OutcomeRenderer =
+    Arc<dyn Fn(&crate::trail::Outcome) -> Option<(Option<String>, String)> + Send + Sync>;
 
 /// The feed ingest publishes to and viewers subscribe to.
 pub struct LiveFeed {
@@ -83,29 +94,30 @@ impl LiveFeed {
         self.sender.receiver_count() > 0
     }
 
-    /// Offers one accepted message (its stored JSON) to the viewers. Never blocks and does
-    /// nothing when nobody watches.
+    /// Offers one accepted message (its stored JSON) to the viewers, without routing. Never
+    /// blocks and does nothing when nobody watches.
     pub fn publish(&self, source: &str, payload: &[u8]) {
-        self.send(self.prepare(source, [payload]));
+        self.send(self.prepare(source, [(payload, serde_json::Value::Null)]));
     }
 
-    /// Renders messages about to be committed, so they can be sent once they are (the
-    /// payloads usually move into the commit). Copies nothing when nobody watches.
+    /// Renders messages about to be committed, each with its routing, so they can be sent once
+    /// they are (the payloads usually move into the commit). Callers skip it, and building the
+    /// routing, when nobody watches ([`LiveFeed::is_watched`]).
     pub fn prepare<'a>(
         &self,
         source: &str,
-        payloads: impl IntoIterator<Item = &'a [u8]>,
+        messages: impl IntoIterator<Item = (&'a [u8], serde_json::Value)>,
     ) -> Prepared {
         if !self.is_watched() {
             return Prepared(Vec::new());
         }
         let received_at = OffsetDateTime::now_utc();
         Prepared(
-            payloads
+            messages
                 .into_iter()
-                .map(|payload| Published {
+                .map(|(payload, routes)| Published {
                     source: source.into(),
-                    data: render(source, received_at, payload).into(),
+                    data: render(source, received_at, payload, routes).into(),
                 })
                 .collect(),
         )
@@ -121,10 +133,16 @@ impl LiveFeed {
         }
     }
 
-    /// The messages of `source` (every source when `None`) from now on.
-    pub fn subscribe(&self, source: Option<String>) -> impl Stream<Item = Frame> + Send + 'static {
+    /// The messages of `source` (every source when `None`) from now on, and with a renderer,
+    /// the attempts that did not deliver (from this process's [`crate::trail::TRAIL`]).
+    pub fn subscribe(
+        &self,
+        source: Option<String>,
+        outcomes: Option<OutcomeRenderer>,
+    ) -> impl Stream<Item = Frame> + Send + 'static {
         let state = Viewer {
             receiver: self.sender.subscribe(),
+            outcomes: outcomes.map(|render| (crate::trail::TRAIL.watch(), render)),
             source,
             closed: self.closed.clone(),
         };
@@ -135,9 +153,9 @@ impl LiveFeed {
     }
 
     /// The `GET /admin/v1/live` answer: server-sent events, `event: message` with the message
-    /// JSON as data, `event: lagged` with `{"skipped": N}` when the viewer fell behind, and a
-    /// keep-alive comment every 15 s.
-    pub fn sse(&self, source: Option<String>) -> Response {
+    /// JSON as data, `event: outcome` for an attempt that did not deliver, `event: lagged` with
+    /// `{"skipped": N}` when the viewer fell behind, and a keep-alive comment every 15 s.
+    pub fn sse(&self, source: Option<String>, outcomes: OutcomeRenderer) -> Response {
         let greeting = format!(
             "watching {}",
             source
@@ -145,12 +163,17 @@ impl LiveFeed {
                 .map_or("every source".to_owned(), |s| format!("source {s}"))
         );
         let greeting = futures::stream::once(async move { Event::default().comment(greeting) });
-        let frames = futures::StreamExt::map(self.subscribe(source), |frame| match frame {
-            Frame::Message(data) => Event::default().event("message").data(&*data),
-            Frame::Lagged(skipped) => Event::default()
-                .event("lagged")
-                .data(format!("{{\"skipped\":{skipped}}}")),
-        });
+        let frames =
+            futures::StreamExt::map(
+                self.subscribe(source, Some(outcomes)),
+                |frame| match frame {
+                    Frame::Message(data) => Event::default().event("message").data(&*data),
+                    Frame::Outcome(data) => Event::default().event("outcome").data(&*data),
+                    Frame::Lagged(skipped) => Event::default()
+                        .event("lagged")
+                        .data(format!("{{\"skipped\":{skipped}}}")),
+                },
+            );
         let events = futures::StreamExt::map(
             futures::StreamExt::chain(greeting, frames),
             Ok::<_, Infallible>,
@@ -175,19 +198,44 @@ impl LiveFeed {
 /// One subscriber's position in the feed.
 struct Viewer {
     receiver: broadcast::Receiver<Arc<Published>>,
+    outcomes: Option<(
+        broadcast::Receiver<Arc<crate::trail::Outcome>>,
+        OutcomeRenderer,
+    )>,
     source: Option<String>,
     closed: CancellationToken,
+}
+
+/// What a viewer's wait brought.
+enum Arrived {
+    Message(Result<Arc<Published>, RecvError>),
+    Outcome(Result<Arc<crate::trail::Outcome>, RecvError>),
 }
 
 impl Viewer {
     async fn next(&mut self) -> Option<Frame> {
         loop {
-            let received = tokio::select! {
-                _ = self.closed.cancelled() => return None,
-                received = self.receiver.recv() => received,
+            let arrived = {
+                let Viewer {
+                    receiver,
+                    outcomes,
+                    closed,
+                    ..
+                } = &mut *self;
+                let outcome = async {
+                    match outcomes {
+                        Some((receiver, _)) => receiver.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = closed.cancelled() => return None,
+                    received = receiver.recv() => Arrived::Message(received),
+                    outcome = outcome => Arrived::Outcome(outcome),
+                }
             };
-            match received {
-                Ok(published) => {
+            match arrived {
+                Arrived::Message(Ok(published)) => {
                     if self
                         .source
                         .as_deref()
@@ -196,16 +244,45 @@ impl Viewer {
                         return Some(Frame::Message(published.data.clone()));
                     }
                 }
-                Err(RecvError::Lagged(skipped)) => return Some(Frame::Lagged(skipped)),
-                Err(RecvError::Closed) => return None,
+                Arrived::Outcome(Ok(outcome)) => {
+                    if let Some(frame) = self.outcome_frame(&outcome) {
+                        return Some(frame);
+                    }
+                }
+                Arrived::Message(Err(RecvError::Lagged(skipped)))
+                | Arrived::Outcome(Err(RecvError::Lagged(skipped))) => {
+                    return Some(Frame::Lagged(skipped))
+                }
+                Arrived::Message(Err(RecvError::Closed)) => return None,
+                Arrived::Outcome(Err(RecvError::Closed)) => self.outcomes = None,
             }
         }
     }
 }
 
-/// `{"source": ..., "received_at": ..., "message": <payload>}`; a payload that is not JSON
-/// (never the case for what ingest stores) is sent as a string rather than breaking the stream.
-fn render(source: &str, received_at: OffsetDateTime, payload: &[u8]) -> String {
+impl Viewer {
+    /// An outcome as this viewer's frame, unless it is another source's.
+    fn outcome_frame(&self, outcome: &crate::trail::Outcome) -> Option<Frame> {
+        let (_, render) = self.outcomes.as_ref()?;
+        let (source, data) = render(outcome)?;
+        if let Some(wanted) = &self.source {
+            if source.as_deref() != Some(wanted.as_str()) {
+                return None;
+            }
+        }
+        Some(Frame::Outcome(data.into()))
+    }
+}
+
+/// `{"source": ..., "received_at": ..., "message": <payload>, "routes": [...]}`; a payload that
+/// is not JSON (never the case for what ingest stores) is sent as a string rather than
+/// breaking the stream.
+fn render(
+    source: &str,
+    received_at: OffsetDateTime,
+    payload: &[u8],
+    routes: serde_json::Value,
+) -> String {
     let message: Box<RawValue> = serde_json::from_slice::<&RawValue>(payload)
         .map(|raw| raw.to_owned())
         .or_else(|_| {
@@ -216,6 +293,7 @@ fn render(source: &str, received_at: OffsetDateTime, payload: &[u8]) -> String {
         "source": source,
         "received_at": crate::ingest::format_time(received_at),
         "message": message,
+        "routes": routes,
     })
     .to_string()
 }
@@ -244,8 +322,8 @@ mod tests {
     #[tokio::test]
     async fn viewers_get_messages_of_their_source() {
         let feed = LiveFeed::new(16);
-        let mut all = Box::pin(feed.subscribe(None));
-        let mut web = Box::pin(feed.subscribe(Some("web".into())));
+        let mut all = Box::pin(feed.subscribe(None, None));
+        let mut web = Box::pin(feed.subscribe(Some("web".into()), None));
         assert!(feed.is_watched());
         feed.publish("app", br#"{"type":"identify","userId":"u2"}"#);
         feed.publish("web", br#"{"type":"track","event":"Signed Up"}"#);
@@ -266,7 +344,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_viewer_misses_messages_and_is_told_how_many() {
         let feed = LiveFeed::new(4);
-        let mut viewer = Box::pin(feed.subscribe(None));
+        let mut viewer = Box::pin(feed.subscribe(None, None));
         for i in 0..10 {
             // Never blocks, however far behind the viewer is.
             feed.publish("web", format!(r#"{{"n":{i}}}"#).as_bytes());
@@ -280,14 +358,19 @@ mod tests {
     #[tokio::test]
     async fn closing_ends_open_streams() {
         let feed = LiveFeed::new(4);
-        let mut viewer = Box::pin(feed.subscribe(None));
+        let mut viewer = Box::pin(feed.subscribe(None, None));
         feed.close();
         assert_eq!(viewer.next().await, None);
     }
 
     #[test]
     fn a_payload_that_is_not_json_is_sent_as_a_string() {
-        let data = render("web", OffsetDateTime::UNIX_EPOCH, b"not json");
+        let data = render(
+            "web",
+            OffsetDateTime::UNIX_EPOCH,
+            b"not json",
+            serde_json::Value::Null,
+        );
         let value: Value = serde_json::from_str(&data).expect("JSON");
         assert_eq!(value["message"], "not json");
         assert_eq!(value["received_at"], "1970-01-01T00:00:00.000Z");

@@ -196,6 +196,7 @@ fn admin_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
             "/admin/v1/destinations/{name}/resume",
             post(resume_destination),
         ),
+        ("/admin/v1/events", get(search_events)),
         ("/admin/v1/events/{message_id}", get(event_path)),
         ("/admin/v1/stats/series", get(stats_series)),
     ]
@@ -420,9 +421,16 @@ async fn ingest(
         .collect();
     let jobs: usize = events.iter().map(|e| e.targets.len()).sum();
     state.depth.admit(&pipeline.limits, source.id, jobs)?;
-    let live = state
-        .live
-        .prepare(&source.name, events.iter().map(|e| e.payload.as_slice()));
+    let live = match state.live.is_watched() {
+        true => state.live.prepare(
+            &source.name,
+            events.iter().zip(&trails).map(|(event, trail)| {
+                let routes = event_json(&pipeline, trail)["routes"].take();
+                (event.payload.as_slice(), routes)
+            }),
+        ),
+        false => Default::default(),
+    };
     if !events.is_empty() {
         match tokio::time::timeout(state.commit_timeout, state.commit.commit(events)).await {
             Ok(Ok(_)) => {
@@ -604,14 +612,17 @@ async fn resume_destination(
 /// Pauses or resumes a configured destination (enabled or not), in every process and across
 /// restarts: the state lives in Postgres, where claims read it.
 async fn set_paused(state: &AppState, name: String, paused: bool) -> Result<Json<Value>, ApiError> {
-    let id = state
-        .pipeline
-        .load()
+    let pipeline = state.pipeline.load_full();
+    let id = pipeline
         .destination_ids
         .get(&name)
         .copied()
         .ok_or_else(|| ApiError::not_found(format!("no destination `{name}`")))?;
     state.store.set_paused(id, paused).await?;
+    // This process's lane stops before the answer (others follow the notice within moments).
+    if let Some(lane) = pipeline.lanes.iter().find(|lane| lane.id == id) {
+        lane.stats.set_paused(paused);
+    }
     Ok(Json(json!({ "name": name, "paused": paused })))
 }
 
@@ -621,28 +632,94 @@ async fn event_path(
     message_id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(message_id) = message_id.map_err(path_error)?;
+    let trail = &crate::trail::TRAIL;
+    if trail.capacity() == 0 {
+        return Err(trail_off());
+    }
     let unknown = || {
         ApiError::not_found(format!(
             "no recent event `{message_id}` in this process (each process keeps the last {} \
-             events it routed)",
-            crate::trail::CAPACITY
+             events it routed: `[server] event_trail`)",
+            trail.capacity()
         ))
     };
-    let event = crate::trail::TRAIL.find(&message_id).ok_or_else(unknown)?;
+    let event = trail.find(&message_id).ok_or_else(unknown)?;
+    Ok(Json(event_json(&state.pipeline.load(), &event)))
+}
+
+#[derive(Deserialize)]
+struct EventSearch {
+    #[serde(rename = "userId")]
+    user_id: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Events a search by user answers at most, and by default.
+const SEARCH_MAX: i64 = 100;
+const SEARCH_DEFAULT: i64 = 20;
+
+/// `GET /admin/v1/events?userId=U&limit=N`: the user's newest events in this process's trail
+/// (matched on userId, else anonymousId), newest first, each as `GET /admin/v1/events/{id}`
+/// shows it.
+async fn search_events(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<EventSearch>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(query_error)?;
+    let user = query
+        .user_id
+        .filter(|user| !user.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                "give `userId` (events are found by messageId at /admin/v1/events/{messageId})",
+            )
+        })?;
+    let limit = query.limit.unwrap_or(SEARCH_DEFAULT);
+    if !(1..=SEARCH_MAX).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`limit` must be 1 to {SEARCH_MAX}"),
+        ));
+    }
+    let trail = &crate::trail::TRAIL;
+    if trail.capacity() == 0 {
+        return Err(trail_off());
+    }
     let pipeline = state.pipeline.load();
-    let source = pipeline
+    let items: Vec<Value> = trail
+        .by_user(&user, limit as usize)
+        .iter()
+        .map(|event| event_json(&pipeline, event))
+        .collect();
+    Ok(Json(json!({
+        "user_id": user,
+        "scope": "process",
+        "items": items,
+    })))
+}
+
+fn source_name(pipeline: &Pipeline, id: i32) -> Option<String> {
+    pipeline
         .sources
         .sources()
         .into_iter()
-        .find(|source| source.id == event.source_id)
-        .map(|source| source.name.clone());
-    let destination = |id: i32| {
-        pipeline
-            .destination_ids
-            .iter()
-            .find(|(_, &known)| known == id)
-            .map(|(name, _)| name.clone())
-    };
+        .find(|source| source.id == id)
+        .map(|source| source.name.clone())
+}
+
+fn destination_name(pipeline: &Pipeline, id: i32) -> Option<String> {
+    pipeline
+        .destination_ids
+        .iter()
+        .find(|(_, &known)| known == id)
+        .map(|(name, _)| name.clone())
+}
+
+/// An event's path as the admin API shows it, names resolved through the config in force.
+fn event_json(pipeline: &Pipeline, event: &crate::trail::EventTrail) -> Value {
+    let source = source_name(pipeline, event.source_id);
+    let destination = |id: i32| destination_name(pipeline, id);
     let routes: Vec<Value> = event
         .routes
         .iter()
@@ -670,13 +747,23 @@ async fn event_path(
             })
         })
         .collect();
-    Ok(Json(json!({
+    json!({
         "message_id": &*event.message_id,
         "source": source,
         "received_at": ingest::format_time(event.received_at),
         "scope": "process",
         "routes": routes,
-    })))
+    })
+}
+
+/// The answer of the event lookups when this process records no trail.
+fn trail_off() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "event_trail_off",
+        "this process keeps no event trail (`[server] event_trail = 0` in its config): set it \
+         above 0 to look events up",
+    )
 }
 
 #[derive(Deserialize)]
@@ -889,7 +976,7 @@ async fn test_destination(
     // A sample event comes from no source: `sources` is not checked.
     let mut route = route.clone();
     route.sources = None;
-    let routed = route.accepts(0, &message);
+    let refused = route.routing(0, &message).err().flatten();
     let metadata = crate::filter::Metadata {
         destination_name: lane.config.name.clone(),
         destination_kind: lane.config.kind.clone(),
@@ -898,7 +985,7 @@ async fn test_destination(
         &lane.config.gate,
         &lane.config.shaping,
         &metadata,
-        routed,
+        refused,
         &message_id,
         Value::Object(event),
     )
@@ -911,7 +998,27 @@ async fn live(
     query: Result<Query<crate::http::live::LiveQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(query_error)?;
-    Ok(state.live.sse(query.source))
+    let pipeline = state.pipeline.clone();
+    let render: crate::http::live::OutcomeRenderer = Arc::new(move |outcome| {
+        let pipeline = pipeline.load();
+        let destination = destination_name(&pipeline, outcome.destination_id)?;
+        let source = outcome.source_id.and_then(|id| source_name(&pipeline, id));
+        let reason = match outcome.state {
+            crate::trail::State::Filtered(reason) => Some(reason),
+            _ => None,
+        };
+        let data = json!({
+            "message_id": &*outcome.message_id,
+            "source": source,
+            "destination": destination,
+            "state": outcome.state.as_str(),
+            "reason": reason,
+            "status": outcome.status,
+            "error": outcome.error.as_deref(),
+        });
+        Some((source, data.to_string()))
+    });
+    Ok(state.live.sse(query.source, render))
 }
 
 /// `POST /admin/v1/replays`: `{"destination", "from", "to", "sources"?}`.

@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use super::Message;
+use crate::filter::Reason;
 use crate::store::Target;
 use crate::trail::EventTrail;
 
@@ -29,25 +30,35 @@ pub struct Route {
 }
 
 impl Route {
-    /// Whether `sources`, `events` and the message's `integrations` let it through.
+    /// Whether `sources`, the message's `integrations` and `events` let it through.
     pub fn accepts(&self, source_id: i32, message: &Message) -> bool {
+        self.routing(source_id, message).is_ok()
+    }
+
+    /// Lets the message through, or says why not: `Err(None)` when the destination does not
+    /// take its source (not a filter: the event was never meant for it), else the first of
+    /// `integrations` and `events` (in that order) that stops it.
+    pub fn routing(&self, source_id: i32, message: &Message) -> Result<(), Option<Reason>> {
         if let Some(sources) = &self.sources {
             if !sources.contains(&source_id) {
-                return false;
+                return Err(None);
             }
+        }
+        if !integrations_allow(
+            message.integrations.as_ref(),
+            [&self.name, &self.kind, &self.catalog_name],
+        ) {
+            return Err(Some(Reason::Integrations));
         }
         if let Some(events) = &self.events {
             let matches = events.iter().any(|e| {
                 e == message.call.as_str() || message.event.as_deref() == Some(e.as_str())
             });
             if !matches {
-                return false;
+                return Err(Some(Reason::Events));
             }
         }
-        integrations_allow(
-            message.integrations.as_ref(),
-            [&self.name, &self.kind, &self.catalog_name],
-        )
+        Ok(())
     }
 }
 
@@ -108,8 +119,14 @@ impl Routes {
         let mut targets = Vec::new();
         let mut filtered: Vec<(i32, &'static str)> = Vec::new();
         for route in self.routes.iter() {
-            if !route.accepts(source_id, message) {
-                continue;
+            match route.routing(source_id, message) {
+                Ok(()) => {}
+                Err(None) => continue,
+                Err(Some(reason)) => {
+                    crate::filter::count(&route.name, reason);
+                    filtered.push((route.destination_id, reason.as_str()));
+                    continue;
+                }
             }
             let event = match route.gate.reads_event() {
                 true => &*parsed.get_or_insert_with(|| {
@@ -133,6 +150,7 @@ impl Routes {
         let trail = EventTrail::new(
             &message.message_id,
             source_id,
+            &message.user_key,
             received_at,
             routed.chain(stopped),
         );

@@ -34,6 +34,8 @@ pub struct ClaimedEvent {
     pub id: i64,
     pub message_id: String,
     pub payload: Vec<u8>,
+    /// Its source's name.
+    pub source: Option<String>,
 }
 
 /// What became of one event of a run.
@@ -76,10 +78,12 @@ macro_rules! claim {
     WHERE j.id = due.id
     RETURNING j.id, j.day, j.event_ids, j.attempts, j.enqueued_at
 )
-SELECT c.id, c.attempts, c.enqueued_at, e.id AS event_id, e.message_id, e.payload
+SELECT c.id, c.attempts, c.enqueued_at, e.id AS event_id, e.message_id, e.payload,
+       s.name AS source
 FROM claimed c
 CROSS JOIN LATERAL unnest(c.event_ids) WITH ORDINALITY AS u(event_id, position)
 JOIN events e ON e.day = c.day AND e.id = u.event_id
+LEFT JOIN sources s ON s.id = e.source_id
 ORDER BY c.id, u.position
 "#
         )
@@ -219,6 +223,7 @@ impl Store {
                     id: row.get("event_id"),
                     message_id: row.get("message_id"),
                     payload: row.get("payload"),
+                    source: row.get("source"),
                 });
             }
         }
@@ -307,27 +312,23 @@ impl Store {
         Ok(rows.into_iter().collect())
     }
 
-    /// Pauses (or resumes) a destination's deliveries in every process. A resume notifies the
-    /// delivering processes so they claim its backlog at once.
+    /// Pauses (or resumes) a destination's deliveries in every process. Both notify the
+    /// delivering processes with an empty notice ("look at everything"), on which they re-read
+    /// the paused destinations: a pause stops what they claimed before it, a resume lets them
+    /// claim the backlog at once.
     pub async fn set_paused(&self, destination_id: i32, paused: bool) -> Result<()> {
-        if paused {
-            sqlx::query(
-                "INSERT INTO paused_destinations (destination_id) VALUES ($1) \
-                 ON CONFLICT (destination_id) DO NOTHING",
-            )
-            .bind(destination_id)
-            .execute(&self.pool)
-            .await?;
+        let statement = if paused {
+            "WITH added AS (INSERT INTO paused_destinations (destination_id) VALUES ($1) \
+             ON CONFLICT (destination_id) DO NOTHING) SELECT pg_notify($2, '')"
         } else {
-            sqlx::query(
-                "WITH gone AS (DELETE FROM paused_destinations WHERE destination_id = $1) \
-                 SELECT pg_notify($2, $1::text)",
-            )
+            "WITH gone AS (DELETE FROM paused_destinations WHERE destination_id = $1) \
+             SELECT pg_notify($2, '')"
+        };
+        sqlx::query(statement)
             .bind(destination_id)
             .bind(JOBS_CHANNEL)
             .execute(&self.pool)
             .await?;
-        }
         Ok(())
     }
 

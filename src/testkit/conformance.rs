@@ -279,6 +279,7 @@ pub fn event(message: &Value) -> Event {
         message_id: message["messageId"].as_str().unwrap_or_default().to_owned(),
         payload: serde_json::value::RawValue::from_string(message.to_string())
             .expect("a JSON value serializes to JSON"),
+        source: None,
     }
 }
 

@@ -10,6 +10,8 @@
 //   DEAD_DESTINATION        a destination with dead letters
 //   FLAKY_DESTINATION       a destination whose first attempt of EVENT_ID failed (500)
 //   EVENT_ID                a messageId sent before the run
+//   EVENT_USER              the userId of that event
+//   REPLAY_ID               a replay started before the run (of DELIVERED_DESTINATION)
 //   SCREENSHOT              where to save the overview's screenshot (PNG); the destination
 //                           page's and the event path's go next to it (-destination, -event)
 //   CHROMIUM                the browser (default /usr/bin/chromium)
@@ -28,6 +30,8 @@ const delivered = env('DELIVERED_DESTINATION');
 const dead = env('DEAD_DESTINATION');
 const flaky = env('FLAKY_DESTINATION');
 const eventId = env('EVENT_ID');
+const eventUser = env('EVENT_USER');
+const replayId = env('REPLAY_ID');
 const screenshot = env('SCREENSHOT');
 const sibling = (suffix) => screenshot.replace(/\.png$/, `-${suffix}.png`);
 const executablePath = env('CHROMIUM', '/usr/bin/chromium');
@@ -130,6 +134,26 @@ try {
   });
   if (!sent.ok) throw new Error(`ingest answered ${sent.status}`);
   await page.locator(`#live-events li[data-message-id="${messageId}"]`).waitFor();
+  const liveRoutes = await page.locator(`#live-events li[data-message-id="${messageId}"] .routes-live li[data-route]`)
+    .evaluateAll((items) => items.map((item) => ({ destination: item.dataset.route, state: item.dataset.state })));
+
+  step(`replay ${replayId} is listed with its progress and state`);
+  const replayRow = `#replays tr[data-replay="${replayId}"]`;
+  await page.waitForFunction((row) => {
+    const bar = document.querySelector(`${row} progress`);
+    return bar && bar.max > 0 && bar.value === bar.max
+      && document.querySelector(`${row} td[data-field="state"]`)?.textContent === 'done';
+  }, replayRow);
+  const replayOverview = await page.evaluate((row) => {
+    const bar = document.querySelector(`${row} progress`);
+    return {
+      destination: document.querySelector(`${row} td[data-field="destination"]`).textContent,
+      state: document.querySelector(`${row} td[data-field="state"]`).textContent,
+      value: bar.value,
+      max: bar.max,
+      label: bar.getAttribute('aria-label'),
+    };
+  }, replayRow);
 
   step('wait for a second refresh, so throughput has a value, then take the screenshot');
   await page.waitForFunction(
@@ -189,6 +213,15 @@ try {
     items.map((item) => ({ failed: item.classList.contains('failed'), text: item.textContent })));
   await page.locator('#event-path').screenshot({ path: sibling('event') });
 
+  step(`find the last events of user ${eventUser}: ${eventId} is among them, with its attempts`);
+  await page.selectOption('#event-by', 'userId');
+  await page.fill('#event-id', eventUser);
+  await page.press('#event-id', 'Enter');
+  const found = page.locator(`#event-path details[data-message-id="${eventId}"]`);
+  await found.waitFor();
+  const userAttempts = await found.locator(`li[data-route="${flaky}"] li[data-attempt]`).count();
+  const userEvents = await page.locator('#event-path details[data-message-id]').count();
+
   step(`open ${delivered}'s page: its charts have data points`);
   await page.click(`button[data-open="${delivered}"]`);
   await page.locator('#destination-page').waitFor({ state: 'visible' });
@@ -197,6 +230,12 @@ try {
   const charts = await page.locator('#page-charts figure').evaluateAll((figures) =>
     figures.map((figure) => ({ title: figure.dataset.chart, points: Number(figure.querySelector('svg').dataset.points) })));
   const focusedTitle = await page.evaluate(() => document.activeElement?.id);
+  const pageReplay = `#page-replays tr[data-replay="${replayId}"]`;
+  await page.locator(`${pageReplay} progress`).waitFor();
+  const replayPage = await page.evaluate((row) => {
+    const bar = document.querySelector(`${row} progress`);
+    return { value: bar.value, max: bar.max, state: document.querySelector(`${row} td[data-field="state"]`).textContent };
+  }, pageReplay);
   await page.screenshot({ path: sibling('destination'), fullPage: true });
 
   step('back to the overview, by keyboard');
@@ -238,10 +277,15 @@ try {
     dead_before: deadBefore,
     replayed_id: replayedId,
     live_message_id: messageId,
+    live_routes: liveRoutes,
     spark_points: sparkPoints,
     paused_message_id: pausedMessageId,
     event_state: routeState,
     attempts,
+    user_events: userEvents,
+    user_attempts: userAttempts,
+    replay_overview: replayOverview,
+    replay_page: replayPage,
     charts,
     focused_title: focusedTitle,
     failed_loads: failedLoads,

@@ -123,9 +123,10 @@
   let opened = null; // the destination whose page is open
 
   async function refreshDestinations() {
-    const [list, recent] = await Promise.all([
+    const [list, recent, { replays }] = await Promise.all([
       api('/admin/v1/destinations'),
       api(`/admin/v1/stats/series?seconds=${SPARK_SECONDS}`),
+      api('/admin/v1/replays'),
     ]);
     const now = performance.now();
     destinations = list;
@@ -136,6 +137,7 @@
     if (focused) document.querySelector(`[data-focus-key="${CSS.escape(focused)}"]`)?.focus();
     $('no-destinations').hidden = list.length > 0;
     renderSources(recent.sources);
+    renderReplays(replays);
     updateDeadLetterChoices(list);
     setStatus(`Updated ${new Date().toLocaleTimeString()}`);
   }
@@ -157,6 +159,45 @@
           sparkline(source.rejected, `${source.name} rejected per second`, 'bad'),
           number.format(total(source.rejected))));
     }));
+  }
+
+  // ---- Replays ------------------------------------------------------------------------------
+
+  /** A replay's progress: delivered + failed of its events (the events selected). */
+  function replayProgress(replay) {
+    const events = replay.events ?? 0;
+    const settled = (replay.delivered ?? 0) + (replay.failed ?? 0);
+    const finished = replay.state === 'done' && events === 0;
+    const max = Math.max(events, 1);
+    return el('progress', {
+      max,
+      value: finished ? max : Math.min(settled, max),
+      'aria-label': `${number.format(settled)} of ${number.format(events)} events`,
+      title: `${number.format(settled)} of ${number.format(events)} events`,
+    });
+  }
+
+  function replayWhen(text) {
+    return text ? new Date(text).toLocaleString() : '–';
+  }
+
+  function renderReplays(replays) {
+    $('replays').tBodies[0].replaceChildren(...replays.map((replay) => el('tr', { 'data-replay': replay.id },
+      el('td', { class: 'num', text: replay.id }),
+      el('td', { 'data-field': 'destination' },
+        el('button', {
+          type: 'button',
+          class: 'link name',
+          onclick: () => openPage(replay.destination),
+          text: replay.destination,
+        })),
+      el('td', { 'data-field': 'state', text: replay.state }),
+      el('td', { 'data-field': 'progress' }, replayProgress(replay),
+        el('span', { class: 'hint', text: ` ${number.format((replay.delivered ?? 0) + (replay.failed ?? 0))} / ${number.format(replay.events ?? 0)}` })),
+      el('td', { text: replayWhen(replay.from) }),
+      el('td', { text: replayWhen(replay.to) }),
+      el('td', { class: 'num', 'data-field': 'failed', text: number.format(replay.failed ?? 0) }))));
+    $('no-replays').hidden = replays.length > 0;
   }
 
   /** Pauses or resumes a destination, then shows the new state. */
@@ -443,10 +484,10 @@
     const own = replays.filter((replay) => replay.destination === name);
     $('page-replays').tBodies[0].replaceChildren(...own.map((replay) => el('tr', { 'data-replay': replay.id },
       el('td', { class: 'num', text: replay.id }),
-      el('td', { text: replay.state }),
-      el('td', { text: new Date(replay.from).toLocaleString() }),
-      el('td', { text: new Date(replay.to).toLocaleString() }),
-      el('td', { class: 'num', text: number.format(replay.selected ?? 0) }),
+      el('td', { 'data-field': 'state', text: replay.state }),
+      el('td', { 'data-field': 'progress' }, replayProgress(replay)),
+      el('td', { text: replayWhen(replay.from) }),
+      el('td', { text: replayWhen(replay.to) }),
       el('td', { class: 'num', text: number.format(replay.delivered ?? 0) }),
       el('td', { class: 'num', text: number.format(replay.failed ?? 0) }))));
     $('page-no-replays').hidden = own.length > 0;
@@ -469,12 +510,15 @@
 
   // ---- Where did this event go? ------------------------------------------------------------
 
-  async function findEvent(messageId) {
+  /** Looks an event up by messageId, or a user's last events by userId. */
+  async function findEvent(by, value) {
     const out = $('event-path');
     out.replaceChildren(el('p', { class: 'hint', text: 'Looking…' }));
-    let path;
+    let found;
     try {
-      path = await api(`/admin/v1/events/${encodeURIComponent(messageId)}`);
+      found = by === 'userId'
+        ? await api(`/admin/v1/events?${new URLSearchParams({ userId: value })}`)
+        : await api(`/admin/v1/events/${encodeURIComponent(value)}`);
     } catch (error) {
       if (error instanceof Unauthorized) {
         handleFailure(error);
@@ -483,7 +527,34 @@
       out.replaceChildren(el('p', { class: 'empty', role: 'alert', text: error.message }));
       return;
     }
+    if (by !== 'userId') {
+      out.replaceChildren(eventPath(found));
+      return;
+    }
+    if (found.items.length === 0) {
+      out.replaceChildren(el('p', { class: 'empty', role: 'alert', text: `No recent events of ${value} in this process.` }));
+      return;
+    }
     out.replaceChildren(
+      el('p', { class: 'hint', text: `The last ${found.items.length} events of ${value}, newest first, as seen by this process.` }),
+      ...found.items.map((path) => el('details', { class: 'found', 'data-message-id': path.message_id, open: found.items.length === 1 },
+        el('summary', {},
+          el('span', { class: 'mono', text: path.message_id }),
+          el('span', { class: 'hint', text: ` · ${new Date(path.received_at).toLocaleString()} · ${routeSummary(path.routes)}` })),
+        eventPath(path))));
+  }
+
+  function routeSummary(routes) {
+    const count = (state) => routes.filter((route) => route.state === state).length;
+    return ['delivered', 'retrying', 'queued', 'dead', 'filtered']
+      .filter((state) => count(state) > 0)
+      .map((state) => `${count(state)} ${state}`)
+      .join(', ') || 'no destination';
+  }
+
+  /** One event's path: when it was accepted, then each destination with its attempts. */
+  function eventPath(path) {
+    return el('div', { class: 'path', 'data-message-id': path.message_id },
       el('p', {},
         'Accepted ', el('strong', { text: new Date(path.received_at).toLocaleString() }),
         ' from ', el('strong', { text: path.source ?? 'an unknown source' }),
@@ -679,10 +750,20 @@
       return;
     }
     if (type === 'message') addLiveEvent(payload);
+    else if (type === 'outcome') addLiveOutcome(payload);
     else if (type === 'lagged') addLiveNote(`Skipped ${number.format(payload.skipped)} events: they arrived faster than this page could show them.`);
   }
 
-  function addLiveEvent({ source, received_at: receivedAt, message }) {
+  /** A route chip: where the message was queued, or which rule filtered it from where. */
+  function routeChip({ destination, state, reason, error }) {
+    const why = reason ? ` (${reason})` : '';
+    return el('li', { class: `route ${state}`, 'data-route': destination ?? '', 'data-state': state, 'data-reason': reason ?? '' },
+      el('span', { class: 'name', text: destination ?? 'a removed destination' }),
+      ` ${state}${why}`,
+      error ? el('span', { class: 'error-text', text: ` — ${error}` }) : null);
+  }
+
+  function addLiveEvent({ source, received_at: receivedAt, message, routes }) {
     const who = message.userId ?? message.anonymousId ?? '';
     const what = message.type === 'track' ? message.event : message.name || message.groupId || message.previousId || '';
     const item = el('li', { 'data-message-id': message.messageId },
@@ -694,8 +775,25 @@
           el('strong', { text: what }),
           who ? ` · ${who}` : '',
           el('span', { class: 'hint mono', text: `  ${message.messageId ?? ''}` })),
-        el('pre', { text: JSON.stringify(message, null, 2) })));
+        el('pre', { text: JSON.stringify(message, null, 2) })),
+      el('ul', { class: 'chips routes-live', 'aria-label': 'routing' },
+        (Array.isArray(routes) ? routes : []).map(routeChip)));
     prependLive(item);
+  }
+
+  /** What delivery made of a message (a transform's null or failure, a retry, a dead letter):
+   *  under the message when it is still listed, else on its own line. */
+  function addLiveOutcome(outcome) {
+    const chip = routeChip(outcome);
+    chip.classList.add('outcome');
+    const item = [...$('live-events').children].find((li) => li.dataset.messageId === outcome.message_id);
+    if (item) {
+      item.querySelector('.routes-live')?.append(chip);
+      return;
+    }
+    prependLive(el('li', { class: 'outcome-line', 'data-outcome-of': outcome.message_id },
+      el('span', { class: 'hint mono', text: `${outcome.message_id} ` }),
+      el('ul', { class: 'chips routes-live' }, chip)));
   }
 
   function addLiveNote(text) {
@@ -766,8 +864,11 @@
     $('page-window').addEventListener('change', () => refreshPage().catch(handleFailure));
     $('event-form').addEventListener('submit', (event) => {
       event.preventDefault();
-      const id = $('event-id').value.trim();
-      if (id) findEvent(id);
+      const value = $('event-id').value.trim();
+      if (value) findEvent($('event-by').value, value);
+    });
+    $('event-by').addEventListener('change', () => {
+      $('event-id').placeholder = $('event-by').value;
     });
     $('live-toggle').addEventListener('click', toggleLive);
     $('live-source').addEventListener('change', () => {

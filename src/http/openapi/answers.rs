@@ -184,13 +184,25 @@ pub struct EventPath {
     pub routes: Vec<EventRoute>,
 }
 
+/// A user's recent events (`GET /admin/v1/events?userId=...`).
+#[derive(ToSchema)]
+pub struct EventSearch {
+    pub user_id: String,
+    /// Always `process`: the answer is this process's memory only.
+    pub scope: String,
+    /// Newest first.
+    pub items: Vec<EventPath>,
+}
+
 /// One destination in an event's path.
 #[derive(ToSchema)]
 pub struct EventRoute {
     pub destination: String,
     /// `queued`, `retrying`, `delivered`, `dead` or `filtered`.
     pub state: String,
-    /// Why it was filtered: `where`, `consent`, `sample` or `transform`.
+    /// Why it was filtered: the first rule that stopped it, in the order they apply:
+    /// `integrations`, `events`, `where`, `consent`, `sample` or `transform` (the script
+    /// returned `null`).
     pub reason: Option<String>,
     pub attempts: Vec<EventAttempt>,
 }
@@ -216,8 +228,8 @@ pub struct DestinationTestResult {
     pub destination: String,
     /// Whether anything would be sent.
     pub delivered: bool,
-    /// What stopped it: `routing` (`events` or `integrations`), `where`, `consent`, `sample`
-    /// or `transform` (the script returned `null`).
+    /// What stopped it, the first rule in the order they apply: `integrations`, `events`,
+    /// `where`, `consent`, `sample` or `transform` (the script returned `null`).
     pub filtered: Option<String>,
     /// The transform's error: the event would be dead-lettered with it.
     pub error: Option<String>,

@@ -94,6 +94,7 @@ pub async fn serve() -> Response {
         routes::pause_destination,
         routes::resume_destination,
         routes::event_path,
+        routes::search_events,
         routes::stats_series,
         routes::dashboard,
         routes::healthz,
@@ -104,6 +105,7 @@ pub async fn serve() -> Response {
     components(schemas(
         PauseState,
         EventPath,
+        EventSearch,
         EventRoute,
         EventAttempt,
         ArchiveReplayRequest,

@@ -346,9 +346,13 @@ pub fn cancel_replay() {}
 
 /// The live debugger: every accepted message as it arrives, as server-sent events.
 ///
-/// `event: message` carries `{"source", "received_at", "message"}`; `event: lagged` carries
-/// `{"skipped": N}` when the viewer read too slowly and missed N messages (ingest never
-/// waits for a viewer). A comment every 15 s keeps the connection open.
+/// `event: message` carries `{"source", "received_at", "message", "routes"}` (`routes`:
+/// `[{destination, state: "queued"|"filtered", reason?}]`, `reason` the first rule that
+/// stopped it); `event: outcome` carries an attempt that did not deliver, `{"message_id",
+/// "source", "destination", "state", "reason"?, "status"?, "error"?}` (a transform's `null`
+/// or failure, a retry, a dead letter); `event: lagged` carries `{"skipped": N}` when the
+/// viewer read too slowly and missed N frames (ingest never waits for a viewer). A comment
+/// every 15 s keeps the connection open.
 #[utoipa::path(
     get,
     path = "/admin/v1/live",
@@ -444,12 +448,33 @@ pub fn resume_destination() {}
     params(("message_id" = String, Path, description = "The event's messageId")),
     responses(
         (status = 200, description = "The event's path", body = EventPath),
-        (status = 404, description = "Unknown here, or aged out of the ring", body = Failure),
+        (status = 404, description = "Unknown here, or aged out of the ring (`not_found`), or this process records no trail (`event_trail_off`: `[server] event_trail = 0`)", body = Failure),
         AdminErrors,
     ),
     security(("adminToken" = [])),
 )]
 pub fn event_path() {}
+
+/// A user's newest events in this process's trail, newest first, each as
+/// `/admin/v1/events/{message_id}` shows it: matched on `userId`, or `anonymousId` for
+/// events without one.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/events",
+    tag = "admin",
+    params(
+        ("userId" = String, Query, description = "The user (userId, else anonymousId)"),
+        ("limit" = Option<u32>, Query, description = "Events at most, 1..=100 (default 20)"),
+    ),
+    responses(
+        (status = 200, description = "The user's recent events", body = EventSearch),
+        (status = 400, description = "No `userId`, or `limit` out of range", body = Failure),
+        (status = 404, description = "This process records no trail (`event_trail_off`: `[server] event_trail = 0`)", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub fn search_events() {}
 
 /// Per-second counts for the last hour, from this process's in-memory ring:
 /// accepted/rejected per source; delivered/retried/dead, queue depth and p50/p99 latency
