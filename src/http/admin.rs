@@ -1,0 +1,621 @@
+//! The admin API's handlers (`/admin/v1/*`, behind the bearer token): destinations and their
+//! pauses, dead letters and replays, event paths, rates, reloads, the live stream.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+
+use crate::http::error::ApiError;
+use crate::http::openapi::{DeadLetter, DeadLetters};
+use crate::http::server::AppState;
+use crate::ingest::{self, Call};
+use crate::pipeline::{Pipeline, ReloadError};
+
+pub(super) async fn destinations(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Value>, ApiError> {
+    let dead = state.store.dead_counts().await?;
+    let paused = state.store.paused().await?;
+    let pipeline = state.pipeline.load();
+    let list: Vec<Value> = pipeline
+        .lanes
+        .iter()
+        .map(|lane| {
+            let config = &lane.config;
+            let (queued, retrying) = state.depth.destination(lane.id);
+            let status = lane.status();
+            json!({
+                "name": config.name,
+                "kind": config.kind,
+                "paused": paused.contains(&lane.id),
+                "queued": queued,
+                "in_flight": status.in_flight,
+                "delivered": status.delivered,
+                "retrying": retrying,
+                "dead": dead.get(&lane.id).copied().unwrap_or(0),
+                "rate_limit": config.rate_limit.map(|r| crate::config::format_rate(&r)),
+                "concurrency_limit": status.concurrency_limit,
+                "rate_factor": status.rate_factor,
+                "last_error": status.last_error,
+                "endpoints": status.endpoints,
+                "filters": crate::filter::describe(&config.gate, &config.shaping),
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(list)))
+}
+
+pub(super) async fn pause_destination(
+    State(state): State<Arc<AppState>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(name) = name.map_err(path_error)?;
+    set_paused(&state, name, true).await
+}
+
+pub(super) async fn resume_destination(
+    State(state): State<Arc<AppState>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(name) = name.map_err(path_error)?;
+    set_paused(&state, name, false).await
+}
+
+/// Pauses or resumes a configured destination (enabled or not), in every process and across
+/// restarts: the state lives in Postgres, where claims read it.
+pub(super) async fn set_paused(
+    state: &AppState,
+    name: String,
+    paused: bool,
+) -> Result<Json<Value>, ApiError> {
+    let pipeline = state.pipeline.load_full();
+    let id = pipeline
+        .destination_ids
+        .get(&name)
+        .copied()
+        .ok_or_else(|| ApiError::not_found(format!("no destination `{name}`")))?;
+    state.store.set_paused(id, paused).await?;
+    // This process's lane stops before the answer (others follow the notice within moments).
+    if let Some(lane) = pipeline.lanes.iter().find(|lane| lane.id == id) {
+        lane.stats.set_paused(paused);
+    }
+    Ok(Json(json!({ "name": name, "paused": paused })))
+}
+
+/// `GET /admin/v1/events/{messageId}`: the event's path as this process saw it.
+pub(super) async fn event_path(
+    State(state): State<Arc<AppState>>,
+    message_id: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(message_id) = message_id.map_err(path_error)?;
+    let trail = &crate::trail::TRAIL;
+    if trail.capacity() == 0 {
+        return Err(trail_off());
+    }
+    let unknown = || {
+        ApiError::not_found(format!(
+            "no recent event `{message_id}` in this process (each process keeps the last {} \
+             events it routed: `[server] event_trail`)",
+            trail.capacity()
+        ))
+    };
+    let event = trail.find(&message_id).ok_or_else(unknown)?;
+    Ok(Json(event_json(&state.pipeline.load(), &event)))
+}
+
+#[derive(Deserialize)]
+pub(super) struct EventSearch {
+    #[serde(rename = "userId")]
+    user_id: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Events a search by user answers at most, and by default.
+const SEARCH_MAX: i64 = 100;
+const SEARCH_DEFAULT: i64 = 20;
+
+/// `GET /admin/v1/events?userId=U&limit=N`: the user's newest events in this process's trail
+/// (matched on userId, else anonymousId), newest first, each as `GET /admin/v1/events/{id}`
+/// shows it.
+pub(super) async fn search_events(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<EventSearch>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(query_error)?;
+    let user = query
+        .user_id
+        .filter(|user| !user.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                "give `userId` (events are found by messageId at /admin/v1/events/{messageId})",
+            )
+        })?;
+    let limit = query.limit.unwrap_or(SEARCH_DEFAULT);
+    if !(1..=SEARCH_MAX).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`limit` must be 1 to {SEARCH_MAX}"),
+        ));
+    }
+    let trail = &crate::trail::TRAIL;
+    if trail.capacity() == 0 {
+        return Err(trail_off());
+    }
+    let pipeline = state.pipeline.load();
+    let items: Vec<Value> = trail
+        .by_user(&user, limit as usize)
+        .iter()
+        .map(|event| event_json(&pipeline, event))
+        .collect();
+    Ok(Json(json!({
+        "user_id": user,
+        "scope": "process",
+        "items": items,
+    })))
+}
+
+pub(super) fn source_name(pipeline: &Pipeline, id: i32) -> Option<String> {
+    pipeline
+        .sources
+        .sources()
+        .into_iter()
+        .find(|source| source.id == id)
+        .map(|source| source.name.clone())
+}
+
+pub(super) fn destination_name(pipeline: &Pipeline, id: i32) -> Option<String> {
+    pipeline
+        .destination_ids
+        .iter()
+        .find(|(_, &known)| known == id)
+        .map(|(name, _)| name.clone())
+}
+
+/// An event's path as the admin API shows it, names resolved through the config in force.
+pub(super) fn event_json(pipeline: &Pipeline, event: &crate::trail::EventTrail) -> Value {
+    let source = source_name(pipeline, event.source_id);
+    let destination = |id: i32| destination_name(pipeline, id);
+    let routes: Vec<Value> = event
+        .routes
+        .iter()
+        .map(|route| {
+            let attempts: Vec<Value> = route
+                .attempts
+                .iter()
+                .map(|attempt| {
+                    json!({
+                        "at": ingest::format_time(attempt.at),
+                        "status": attempt.status,
+                        "error": attempt.error.as_deref(),
+                    })
+                })
+                .collect();
+            let reason = match route.state {
+                crate::trail::State::Filtered(reason) => Some(reason),
+                _ => None,
+            };
+            json!({
+                "destination": destination(route.destination_id),
+                "state": route.state.as_str(),
+                "reason": reason,
+                "attempts": attempts,
+            })
+        })
+        .collect();
+    json!({
+        "message_id": &*event.message_id,
+        "source": source,
+        "received_at": ingest::format_time(event.received_at),
+        "scope": "process",
+        "routes": routes,
+    })
+}
+
+/// The answer of the event lookups when this process records no trail.
+pub(super) fn trail_off() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "event_trail_off",
+        "this process keeps no event trail (`[server] event_trail = 0` in its config): set it \
+         above 0 to look events up",
+    )
+}
+
+#[derive(Deserialize)]
+pub(super) struct SeriesQuery {
+    seconds: Option<u32>,
+}
+
+/// `GET /admin/v1/stats/series?seconds=N`: per-second rates for the last N seconds (at most an
+/// hour), oldest first, from this process's memory.
+pub(super) async fn stats_series(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<SeriesQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(query_error)?;
+    let seconds = query.seconds.unwrap_or(crate::rates::SECONDS as u32);
+    if seconds == 0 || seconds as usize > crate::rates::SECONDS {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`seconds` must be 1 to {}", crate::rates::SECONDS),
+        ));
+    }
+    let until = crate::rates::now();
+    let pipeline = state.pipeline.load();
+    let sources: Vec<Value> = pipeline
+        .sources
+        .sources()
+        .into_iter()
+        .map(|source| {
+            let series = state
+                .source_rates
+                .series(source.id, until, seconds as usize);
+            json!({
+                "name": source.name,
+                "accepted": series.accepted,
+                "rejected": series.rejected,
+            })
+        })
+        .collect();
+    let destinations: Vec<Value> = pipeline
+        .lanes
+        .iter()
+        .map(|lane| {
+            let series = lane.stats.rates.series(until, seconds as usize);
+            json!({
+                "name": lane.config.name,
+                "delivered": series.delivered,
+                "retried": series.retried,
+                "dead": series.dead,
+                "queue_depth": series.queue_depth,
+                "p50_ms": series.p50_ms,
+                "p99_ms": series.p99_ms,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "scope": "process",
+        "until": until,
+        "step_seconds": 1,
+        "sources": sources,
+        "destinations": destinations,
+    })))
+}
+
+#[derive(Deserialize)]
+pub(super) struct DeadLetterQuery {
+    destination: Option<String>,
+    limit: Option<i64>,
+}
+
+pub(super) async fn dead_letters(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<DeadLetterQuery>, QueryRejection>,
+) -> Result<Json<DeadLetters>, ApiError> {
+    let Query(query) = query.map_err(query_error)?;
+    if query
+        .destination
+        .as_deref()
+        .is_some_and(|d| d.contains('\0'))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`destination` must not contain a NUL character",
+        ));
+    }
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let letters = state
+        .store
+        .dead_letters(query.destination.as_deref(), limit)
+        .await?;
+    Ok(Json(DeadLetters {
+        items: letters.into_iter().map(DeadLetter::from).collect(),
+    }))
+}
+
+/// `POST /admin/v1/dead-letters/replay`.
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct ReplayRequest {
+    /// The destination's name.
+    pub destination: String,
+    /// Which dead letters; all of the destination's when absent or null. JSON numbers with an
+    /// integral value (`7` or `7.0`).
+    #[schema(value_type = Option<Vec<i64>>)]
+    pub ids: Option<Vec<serde_json::Number>>,
+}
+
+pub(super) async fn replay(
+    State(state): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let request: ReplayRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("expected {{\"destination\", \"ids\"?}}: {e}"),
+        )
+    })?;
+    let pipeline = state.pipeline.load();
+    let lane = pipeline
+        .lanes
+        .iter()
+        .find(|lane| lane.config.name == request.destination)
+        .ok_or_else(|| ApiError::not_found(format!("no destination `{}`", request.destination)))?;
+    let ids: Option<Vec<i64>> = request
+        .ids
+        .map(|ids| ids.iter().map(integral).collect::<Option<_>>())
+        .map(|ids| {
+            ids.ok_or_else(|| ApiError::bad_request("invalid_ids", "`ids` must be whole numbers"))
+        })
+        .transpose()?;
+    let requeued = state
+        .store
+        .requeue_dead_letters(
+            lane.id,
+            ids.as_deref(),
+            lane.config.ordering == crate::config::Ordering::PerUser,
+        )
+        .await?;
+    Ok(Json(json!({ "requeued": requeued })))
+}
+
+pub(super) async fn reload(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    match state.reloader.reload().await {
+        Ok(report) => Ok(Json(json!({ "reloaded": true, "report": report }))),
+        Err(ReloadError::Invalid(errors)) => {
+            let mut error = ApiError::bad_request(
+                "invalid_config",
+                "the config file has errors; the running config stays",
+            );
+            error.message = format!("{}\n{errors}", error.message);
+            Err(error)
+        }
+        Err(ReloadError::NoFile) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_config_file",
+            "there is no config file to reload (start with --config or ./switchyard.toml)",
+        )),
+        Err(ReloadError::Database(_)) => Err(ApiError::unavailable("the database is unavailable")),
+    }
+}
+
+/// `POST /admin/v1/destinations/{name}/test` `{"event": {...}}`: what the
+/// destination's routing, filters and transform make of the event. Nothing is stored or sent.
+pub(super) async fn test_destination(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let invalid = |message: String| ApiError::bad_request("invalid_body", message);
+    let body: Value =
+        serde_json::from_slice(&body).map_err(|e| invalid(format!("the body is not JSON: {e}")))?;
+    let Some(Value::Object(mut event)) = body.get("event").cloned() else {
+        return Err(invalid(
+            "expected {\"event\": {...}}: the event to try, as an SDK would send it".into(),
+        ));
+    };
+    let pipeline = state.pipeline.load_full();
+    let lane = pipeline
+        .lanes
+        .iter()
+        .find(|lane| lane.config.name == name)
+        .ok_or_else(|| ApiError::not_found(format!("no enabled destination `{name}`")))?;
+    let route = pipeline
+        .routes
+        .find(&name)
+        .ok_or_else(|| ApiError::not_found(format!("no enabled destination `{name}`")))?;
+    let kind = event.get("type").and_then(Value::as_str).unwrap_or("track");
+    let call = Call::parse(kind).ok_or_else(|| invalid(format!("unknown type `{kind}`")))?;
+    event.insert("type".into(), Value::from(call.as_str()));
+    let message_id = match event.get("messageId").and_then(Value::as_str) {
+        Some(id) => id.to_owned(),
+        None => {
+            let id = uuid::Uuid::new_v4().to_string();
+            event.insert("messageId".into(), Value::from(id.clone()));
+            id
+        }
+    };
+    let message = ingest::Message {
+        call,
+        message_id: message_id.clone(),
+        user_key: String::new(),
+        event: event
+            .get("event")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        integrations: event
+            .get("integrations")
+            .and_then(Value::as_object)
+            .cloned(),
+        payload: Vec::new(),
+    };
+    // A sample event comes from no source: `sources` is not checked.
+    let mut route = route.clone();
+    route.sources = None;
+    let refused = route.routing(0, &message).err().flatten();
+    let metadata = crate::filter::Metadata {
+        destination_name: lane.config.name.clone(),
+        destination_kind: lane.config.kind.clone(),
+    };
+    let answer = crate::filter::preview(
+        &lane.config.gate,
+        &lane.config.shaping,
+        &metadata,
+        refused,
+        &message_id,
+        Value::Object(event),
+    )
+    .await;
+    Ok(Json(answer))
+}
+
+pub(super) async fn live(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<crate::http::live::LiveQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(query_error)?;
+    let pipeline = state.pipeline.clone();
+    let render: crate::http::live::OutcomeRenderer = Arc::new(move |outcome| {
+        let pipeline = pipeline.load();
+        let destination = destination_name(&pipeline, outcome.destination_id)?;
+        let source = outcome.source_id.and_then(|id| source_name(&pipeline, id));
+        let reason = match outcome.state {
+            crate::trail::State::Filtered(reason) => Some(reason),
+            _ => None,
+        };
+        let data = json!({
+            "message_id": &*outcome.message_id,
+            "source": source,
+            "destination": destination,
+            "state": outcome.state.as_str(),
+            "reason": reason,
+            "status": outcome.status,
+            "error": outcome.error.as_deref(),
+        });
+        Some((source, data.to_string()))
+    });
+    Ok(state.live.sse(query.source, render))
+}
+
+/// `POST /admin/v1/replays`: `{"destination", "from", "to", "sources"?}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReplayArchiveRequest {
+    destination: String,
+    #[serde(with = "time::serde::rfc3339")]
+    from: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    to: OffsetDateTime,
+    sources: Option<Vec<String>>,
+}
+
+pub(super) async fn start_replay(
+    State(state): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let request: ReplayArchiveRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!(
+                "expected {{\"destination\", \"from\", \"to\", \"sources\"?}} with RFC 3339 times: {e}"
+            ),
+        )
+    })?;
+    if request.from >= request.to {
+        return Err(ApiError::bad_request(
+            "invalid_range",
+            "`from` must be before `to`",
+        ));
+    }
+    let pipeline = state.pipeline.load();
+    let destination_id = *pipeline
+        .destination_ids
+        .get(&request.destination)
+        .ok_or_else(|| ApiError::not_found(format!("no destination `{}`", request.destination)))?;
+    let sources = match &request.sources {
+        None => None,
+        Some(names) => {
+            let mut ids = Vec::with_capacity(names.len());
+            for name in names {
+                let id = pipeline
+                    .sources
+                    .id_of(name)
+                    .ok_or_else(|| ApiError::not_found(format!("no source `{name}`")))?;
+                ids.push(id);
+            }
+            Some(ids)
+        }
+    };
+    let replay = state
+        .store
+        .create_replay(destination_id, request.from, request.to, sources.as_deref())
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": replay.id, "events": replay.events })),
+    ))
+}
+
+pub(super) async fn list_replays(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Value>, ApiError> {
+    let replays = state.store.replays(None).await?;
+    Ok(Json(json!({
+        "replays": replays.iter().map(replay_json).collect::<Vec<_>>()
+    })))
+}
+
+pub(super) async fn show_replay(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = replay_id(&id)?;
+    Ok(Json(replay_json(&find_replay(&state, id).await?)))
+}
+
+pub(super) async fn cancel_replay(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = replay_id(&id)?;
+    let found = state.store.cancel_replay(id).await?;
+    if !found {
+        return Err(ApiError::not_found(format!("no replay {id}")));
+    }
+    Ok(Json(replay_json(&find_replay(&state, id).await?)))
+}
+
+pub(super) async fn find_replay(
+    state: &AppState,
+    id: i64,
+) -> Result<crate::store::Replay, ApiError> {
+    state
+        .store
+        .replay(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no replay {id}")))
+}
+
+pub(super) fn replay_id(text: &str) -> Result<i64, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::bad_request("invalid_id", "a replay id is a whole number"))
+}
+
+/// A replay as the admin API shows it.
+pub fn replay_json(replay: &crate::store::Replay) -> Value {
+    json!({
+        "id": replay.id,
+        "destination": replay.destination,
+        "state": replay.state,
+        "from": ingest::format_time(replay.from_at),
+        "to": ingest::format_time(replay.to_at),
+        "events": replay.events,
+        "selected": replay.selected,
+        "delivered": replay.delivered,
+        "failed": replay.failed,
+        "created_at": ingest::format_time(replay.created_at),
+        "finished_at": replay.finished_at.map(ingest::format_time),
+    })
+}
+
+pub(super) fn integral(number: &serde_json::Number) -> Option<i64> {
+    number.as_i64().or_else(|| {
+        let value = number.as_f64()?;
+        (value.fract() == 0.0 && value.abs() < 9.0e15).then_some(value as i64)
+    })
+}
+
+pub(super) fn path_error(rejection: PathRejection) -> ApiError {
+    ApiError::bad_request("invalid_path", rejection.body_text())
+}
+
+pub(super) fn query_error(rejection: QueryRejection) -> ApiError {
+    ApiError::bad_request("invalid_query", rejection.body_text())
+}
