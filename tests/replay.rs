@@ -348,3 +348,119 @@ async fn a_replay_resumes_after_a_restart_and_the_archive_exports_as_ndjson() {
         .all(|e| e["event"] == "E" && e.get("writeKey").is_none()));
     let _ = std::fs::remove_file(&file);
 }
+
+/// Live traffic first: live events to a destination that is replaying overtake the replay's
+/// backlog instead of queueing behind it, and two replays to one destination share its rate
+/// limit with the live events (no second allowance per replay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_events_overtake_two_replays_that_share_the_destinations_rate_limit() {
+    const LIMIT: usize = 40;
+    let db = TestDatabase::create("replay_lanes").await;
+    let other = MockServer::start().await;
+    let hook = MockServer::start().await;
+    let dir = std::env::temp_dir().join(format!("sy-replay-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("switchyard.toml");
+    let before = [destination("other", &other.url("/in"), "")];
+    std::fs::write(&path, config(&before)).unwrap();
+    let sy = start_switchyard_from(&path, &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    send(&base, "hist", "History", 150).await;
+    assert!(
+        other
+            .wait_until(Duration::from_secs(20), |s| s.events().len() >= 150)
+            .await
+    );
+
+    // `hook` is added today with a limit of LIMIT requests a second, one event each.
+    let hook_settings = format!("rate_limit = \"{LIMIT}/s\"\nbatch_size = 1");
+    let after = [
+        destination("other", &other.url("/in"), ""),
+        destination("hook", &hook.url("/in"), &hook_settings),
+    ];
+    std::fs::write(&path, config(&after)).unwrap();
+    let (status, body) = admin(&base, reqwest::Method::POST, "/admin/v1/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let (from, to) = around_now();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (status, body) = admin(
+            &base,
+            reqwest::Method::POST,
+            "/admin/v1/replays",
+            Some(json!({"destination": "hook", "from": from, "to": to})),
+        )
+        .await;
+        assert_eq!((status, &body["events"]), (202, &json!(150)), "{body}");
+        ids.push(body["id"].as_i64().unwrap());
+    }
+    // The replays are flowing (300 requests at LIMIT/s: about 7.5 s) when live events come.
+    assert!(
+        hook.wait_until(Duration::from_secs(20), |s| s.received().len() >= LIMIT)
+            .await
+    );
+    send(&base, "live", "Live", 10).await;
+    let live_arrived = hook
+        .wait_until(Duration::from_secs(30), |s| {
+            s.message_ids()
+                .iter()
+                .filter(|id| id.starts_with("live-"))
+                .count()
+                == 10
+        })
+        .await;
+    assert!(
+        live_arrived,
+        "the live events reached the replaying destination"
+    );
+    for id in &ids {
+        let done = wait_state(&base, *id, "done").await;
+        assert_eq!(
+            (&done["delivered"], &done["failed"]),
+            (&json!(150), &json!(0)),
+            "{done}"
+        );
+    }
+
+    // In arrival order, most of the replays' requests came after the last live event: the live
+    // events did not wait for the replays' backlog.
+    let received = hook.received();
+    let replayed_of = |request: &switchyard::testkit::Received| {
+        !request.json()["messageId"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("live-")
+    };
+    let last_live = received.iter().rposition(|r| !replayed_of(r)).unwrap();
+    let replayed_after = received[last_live..]
+        .iter()
+        .filter(|r| replayed_of(r))
+        .count();
+    assert!(
+        replayed_after >= 100,
+        "only {replayed_after} of 300 replayed requests came after the last live event"
+    );
+    // Each event of history twice (one replay each), each live one once.
+    let got = hook.message_ids();
+    assert_eq!(got.len(), 310, "{got:?}");
+    assert_eq!(unique(&got).len(), 160);
+    // One limit for all three: no second in which the destination got more than LIMIT requests
+    // (plus the 50 ms burst the limiter allows and a little timer slack).
+    let times: Vec<_> = received.iter().map(|r| r.at).collect();
+    let busiest = (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|at| **at < times[i] + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        busiest <= LIMIT + LIMIT / 10 + 2,
+        "{busiest} requests in one second against a limit of {LIMIT}/s"
+    );
+    // The other destination got nothing twice.
+    assert_eq!(other.message_ids().len(), 160);
+    sy.shutdown().await.unwrap();
+}

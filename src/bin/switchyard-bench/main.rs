@@ -63,6 +63,25 @@ struct Cli {
 /// The private server's port, off the standard ones.
 const PRIVATE_PORT: u16 = 54330;
 
+/// The port of the private server already running in `data_dir` (its `postmaster.pid` says),
+/// else [`PRIVATE_PORT`], or any free port when something else holds that (another checkout's
+/// bench, say).
+fn private_port(data_dir: &std::path::Path) -> u16 {
+    use std::net::TcpListener;
+    let running = std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()
+        .and_then(|pid_file| pid_file.lines().nth(3)?.trim().parse().ok());
+    if let Some(port) = running {
+        return port;
+    }
+    if TcpListener::bind(("127.0.0.1", PRIVATE_PORT)).is_ok() {
+        return PRIVATE_PORT;
+    }
+    TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|listener| listener.local_addr())
+        .map_or(PRIVATE_PORT, |address| address.port())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -104,13 +123,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .and_then(Path::parent)
                 .unwrap_or(Path::new("."))
                 .join("bench-postgres");
+            let port = private_port(&data_dir);
             private = ::switchyard::cli::bootstrap::start_private_in(
                 data_dir,
-                PRIVATE_PORT,
+                port,
                 "DATABASE_URL was not set: the bench runs on a server with default settings",
             )
             .await?;
-            format!("postgres://postgres@127.0.0.1:{PRIVATE_PORT}/postgres")
+            format!("postgres://postgres@127.0.0.1:{port}/postgres")
         }
     };
     let server = Server::new(Some(&database_url))?;
