@@ -155,7 +155,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     plan.insert(0, Scenario::PostgresBaseline);
     if env.peer_dir.is_some() && !plan.contains(&Scenario::GraphileWorker) {
         let after = plan.iter().position(|s| *s == Scenario::BacklogDrain);
-        plan.insert(after.map_or(plan.len(), |i| i + 1), Scenario::GraphileWorker);
+        plan.insert(
+            after.map_or(plan.len(), |i| i + 1),
+            Scenario::GraphileWorker,
+        );
     }
 
     let started = Instant::now();

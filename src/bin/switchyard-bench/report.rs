@@ -326,9 +326,9 @@ pub fn json(rows: &[Row]) -> Value {
             entry.insert("cpu_other_pct".into(), round(cpu.other, 1));
         }
         if let Some(verdict) = verdict {
-            let (ratio, basis) = verdict.ratio.map_or((Value::Null, Value::Null), |(r, b)| {
-                (round(r, 4), json!(b))
-            });
+            let (ratio, basis) = verdict
+                .ratio
+                .map_or((Value::Null, Value::Null), |(r, b)| (round(r, 4), json!(b)));
             entry.insert("ratio".into(), ratio);
             entry.insert("ratio_to".into(), basis);
             entry.insert("target".into(), json!(verdict.target));

@@ -106,8 +106,7 @@ pub fn config(webhooks: &[Webhook]) -> String {
 
 /// [`config`] after `head`, top-level tables such as `[archive]`.
 pub fn config_with(head: &str, webhooks: &[Webhook]) -> String {
-    let mut toml =
-        format!("{head}\n[[sources]]\nname = \"bench\"\nwrite_key = \"{WRITE_KEY}\"\n");
+    let mut toml = format!("{head}\n[[sources]]\nname = \"bench\"\nwrite_key = \"{WRITE_KEY}\"\n");
     for webhook in webhooks {
         let _ = write!(
             toml,

@@ -54,7 +54,8 @@ CREATE INDEX baseline_jobs_due ON baseline_jobs (destination_id, run_at);
 const COPY: &str =
     "COPY baseline_events (source_id, message_id, received_at, payload) FROM STDIN (FORMAT binary)";
 
-const INSERT_ONE: &str = "INSERT INTO baseline_events (source_id, message_id, received_at, payload) \
+const INSERT_ONE: &str =
+    "INSERT INTO baseline_events (source_id, message_id, received_at, payload) \
      VALUES (1, $1, now(), $2)";
 
 const QUEUE_JOBS: &str = r#"
@@ -188,10 +189,7 @@ async fn copy_for(database: Database, duration: Duration) -> anyhow::Result<(u64
 
 /// Inserts one event per statement, each committed on its own, until `duration` has passed;
 /// returns the rows inserted and the connection, still open.
-async fn commit_for(
-    database: Database,
-    duration: Duration,
-) -> anyhow::Result<(u64, PgConnection)> {
+async fn commit_for(database: Database, duration: Duration) -> anyhow::Result<(u64, PgConnection)> {
     let mut connection = database.connect().await?;
     let events = EventMaker::single("Order Completed");
     let timestamp = timestamp_now();

@@ -111,7 +111,8 @@ async fn compare(env: &Env, scenario: &str, with: Setup, without: Setup) -> anyh
     row.cpu = with_runs.last().map(|r| r.cpu);
     let without_rate = mean(without_runs, &|r| r.events_per_sec);
     row.set("without_events_per_sec", round(without_rate, 1));
-    let rates = |runs: &[Run]| -> Vec<f64> { runs.iter().map(|r| r.events_per_sec.round()).collect() };
+    let rates =
+        |runs: &[Run]| -> Vec<f64> { runs.iter().map(|r| r.events_per_sec.round()).collect() };
     row.set("with_runs", rates(with_runs));
     row.set("without_runs", rates(without_runs));
     let cpu_with = mean(with_runs, &Run::cpu_us_per_event);
@@ -137,7 +138,15 @@ async fn once(env: &Env, label: &str, setup: &Setup) -> anyhow::Result<Run> {
     let switchyard = env
         .switchyard_with(label, &database, Role::All, &config, &files)
         .await?;
-    let saturation = saturate(env, &switchyard, &sink, &database, &["Order Completed"], PLAN).await;
+    let saturation = saturate(
+        env,
+        &switchyard,
+        &sink,
+        &database,
+        &["Order Completed"],
+        PLAN,
+    )
+    .await;
     switchyard.stop().await?;
     anyhow::ensure!(
         saturation.load.failed() == 0,

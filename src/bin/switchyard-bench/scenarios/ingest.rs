@@ -50,11 +50,10 @@ async fn intake(
     let cpu = meter.finish();
 
     let mut connection = database.connect().await?;
-    let queued: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(cardinality(event_ids)), 0)::bigint FROM jobs",
-    )
-        .fetch_one(&mut connection)
-        .await?;
+    let queued: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(cardinality(event_ids)), 0)::bigint FROM jobs")
+            .fetch_one(&mut connection)
+            .await?;
 
     let mut row = Row::new(scenario);
     row.events_per_sec = report.events_per_sec();

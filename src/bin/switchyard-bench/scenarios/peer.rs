@@ -21,7 +21,12 @@ const JOBS: u64 = 200_000;
 /// with one runner process per core.
 const CONFIGS: [&[&str]; 3] = [
     &["--config=batched"],
-    &["--config=batched", "--lq=1000", "--cdelay=20", "--fdelay=20"],
+    &[
+        "--config=batched",
+        "--lq=1000",
+        "--cdelay=20",
+        "--fdelay=20",
+    ],
     &[
         "--config=batched",
         "--lq=1000",

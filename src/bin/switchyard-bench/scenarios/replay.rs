@@ -99,7 +99,10 @@ pub async fn run(env: &Env) -> anyhow::Result<Row> {
             &json!({"destination": "target", "from": rfc3339(from)?, "to": rfc3339(to)?}),
         )
         .await?;
-    ensure!(status == 202, "POST /admin/v1/replays answered {status}: {answer}");
+    ensure!(
+        status == 202,
+        "POST /admin/v1/replays answered {status}: {answer}"
+    );
     let id = answer["id"].as_i64().context("the replay has no id")?;
     let selected = answer["events"].as_u64().unwrap_or(0);
     row.set("replay_events", selected);
@@ -140,16 +143,17 @@ pub async fn run(env: &Env) -> anyhow::Result<Row> {
         row.set("live_failures_during_replay", failed);
     }
     if let Ok((200, state)) = switchyard
-        .admin(Method::GET, &format!("/admin/v1/replays/{id}"), &json!(null))
+        .admin(
+            Method::GET,
+            &format!("/admin/v1/replays/{id}"),
+            &json!(null),
+        )
         .await
     {
         row.set("replay_state", state["state"].clone());
         row.set("replay_delivered", state["delivered"].clone());
     }
-    row.set(
-        "max_rss_mb_sampled",
-        round(largest.await.unwrap_or(0.0), 1),
-    );
+    row.set("max_rss_mb_sampled", round(largest.await.unwrap_or(0.0), 1));
     if !finished || (replayed.len() as u64) < events || selected != events {
         row.error = Some(format!(
             "archived {events}, the replay selected {selected} and {} arrived within \
