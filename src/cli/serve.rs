@@ -268,7 +268,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     })
 }
 
-/// Periodic upkeep: day partitions made ahead, old ones dropped.
+/// Periodic upkeep: day partitions made ahead, old ones dropped, and the histograms' samples
+/// folded into their buckets. The recorder keeps every sample until a scrape or an upkeep
+/// drains it, so a process nobody scrapes grew by about 3.5 MB a minute at 3,500 deliveries/s.
 async fn maintain(store: Store, retention: Duration, stop: CancellationToken) {
     let mut every = tokio::time::interval(Duration::from_secs(10));
     loop {
@@ -276,6 +278,7 @@ async fn maintain(store: Store, retention: Duration, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = every.tick() => {}
         }
+        metrics_handle().run_upkeep();
         match store.upkeep(retention).await {
             Ok(report) if report != Default::default() => {
                 tracing::info!(?report, "partition upkeep")

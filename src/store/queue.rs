@@ -129,7 +129,7 @@ impl Store {
             .bind(&runs.ordered)
             .bind(&notice)
             .bind(JOBS_CHANNEL)
-            .fetch_one(&self.pool)
+            .fetch_one(&self.writes)
             .await?;
         Ok(Committed {
             fresh: row.get::<i64, _>("fresh") as u64,

@@ -43,6 +43,14 @@ impl Connection {
         }
     }
 
+    /// A connection that authenticates with `Authorization: Bearer token` (the admin API).
+    pub fn bearer(addr: SocketAddr, token: &str) -> Connection {
+        let mut connection = Connection::new(addr);
+        connection.auth = HeaderValue::from_str(&format!("Bearer {token}"))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        connection
+    }
+
     async fn open(&self) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
         let stream = TcpStream::connect(self.addr)
             .await

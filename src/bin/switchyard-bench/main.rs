@@ -39,8 +39,9 @@ use crate::scenarios::{Env, Scenario};
     about = "Benchmarks Switchyard against a real Postgres and local sinks"
 )]
 struct Cli {
-    /// A scenario to run (repeatable); without one, every default scenario. `soak`, `scale`
-    /// and `balancing` run only when named. `postgres-baseline` always runs first: every
+    /// A scenario to run (repeatable); without one, every default scenario. `soak`, `scale`,
+    /// `balancing` and `graphile-worker` run only when named (the last also with
+    /// `--peer-graphile`). `postgres-baseline` always runs first: every
     /// ratio needs it.
     #[arg(long = "scenario", value_enum)]
     scenarios: Vec<Scenario>,
@@ -55,6 +56,13 @@ struct Cli {
     /// Minutes of the `soak` scenario.
     #[arg(long, default_value_t = 10)]
     soak_minutes: u64,
+    /// Events the `replay` scenario archives and replays (fewer for a quick run).
+    #[arg(long, default_value_t = 1_000_000)]
+    replay_events: u64,
+    /// A folder with graphile-worker's `bench.mjs` and its `node_modules`: adds the
+    /// `graphile-worker` peer row, run right after `backlog-drain` on the same server.
+    #[arg(long)]
+    peer_graphile: Option<PathBuf>,
     /// Exit non-zero when a scenario fails or a soak is not flat (for CI).
     #[arg(long)]
     check: bool,
@@ -144,6 +152,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         work_dir: work_dir.clone(),
         postmaster,
         soak_minutes: cli.soak_minutes.max(1),
+        replay_events: cli.replay_events.max(1),
+        peer_dir: cli.peer_graphile.clone(),
     };
     if postmaster.is_none() {
         eprintln!("Postgres does not run on this machine: its CPU share is not measured");
@@ -163,6 +173,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         first
     });
     plan.insert(0, Scenario::PostgresBaseline);
+    if env.peer_dir.is_some() && !plan.contains(&Scenario::GraphileWorker) {
+        let after = plan.iter().position(|s| *s == Scenario::BacklogDrain);
+        plan.insert(
+            after.map_or(plan.len(), |i| i + 1),
+            Scenario::GraphileWorker,
+        );
+    }
 
     let started = Instant::now();
     let rows = tokio::select! {
@@ -172,14 +189,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bail!("interrupted; the bench databases were dropped");
         }
     };
-    let baseline = rows
-        .iter()
-        .find(|r| r.scenario == "postgres-baseline" && r.error.is_none())
-        .map(|r| r.events_per_sec);
-    println!("{}", report::table(&rows, baseline));
+    println!("{}", report::table(&rows));
     println!("total time: {:.0} s", started.elapsed().as_secs_f64());
     if let Some(path) = &cli.json {
-        let text = serde_json::to_string_pretty(&report::json(&rows, baseline))?;
+        let text = serde_json::to_string_pretty(&report::json(&rows))?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }

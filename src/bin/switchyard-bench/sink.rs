@@ -158,6 +158,20 @@ impl Sink {
             .count() as u64
     }
 
+    /// Events on `channel` sent in `[from_ns, to_ns)` that arrived.
+    pub fn sent_between(&self, channel: usize, from_ns: u64, to_ns: u64) -> u64 {
+        let Some(channel) = self.counts.channels.get(channel) else {
+            return 0;
+        };
+        let Ok(arrivals) = channel.arrivals.lock() else {
+            return 0;
+        };
+        arrivals
+            .iter()
+            .filter(|a| (from_ns..to_ns).contains(&a.sent_ns))
+            .count() as u64
+    }
+
     /// Events on every channel that arrived in `[from_ns, to_ns)`.
     pub fn all_arrived_between(&self, from_ns: u64, to_ns: u64) -> u64 {
         (0..self.counts.channels.len())

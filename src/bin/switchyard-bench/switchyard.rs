@@ -49,6 +49,8 @@ pub struct Webhook {
     pub events: Option<Vec<String>>,
     pub rate_limit: Option<String>,
     pub rate_limit_key: Option<String>,
+    /// A transform script's file name, next to the config.
+    pub transform: Option<String>,
 }
 
 impl Webhook {
@@ -60,6 +62,7 @@ impl Webhook {
             events: None,
             rate_limit: None,
             rate_limit_key: None,
+            transform: None,
         }
     }
 
@@ -81,6 +84,13 @@ impl Webhook {
         }
     }
 
+    pub fn transform(self, file: &str) -> Webhook {
+        Webhook {
+            transform: Some(file.into()),
+            ..self
+        }
+    }
+
     pub fn rate_limit_key(self, key: impl Into<String>) -> Webhook {
         Webhook {
             rate_limit_key: Some(key.into()),
@@ -91,7 +101,12 @@ impl Webhook {
 
 /// The config file: one source (the bench's write key) and webhooks.
 pub fn config(webhooks: &[Webhook]) -> String {
-    let mut toml = format!("[[sources]]\nname = \"bench\"\nwrite_key = \"{WRITE_KEY}\"\n");
+    config_with("", webhooks)
+}
+
+/// [`config`] after `head`, top-level tables such as `[archive]`.
+pub fn config_with(head: &str, webhooks: &[Webhook]) -> String {
+    let mut toml = format!("{head}\n[[sources]]\nname = \"bench\"\nwrite_key = \"{WRITE_KEY}\"\n");
     for webhook in webhooks {
         let _ = write!(
             toml,
@@ -106,6 +121,9 @@ pub fn config(webhooks: &[Webhook]) -> String {
         }
         if let Some(key) = &webhook.rate_limit_key {
             let _ = writeln!(toml, "rate_limit_key = {key:?}");
+        }
+        if let Some(file) = &webhook.transform {
+            let _ = writeln!(toml, "transform = {file:?}");
         }
     }
     toml
@@ -188,6 +206,24 @@ impl Switchyard {
     /// Peak RSS so far, in MB.
     pub fn peak_rss_mb(&self) -> Option<f64> {
         procfs::peak_rss_mb(self.pid)
+    }
+
+    /// Calls the admin API: `method path` with a JSON body; the status and the JSON answer.
+    pub async fn admin(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let mut connection = loader::Connection::bearer(self.addr, ADMIN_TOKEN);
+        let body = if body.is_null() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(body)?
+        };
+        let (status, answer) = connection.send(method, path, body.into()).await?;
+        let value = serde_json::from_slice(&answer).unwrap_or(serde_json::Value::Null);
+        Ok((status, value))
     }
 
     /// How many lines it logged (at `RUST_LOG=warn`: its warnings and errors).

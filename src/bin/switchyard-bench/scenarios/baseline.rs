@@ -6,7 +6,8 @@
 //! transaction. Drain: a jobs-like table with one row per copied event, claimed in batches of
 //! 100 with `FOR UPDATE SKIP LOCKED` (claiming pushes `run_at` past a lease and returns the
 //! event's payload, as Switchyard's claim does) and completed with a batched `DELETE`, by four
-//! workers until it is empty.
+//! workers until it is empty. Commit: the same events as single-row `INSERT`s, each its own
+//! transaction (so its own WAL flush), from sixteen connections, as a naive service writes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,6 +29,8 @@ const COPY_CHUNK: u64 = 5_000;
 const DRAIN_JOBS: i64 = 200_000;
 const DRAINERS: usize = 4;
 const CLAIM_BATCH: i64 = 100;
+const COMMIT_FOR: Duration = Duration::from_secs(8);
+const COMMITTERS: usize = 16;
 
 const SCHEMA: &str = r#"
 CREATE TABLE baseline_events (
@@ -50,6 +53,10 @@ CREATE INDEX baseline_jobs_due ON baseline_jobs (destination_id, run_at);
 
 const COPY: &str =
     "COPY baseline_events (source_id, message_id, received_at, payload) FROM STDIN (FORMAT binary)";
+
+const INSERT_ONE: &str =
+    "INSERT INTO baseline_events (source_id, message_id, received_at, payload) \
+     VALUES (1, $1, now(), $2)";
 
 const QUEUE_JOBS: &str = r#"
 INSERT INTO baseline_jobs (event_id, destination_id, run_at)
@@ -122,6 +129,22 @@ pub async fn run(env: &Env) -> anyhow::Result<Row> {
     let drain_cpu = meter.finish();
     close(connections).await;
 
+    let meter = env.meter(&[], &database, None);
+    let started = Instant::now();
+    let committers: Vec<_> = (0..COMMITTERS)
+        .map(|_| tokio::spawn(commit_for(database.clone(), COMMIT_FOR)))
+        .collect();
+    let mut committed = 0;
+    let mut connections = Vec::new();
+    for committer in committers {
+        let (rows, connection) = committer.await.context("an INSERT task failed")??;
+        committed += rows;
+        connections.push(connection);
+    }
+    let commit_rate = per_sec(committed, started.elapsed());
+    let commit_cpu = meter.finish();
+    close(connections).await;
+
     row.events_per_sec = copy_rate;
     row.cpu = Some(copy_cpu);
     row.set("copy_events_per_sec", round(copy_rate, 1));
@@ -130,6 +153,10 @@ pub async fn run(env: &Env) -> anyhow::Result<Row> {
     row.set("drain_jobs", drained);
     row.set("drain_cpu_postgres_pct", round(drain_cpu.postgres, 1));
     row.set("drain_cpu_loader_pct", round(drain_cpu.loader, 1));
+    row.set("commit_events_per_sec", round(commit_rate, 1));
+    row.set("commit_rows", committed);
+    row.set("commit_cpu_postgres_pct", round(commit_cpu.postgres, 1));
+    row.set("commit_cpu_loader_pct", round(commit_cpu.loader, 1));
     if drained != queued {
         row.error = Some(format!("queued {queued} jobs but drained {drained}"));
     }
@@ -158,6 +185,28 @@ async fn copy_for(database: Database, duration: Duration) -> anyhow::Result<(u64
         copied += copy.finish().await?;
     }
     Ok((copied, connection))
+}
+
+/// Inserts one event per statement, each committed on its own, until `duration` has passed;
+/// returns the rows inserted and the connection, still open.
+async fn commit_for(database: Database, duration: Duration) -> anyhow::Result<(u64, PgConnection)> {
+    let mut connection = database.connect().await?;
+    let events = EventMaker::single("Order Completed");
+    let timestamp = timestamp_now();
+    let started = Instant::now();
+    let mut inserted = 0;
+    let mut payload = Vec::with_capacity(512);
+    while started.elapsed() < duration {
+        payload.clear();
+        events.write_track(&mut payload, inserted, timing::now_ns(), &timestamp);
+        sqlx::query(INSERT_ONE)
+            .bind(events.message_id(inserted))
+            .bind(payload.as_slice())
+            .execute(&mut connection)
+            .await?;
+        inserted += 1;
+    }
+    Ok((inserted, connection))
 }
 
 /// Events `first..first + COPY_CHUNK` in Postgres's binary COPY format.

@@ -50,9 +50,10 @@ async fn intake(
     let cpu = meter.finish();
 
     let mut connection = database.connect().await?;
-    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
-        .fetch_one(&mut connection)
-        .await?;
+    let queued: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(cardinality(event_ids)), 0)::bigint FROM jobs")
+            .fetch_one(&mut connection)
+            .await?;
 
     let mut row = Row::new(scenario);
     row.events_per_sec = report.events_per_sec();
@@ -64,13 +65,13 @@ async fn intake(
     );
     row.set("connections", connections);
     row.set("acked_events", report.acked);
-    row.set("queued_jobs", queued);
+    row.set("queued_events", queued);
     if report.failed() > 0 {
         row.set("failures", report.failure_summary());
     }
     if (queued as u64) < report.acked {
         row.error = Some(format!(
-            "{} events were acknowledged but only {queued} jobs are queued",
+            "{} events were acknowledged but only {queued} are queued",
             report.acked
         ));
     }

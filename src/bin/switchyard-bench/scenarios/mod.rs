@@ -3,8 +3,11 @@
 
 mod backlog;
 mod baseline;
+mod costs;
 mod deliver;
 mod ingest;
+mod peer;
+mod replay;
 mod soak;
 mod traffic;
 
@@ -29,6 +32,10 @@ pub struct Env {
     pub postmaster: Option<u32>,
     /// Length of the `soak` scenario.
     pub soak_minutes: u64,
+    /// Events archived and replayed by the `replay` scenario.
+    pub replay_events: u64,
+    /// graphile-worker's `bench.mjs` folder, for the `graphile-worker` peer row.
+    pub peer_dir: Option<PathBuf>,
 }
 
 impl Env {
@@ -55,15 +62,26 @@ impl Env {
         role: Role,
         webhooks: &[Webhook],
     ) -> anyhow::Result<Switchyard> {
+        self.switchyard_with(label, database, role, &switchyard::config(webhooks), &[])
+            .await
+    }
+
+    /// Starts Switchyard on `database` with the config `config`, and `files` (name, text) next
+    /// to it.
+    pub async fn switchyard_with(
+        &self,
+        label: &str,
+        database: &Database,
+        role: Role,
+        config: &str,
+        files: &[(&str, &str)],
+    ) -> anyhow::Result<Switchyard> {
         let dir = self.work_dir.join(label);
-        Switchyard::start(
-            &self.binary,
-            &dir,
-            &switchyard::config(webhooks),
-            database,
-            role,
-        )
-        .await
+        std::fs::create_dir_all(&dir)?;
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text)?;
+        }
+        Switchyard::start(&self.binary, &dir, config, database, role).await
     }
 }
 
@@ -78,6 +96,11 @@ pub enum Scenario {
     NoisyNeighbor,
     RateLimitAccuracy,
     BacklogDrain,
+    GraphileWorker,
+    Replay,
+    ArchiveCost,
+    TransformCost,
+    TrailCost,
     Soak,
     Scale,
     Balancing,
@@ -85,7 +108,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// What runs without `--scenario`.
-    pub const DEFAULT: [Scenario; 8] = [
+    pub const DEFAULT: [Scenario; 12] = [
         Scenario::PostgresBaseline,
         Scenario::IngestSingle,
         Scenario::IngestBatch,
@@ -94,6 +117,10 @@ impl Scenario {
         Scenario::NoisyNeighbor,
         Scenario::RateLimitAccuracy,
         Scenario::BacklogDrain,
+        Scenario::Replay,
+        Scenario::ArchiveCost,
+        Scenario::TransformCost,
+        Scenario::TrailCost,
     ];
 
     pub fn name(self) -> &'static str {
@@ -106,6 +133,11 @@ impl Scenario {
             Scenario::NoisyNeighbor => "noisy-neighbor",
             Scenario::RateLimitAccuracy => "rate-limit-accuracy",
             Scenario::BacklogDrain => "backlog-drain",
+            Scenario::GraphileWorker => crate::report::PEER_ROW,
+            Scenario::Replay => "replay",
+            Scenario::ArchiveCost => "archive-cost",
+            Scenario::TransformCost => "transform-cost",
+            Scenario::TrailCost => "trail-cost",
             Scenario::Soak => "soak",
             Scenario::Scale => "scale",
             Scenario::Balancing => "balancing",
@@ -123,6 +155,11 @@ impl Scenario {
             Scenario::NoisyNeighbor => vec![traffic::noisy_neighbor(env).await?],
             Scenario::RateLimitAccuracy => vec![traffic::rate_limit_accuracy(env).await?],
             Scenario::BacklogDrain => vec![backlog::run(env).await?],
+            Scenario::GraphileWorker => vec![peer::run(env).await?],
+            Scenario::Replay => vec![replay::run(env).await?],
+            Scenario::ArchiveCost => vec![costs::archive(env).await?],
+            Scenario::TransformCost => vec![costs::transform(env).await?],
+            Scenario::TrailCost => vec![costs::trail(env).await?],
             Scenario::Soak => vec![soak::run(env, done).await?],
             Scenario::Scale => deliver::scale(env).await?,
             Scenario::Balancing => vec![crate::balancing::run(env).await?],

@@ -1,0 +1,201 @@
+//! `replay` (archive and replay): N events (1,000,000 unless `--replay-events` says less) are
+//! archived through a `--role ingest` process that has no destination at all, so nothing is
+//! queued. A `--role all` process then starts with a destination added, `target` (a webhook with
+//! `batch_size` 100, like `backlog-drain`'s), and `POST /admin/v1/replays` sends it the whole
+//! archived range.
+//!
+//! - **Rate:** replayed events over the time from the POST to the last of them at the sink,
+//!   compared with the same run's `backlog-drain`.
+//! - **Memory:** the process's peak RSS (it is the one that streams the archive).
+//! - **Live traffic first:** single `/v1/track` events to `target` on a fixed schedule
+//!   ([`LIVE_RATE`] for [`LIVE_FOR`]), once before the replay and once while it runs, timed from
+//!   the scheduled send to the sink; `p99_ms` is during the replay, the increase is over the p99
+//!   without it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{ensure, Context as _};
+use hyper::Method;
+use serde_json::json;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::{note_log, wait_until, Env};
+use crate::events::EventMaker;
+use crate::loader::{self, per_sec, Endpoint, Load};
+use crate::procfs;
+use crate::report::{round, Row};
+use crate::sink::Sink;
+use crate::switchyard::{self, Role, Switchyard, Webhook};
+use crate::timing::{self, Latencies};
+
+const FILL_BATCH: usize = 500;
+const FILL_CONNECTIONS: usize = 8;
+const FILL_LIMIT: Duration = Duration::from_secs(150);
+/// Live events per second to the replay's destination, and for how long, with and without it.
+const LIVE_RATE: f64 = 1_000.0;
+const LIVE_FOR: Duration = Duration::from_secs(10);
+const LIVE_CONNECTIONS: usize = 16;
+/// How long live events may take to reach the sink after their phase.
+const SETTLE: Duration = Duration::from_secs(20);
+/// The replay is given up on after this long (the rate is then what it got through).
+const REPLAY_LIMIT: Duration = Duration::from_secs(300);
+
+pub async fn run(env: &Env) -> anyhow::Result<Row> {
+    let scenario = "replay";
+    let events = env.replay_events;
+    let database = env.database(scenario).await?;
+    let sink = Sink::start(1)?;
+    let mut row = Row::new(scenario);
+
+    // Archive: a process without destinations keeps every event and queues nothing.
+    let from = SystemTime::now() - Duration::from_secs(5);
+    let ingest = env
+        .switchyard_with(
+            scenario,
+            &database,
+            Role::Ingest,
+            &switchyard::config(&[]),
+            &[],
+        )
+        .await?;
+    let fill = Load::fill(
+        Endpoint::Batch(FILL_BATCH),
+        FILL_CONNECTIONS,
+        events,
+        FILL_LIMIT,
+    )
+    .events(EventMaker::single("Order Completed"));
+    let fill = loader::run(ingest.addr, fill).await;
+    ensure!(
+        fill.acked == events,
+        "the archive was not filled in {FILL_LIMIT:?}: {} of {events} ({})",
+        fill.acked,
+        fill.failure_summary()
+    );
+    row.set("fill_events_per_sec", round(fill.events_per_sec(), 1));
+    ingest.stop().await?;
+    let archived_ns = timing::now_ns();
+    let to = SystemTime::now() + Duration::from_secs(1);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    // The destination is added: a new config, a new process.
+    let webhooks = [Webhook::new("target", sink.url(0)).batch_size(100)];
+    let switchyard = env
+        .switchyard(scenario, &database, Role::All, &webhooks)
+        .await?;
+    let (mut without, _, failed) = live(&switchyard, &sink).await;
+    ensure!(failed == 0, "{failed} live events failed before the replay");
+    let delivered_before = sink.delivered();
+
+    let meter = env.meter(&[switchyard.pid], &database, Some(&sink));
+    let posted_ns = timing::now_ns();
+    let (status, answer) = switchyard
+        .admin(
+            Method::POST,
+            "/admin/v1/replays",
+            &json!({"destination": "target", "from": rfc3339(from)?, "to": rfc3339(to)?}),
+        )
+        .await?;
+    ensure!(
+        status == 202,
+        "POST /admin/v1/replays answered {status}: {answer}"
+    );
+    let id = answer["id"].as_i64().context("the replay has no id")?;
+    let selected = answer["events"].as_u64().unwrap_or(0);
+    row.set("replay_events", selected);
+
+    let sampling = Arc::new(AtomicBool::new(true));
+    let largest = tokio::spawn(sample_rss(switchyard.pid, sampling.clone()));
+    let (mut during, live_acked, failed) = live(&switchyard, &sink).await;
+    let finished = wait_until(REPLAY_LIMIT, || {
+        sink.delivered() >= delivered_before + events + live_acked
+    })
+    .await;
+    sampling.store(false, Ordering::Relaxed);
+    let cpu = meter.finish();
+    let replayed: Vec<u64> = sink
+        .arrivals(0)
+        .iter()
+        .filter(|a| a.sent_ns < archived_ns)
+        .map(|a| a.at_ns)
+        .collect();
+    let last_ns = replayed.iter().copied().max().unwrap_or(posted_ns);
+    let took = Duration::from_nanos(last_ns.saturating_sub(posted_ns));
+    row.events_per_sec = per_sec(replayed.len() as u64, took);
+    row.cpu = Some(cpu);
+    row.set("replayed", replayed.len());
+    row.set("replay_seconds", round(took.as_secs_f64(), 2));
+    row.set("live_events_per_sec", LIVE_RATE);
+    row.set("live_events_during_replay", live_acked);
+    (row.p50_ms, row.p99_ms) = during.p50_p99();
+    let (_, p99_without) = without.p50_p99();
+    if let (Some(with), Some(without)) = (row.p99_ms, p99_without) {
+        row.set("live_p99_without_ms", round(without, 2));
+        row.set(
+            "live_p99_increase_pct",
+            round((with / without.max(0.001) - 1.0) * 100.0, 1),
+        );
+    }
+    if failed > 0 {
+        row.set("live_failures_during_replay", failed);
+    }
+    if let Ok((200, state)) = switchyard
+        .admin(
+            Method::GET,
+            &format!("/admin/v1/replays/{id}"),
+            &json!(null),
+        )
+        .await
+    {
+        row.set("replay_state", state["state"].clone());
+        row.set("replay_delivered", state["delivered"].clone());
+    }
+    row.set("max_rss_mb_sampled", round(largest.await.unwrap_or(0.0), 1));
+    if !finished || (replayed.len() as u64) < events || selected != events {
+        row.error = Some(format!(
+            "archived {events}, the replay selected {selected} and {} arrived within \
+             {REPLAY_LIMIT:?}",
+            replayed.len()
+        ));
+    }
+    note_log(&mut row, &switchyard);
+    row.peak_rss_mb = switchyard.stop().await?;
+    Ok(row)
+}
+
+/// Live single events to the sink at [`LIVE_RATE`] for [`LIVE_FOR`]: their latencies once they
+/// arrived (an event still missing after [`SETTLE`] counts as that late), the events accepted,
+/// and the failed requests.
+async fn live(switchyard: &Switchyard, sink: &Sink) -> (Latencies, u64, u64) {
+    let from = timing::now_ns();
+    let load = Load::open(Endpoint::Track, LIVE_CONNECTIONS, LIVE_RATE, LIVE_FOR)
+        .events(EventMaker::single("Live Event"));
+    let report = loader::run(switchyard.addr, load).await;
+    let to = timing::now_ns();
+    // Counting means a pass over every arrival (a million during a replay): 4 times a second.
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while sink.sent_between(0, from, to) < report.acked && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut latencies = sink.latencies(0, from, to);
+    let missing = report.acked.saturating_sub(latencies.len() as u64);
+    super::count_missing(&mut latencies, missing, SETTLE);
+    (latencies, report.acked, report.failed())
+}
+
+/// The largest RSS of `pid`, sampled every 200 ms while `running`.
+async fn sample_rss(pid: u32, running: Arc<AtomicBool>) -> f64 {
+    let mut largest: f64 = 0.0;
+    while running.load(Ordering::Relaxed) {
+        largest = largest.max(procfs::rss_mb(pid).unwrap_or(0.0));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    largest
+}
+
+fn rfc3339(at: SystemTime) -> anyhow::Result<String> {
+    Ok(OffsetDateTime::from(at).format(&Rfc3339)?)
+}
