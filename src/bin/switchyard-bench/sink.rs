@@ -146,20 +146,21 @@ impl Sink {
 
     /// Events on `channel` that arrived in `[from_ns, to_ns)`.
     pub fn arrived_between(&self, channel: usize, from_ns: u64, to_ns: u64) -> u64 {
-        let Some(channel) = self.counts.channels.get(channel) else {
-            return 0;
-        };
-        let Ok(arrivals) = channel.arrivals.lock() else {
-            return 0;
-        };
-        arrivals
-            .iter()
-            .filter(|a| (from_ns..to_ns).contains(&a.at_ns))
-            .count() as u64
+        self.count_between(channel, from_ns..to_ns, |a| a.at_ns)
     }
 
     /// Events on `channel` sent in `[from_ns, to_ns)` that arrived.
     pub fn sent_between(&self, channel: usize, from_ns: u64, to_ns: u64) -> u64 {
+        self.count_between(channel, from_ns..to_ns, |a| a.sent_ns)
+    }
+
+    /// Arrivals on `channel` whose `instant` (arrival or send) falls in `window`.
+    fn count_between(
+        &self,
+        channel: usize,
+        window: std::ops::Range<u64>,
+        instant: impl Fn(&Arrival) -> u64,
+    ) -> u64 {
         let Some(channel) = self.counts.channels.get(channel) else {
             return 0;
         };
@@ -168,7 +169,7 @@ impl Sink {
         };
         arrivals
             .iter()
-            .filter(|a| (from_ns..to_ns).contains(&a.sent_ns))
+            .filter(|a| window.contains(&instant(a)))
             .count() as u64
     }
 
