@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use switchyard::testkit::{start_switchyard, MockServer, Reply, TestDatabase};
+use switchyard::testkit::{send_batch, start_switchyard, MockServer, Reply, TestDatabase};
 
 const KEY: &str = "wk_metrics";
 
@@ -63,14 +63,8 @@ url = "{}"
         .map(|i| json!({"type": "track", "event": "E", "userId": "u", "messageId": format!("met-{i}")}))
         .chain([json!({"type": "track", "userId": "u"})])
         .collect();
-    let response = client
-        .post(format!("http://{}/v1/batch", sy.addr))
-        .basic_auth(KEY, Some(""))
-        .json(&json!({ "batch": batch }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let (status, _) = send_batch(&format!("http://{}", sy.addr), KEY, &batch).await;
+    assert_eq!(status, 200);
     assert!(
         ok.wait_until(Duration::from_secs(10), |s| s.events().len() == 12)
             .await

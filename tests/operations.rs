@@ -816,14 +816,8 @@ async fn pause_with_claimed_work(label: &str, split: bool) {
         .iter()
         .map(|id| json!({"type": "track", "userId": "u", "event": "E", "messageId": id}))
         .collect();
-    let response = reqwest::Client::new()
-        .post(format!("http://{}/v1/batch", sy.addr))
-        .basic_auth(WEB_KEY, Some(""))
-        .json(&json!({ "batch": batch }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let (status, _) = testkit::send_batch(&format!("http://{}", sy.addr), WEB_KEY, &batch).await;
+    assert_eq!(status, 200);
     // Four requests out, the failed one's slot reused: five requests, and the rest of the
     // second claimed run waits in the process for a free slot.
     assert!(
