@@ -13,7 +13,9 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 
 use crate::http::error::ApiError;
-use crate::http::openapi::{DeadLetter, DeadLetters};
+use crate::http::openapi::{
+    AdminErrors, DeadLetter, DeadLetters, Failure, PauseState, Reloaded, Replayed,
+};
 use crate::http::server::AppState;
 use crate::ingest::{self, Call};
 use crate::pipeline::{Pipeline, ReloadError};
@@ -52,18 +54,46 @@ pub(super) async fn destinations(
     Ok(Json(Value::Array(list)))
 }
 
+/// Pause a destination: its events keep queueing and nothing is delivered (requests
+/// already in flight finish) until it is resumed. Kept in Postgres: every process and
+/// every restart honors it.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/destinations/{name}/pause",
+    tag = "admin",
+    params(("name" = String, Path, description = "The destination")),
+    responses(
+        (status = 200, description = "`{name, paused: true}`", body = PauseState),
+        (status = 404, description = "No destination of that name", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn pause_destination(
     State(state): State<Arc<AppState>>,
     name: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PauseState>, ApiError> {
     let Path(name) = name.map_err(path_error)?;
     set_paused(&state, name, true).await
 }
 
+/// Resume a paused destination: its backlog is delivered at once.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/destinations/{name}/resume",
+    tag = "admin",
+    params(("name" = String, Path, description = "The destination")),
+    responses(
+        (status = 200, description = "`{name, paused: false}`", body = PauseState),
+        (status = 404, description = "No destination of that name", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn resume_destination(
     State(state): State<Arc<AppState>>,
     name: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PauseState>, ApiError> {
     let Path(name) = name.map_err(path_error)?;
     set_paused(&state, name, false).await
 }
@@ -74,7 +104,7 @@ pub(super) async fn set_paused(
     state: &AppState,
     name: String,
     paused: bool,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PauseState>, ApiError> {
     let pipeline = state.pipeline.load_full();
     let id = pipeline
         .destination_ids
@@ -86,7 +116,7 @@ pub(super) async fn set_paused(
     if let Some(lane) = pipeline.lanes.iter().find(|lane| lane.id == id) {
         lane.stats.set_paused(paused);
     }
-    Ok(Json(json!({ "name": name, "paused": paused })))
+    Ok(Json(PauseState { name, paused }))
 }
 
 /// `GET /admin/v1/events/{messageId}`: the event's path as this process saw it.
@@ -332,10 +362,24 @@ pub struct ReplayRequest {
     pub ids: Option<Vec<serde_json::Number>>,
 }
 
+/// Queue dead letters for delivery again: the given ids, or all of the destination's.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/dead-letters/replay",
+    tag = "admin",
+    request_body(content = ReplayRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "How many were queued again", body = Replayed),
+        (status = 400, description = "The body is not a replay request", body = Failure),
+        (status = 404, description = "No such destination", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn replay(
     State(state): State<Arc<AppState>>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Replayed>, ApiError> {
     let request: ReplayRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",
@@ -363,12 +407,30 @@ pub(super) async fn replay(
             lane.config.ordering == crate::config::Ordering::PerUser,
         )
         .await?;
-    Ok(Json(json!({ "requeued": requeued })))
+    Ok(Json(Replayed { requeued }))
 }
 
-pub(super) async fn reload(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+/// Reload the config file: destinations added, changed or removed take effect without a
+/// restart and without losing queued work. A file with errors is refused and the running
+/// config stays.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/reload",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The new config is in force", body = Reloaded),
+        (status = 400, description = "The file has errors; nothing changed", body = Failure),
+        (status = 409, description = "Started without a config file", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub(super) async fn reload(State(state): State<Arc<AppState>>) -> Result<Json<Reloaded>, ApiError> {
     match state.reloader.reload().await {
-        Ok(report) => Ok(Json(json!({ "reloaded": true, "report": report }))),
+        Ok(report) => Ok(Json(Reloaded {
+            reloaded: true,
+            report,
+        })),
         Err(ReloadError::Invalid(errors)) => {
             let mut error = ApiError::bad_request(
                 "invalid_config",

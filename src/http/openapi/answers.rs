@@ -114,7 +114,7 @@ pub struct DeadLetters {
 }
 
 /// The answer to a replay.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct Replayed {
     /// Dead letters queued for delivery again.
     pub requeued: u64,
@@ -167,7 +167,7 @@ pub struct ArchiveReplays {
 }
 
 /// A destination's pause state.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct PauseState {
     pub name: String,
     pub paused: bool,
@@ -238,7 +238,7 @@ pub struct DestinationTestResult {
 }
 
 /// The answer to a reload.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct Reloaded {
     /// Always true.
     pub reloaded: bool,

@@ -83,16 +83,16 @@ pub async fn serve() -> Response {
         routes::settings,
         routes::destinations,
         routes::dead_letters,
-        routes::replay,
+        crate::http::admin::replay,
         routes::start_replay,
         routes::list_replays,
         routes::show_replay,
         routes::cancel_replay,
         routes::live,
-        routes::reload,
+        crate::http::admin::reload,
         routes::test_destination,
-        routes::pause_destination,
-        routes::resume_destination,
+        crate::http::admin::pause_destination,
+        crate::http::admin::resume_destination,
         routes::event_path,
         routes::search_events,
         routes::stats_series,
@@ -216,7 +216,7 @@ impl IntoResponses for IngestErrors {
 }
 
 /// Errors every admin call may answer.
-struct AdminErrors;
+pub(crate) struct AdminErrors;
 
 impl IntoResponses for AdminErrors {
     fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::response::Response>> {

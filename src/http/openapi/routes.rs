@@ -1,5 +1,6 @@
-//! Documentation-only signatures: the handlers are in `crate::http::server`, and these functions
-//! exist so `#[utoipa::path]` has something to describe each route on.
+//! Documentation-only signatures for the routes whose handlers do not carry their own
+//! `#[utoipa::path]` yet (the admin handlers in `crate::http::admin` that return typed answers
+//! do): these functions exist so each remaining route has something to be described on.
 #![allow(dead_code)]
 
 use super::*;
@@ -263,22 +264,6 @@ pub fn destinations() {}
 )]
 pub fn dead_letters() {}
 
-/// Queue dead letters for delivery again: the given ids, or all of the destination's.
-#[utoipa::path(
-    post,
-    path = "/admin/v1/dead-letters/replay",
-    tag = "admin",
-    request_body(content = ReplayRequest, content_type = "application/json"),
-    responses(
-        (status = 200, description = "How many were queued again", body = Replayed),
-        (status = 400, description = "The body is not a replay request", body = Failure),
-        (status = 404, description = "No such destination", body = Failure),
-        AdminErrors,
-    ),
-    security(("adminToken" = [])),
-)]
-pub fn replay() {}
-
 /// Replay archived events received in `[from, to)` (of `sources`, or every source) to one
 /// destination: every event its filters take is delivered to it alone, on a lane that
 /// yields to live traffic, under its rate limit, retries and dead letters. Events are sent
@@ -370,23 +355,6 @@ pub fn cancel_replay() {}
 )]
 pub fn live() {}
 
-/// Reload the config file: destinations added, changed or removed take effect without a
-/// restart and without losing queued work. A file with errors is refused and the running
-/// config stays.
-#[utoipa::path(
-    post,
-    path = "/admin/v1/reload",
-    tag = "admin",
-    responses(
-        (status = 200, description = "The new config is in force", body = Reloaded),
-        (status = 400, description = "The file has errors; nothing changed", body = Failure),
-        (status = 409, description = "Started without a config file", body = Failure),
-        AdminErrors,
-    ),
-    security(("adminToken" = [])),
-)]
-pub fn reload() {}
-
 /// Try a destination's `events`, `integrations`, `where`, `consent`, `sample`, `transform`
 /// and property drops on a sample event: the answer is what would be delivered. Nothing is
 /// stored or sent.
@@ -405,38 +373,6 @@ pub fn reload() {}
     security(("adminToken" = [])),
 )]
 pub fn test_destination() {}
-
-/// Pause a destination: its events keep queueing and nothing is delivered (requests
-/// already in flight finish) until it is resumed. Kept in Postgres: every process and
-/// every restart honors it.
-#[utoipa::path(
-    post,
-    path = "/admin/v1/destinations/{name}/pause",
-    tag = "admin",
-    params(("name" = String, Path, description = "The destination")),
-    responses(
-        (status = 200, description = "`{name, paused: true}`", body = PauseState),
-        (status = 404, description = "No destination of that name", body = Failure),
-        AdminErrors,
-    ),
-    security(("adminToken" = [])),
-)]
-pub fn pause_destination() {}
-
-/// Resume a paused destination: its backlog is delivered at once.
-#[utoipa::path(
-    post,
-    path = "/admin/v1/destinations/{name}/resume",
-    tag = "admin",
-    params(("name" = String, Path, description = "The destination")),
-    responses(
-        (status = 200, description = "`{name, paused: false}`", body = PauseState),
-        (status = 404, description = "No destination of that name", body = Failure),
-        AdminErrors,
-    ),
-    security(("adminToken" = [])),
-)]
-pub fn resume_destination() {}
 
 /// Where one recent event went: when this process accepted it, the destinations it was
 /// routed to or filtered from, and each delivery attempt this process made. Kept in a
