@@ -14,7 +14,8 @@ use time::OffsetDateTime;
 
 use crate::http::error::ApiError;
 use crate::http::openapi::{
-    AdminErrors, DeadLetter, DeadLetters, Failure, PauseState, Reloaded, Replayed,
+    AdminErrors, ArchiveReplay, ArchiveReplayRequest, ArchiveReplayStarted, ArchiveReplays,
+    DeadLetter, DeadLetters, Failure, PauseState, Reloaded, Replayed,
 };
 use crate::http::server::AppState;
 use crate::ingest::{self, Call};
@@ -326,6 +327,24 @@ pub(super) struct DeadLetterQuery {
     limit: Option<i64>,
 }
 
+/// Dead letters, newest first.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/dead-letters",
+    tag = "admin",
+    params(
+        ("destination" = Option<String>, Query, nullable = false,
+         description = "Only this destination's (by name)"),
+        ("limit" = Option<i64>, Query, nullable = false,
+         description = "At most this many (clamped to 1..=1000; default 100)"),
+    ),
+    responses(
+        (status = 200, description = "The dead letters", body = DeadLetters),
+        (status = 400, description = "A parameter is malformed", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn dead_letters(
     State(state): State<Arc<AppState>>,
     query: Result<Query<DeadLetterQuery>, QueryRejection>,
@@ -558,10 +577,27 @@ pub(super) struct ReplayArchiveRequest {
     sources: Option<Vec<String>>,
 }
 
+/// Replay archived events received in `[from, to)` (of `sources`, or every source) to one
+/// destination: every event its filters take is delivered to it alone, on a lane that
+/// yields to live traffic, under its rate limit, retries and dead letters. Events are sent
+/// with their original `messageId`, so a vendor that dedupes drops what it already has.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/replays",
+    tag = "admin",
+    request_body(content = ArchiveReplayRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Recorded; delivery has begun", body = ArchiveReplayStarted),
+        (status = 400, description = "The body is not a replay request", body = Failure),
+        (status = 404, description = "No such destination or source", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn start_replay(
     State(state): State<Arc<AppState>>,
     body: axum::body::Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<ArchiveReplayStarted>), ApiError> {
     let request: ReplayArchiveRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",
@@ -601,37 +637,80 @@ pub(super) async fn start_replay(
         .await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "id": replay.id, "events": replay.events })),
+        Json(ArchiveReplayStarted {
+            id: replay.id,
+            events: replay.events,
+        }),
     ))
 }
 
+/// Every replay, newest first.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/replays",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The replays", body = ArchiveReplays),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn list_replays(
     State(state): State<Arc<AppState>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ArchiveReplays>, ApiError> {
     let replays = state.store.replays(None).await?;
-    Ok(Json(json!({
-        "replays": replays.iter().map(replay_json).collect::<Vec<_>>()
-    })))
+    Ok(Json(ArchiveReplays {
+        replays: replays.iter().map(ArchiveReplay::from).collect(),
+    }))
 }
 
+/// One replay's progress.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/replays/{id}",
+    tag = "admin",
+    params(("id" = i64, Path, description = "The replay's id")),
+    responses(
+        (status = 200, description = "The replay", body = ArchiveReplay),
+        (status = 400, description = "The id is not a number", body = Failure),
+        (status = 404, description = "No such replay", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn show_replay(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ArchiveReplay>, ApiError> {
     let id = replay_id(&id)?;
-    Ok(Json(replay_json(&find_replay(&state, id).await?)))
+    Ok(Json(ArchiveReplay::from(&find_replay(&state, id).await?)))
 }
 
+/// Cancel a replay: nothing more is selected, and its queued events not in flight are
+/// dropped.
+#[utoipa::path(
+    delete,
+    path = "/admin/v1/replays/{id}",
+    tag = "admin",
+    params(("id" = i64, Path, description = "The replay's id")),
+    responses(
+        (status = 200, description = "The replay, cancelled", body = ArchiveReplay),
+        (status = 400, description = "The id is not a number", body = Failure),
+        (status = 404, description = "No such replay", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn cancel_replay(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ArchiveReplay>, ApiError> {
     let id = replay_id(&id)?;
     let found = state.store.cancel_replay(id).await?;
     if !found {
         return Err(ApiError::not_found(format!("no replay {id}")));
     }
-    Ok(Json(replay_json(&find_replay(&state, id).await?)))
+    Ok(Json(ArchiveReplay::from(&find_replay(&state, id).await?)))
 }
 
 pub(super) async fn find_replay(
@@ -650,21 +729,9 @@ pub(super) fn replay_id(text: &str) -> Result<i64, ApiError> {
         .map_err(|_| ApiError::bad_request("invalid_id", "a replay id is a whole number"))
 }
 
-/// A replay as the admin API shows it.
+/// A replay as the admin API shows it, as JSON (for the command line).
 pub fn replay_json(replay: &crate::store::Replay) -> Value {
-    json!({
-        "id": replay.id,
-        "destination": replay.destination,
-        "state": replay.state,
-        "from": ingest::format_time(replay.from_at),
-        "to": ingest::format_time(replay.to_at),
-        "events": replay.events,
-        "selected": replay.selected,
-        "delivered": replay.delivered,
-        "failed": replay.failed,
-        "created_at": ingest::format_time(replay.created_at),
-        "finished_at": replay.finished_at.map(ingest::format_time),
-    })
+    serde_json::to_value(ArchiveReplay::from(replay)).unwrap_or_default()
 }
 
 pub(super) fn integral(number: &serde_json::Number) -> Option<i64> {

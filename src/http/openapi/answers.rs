@@ -134,7 +134,7 @@ pub struct ArchiveReplayRequest {
 }
 
 /// The answer to `POST /admin/v1/replays`.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct ArchiveReplayStarted {
     pub id: i64,
     /// Archived events in range (the destination's filters may select fewer).
@@ -142,7 +142,7 @@ pub struct ArchiveReplayStarted {
 }
 
 /// A replay's progress.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct ArchiveReplay {
     pub id: i64,
     pub destination: String,
@@ -160,8 +160,26 @@ pub struct ArchiveReplay {
     pub finished_at: Option<String>,
 }
 
+impl From<&crate::store::Replay> for ArchiveReplay {
+    fn from(replay: &crate::store::Replay) -> ArchiveReplay {
+        ArchiveReplay {
+            id: replay.id,
+            destination: replay.destination.clone(),
+            state: replay.state.clone(),
+            from: crate::ingest::format_time(replay.from_at),
+            to: crate::ingest::format_time(replay.to_at),
+            events: replay.events,
+            selected: replay.selected,
+            delivered: replay.delivered,
+            failed: replay.failed,
+            created_at: crate::ingest::format_time(replay.created_at),
+            finished_at: replay.finished_at.map(crate::ingest::format_time),
+        }
+    }
+}
+
 /// `GET /admin/v1/replays`.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct ArchiveReplays {
     pub replays: Vec<ArchiveReplay>,
 }
