@@ -15,44 +15,56 @@ use time::OffsetDateTime;
 use crate::http::error::ApiError;
 use crate::http::openapi::{
     AdminErrors, ArchiveReplay, ArchiveReplayRequest, ArchiveReplayStarted, ArchiveReplays,
-    DeadLetter, DeadLetters, Failure, PauseState, Reloaded, Replayed,
+    DeadLetter, DeadLetters, DestinationStatus, Failure, PauseState, Reloaded, Replayed,
 };
 use crate::http::server::AppState;
 use crate::ingest::{self, Call};
 use crate::pipeline::{Pipeline, ReloadError};
 
+/// Every destination with its live counts (since this process started, except `queued`,
+/// `retrying` and `dead`, which come from the database).
+#[utoipa::path(
+    get,
+    path = "/admin/v1/destinations",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The destinations", body = Vec<DestinationStatus>),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn destinations(
     State(state): State<Arc<AppState>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Vec<DestinationStatus>>, ApiError> {
     let dead = state.store.dead_counts().await?;
     let paused = state.store.paused().await?;
     let pipeline = state.pipeline.load();
-    let list: Vec<Value> = pipeline
+    let list = pipeline
         .lanes
         .iter()
         .map(|lane| {
             let config = &lane.config;
             let (queued, retrying) = state.depth.destination(lane.id);
             let status = lane.status();
-            json!({
-                "name": config.name,
-                "kind": config.kind,
-                "paused": paused.contains(&lane.id),
-                "queued": queued,
-                "in_flight": status.in_flight,
-                "delivered": status.delivered,
-                "retrying": retrying,
-                "dead": dead.get(&lane.id).copied().unwrap_or(0),
-                "rate_limit": config.rate_limit.map(|r| crate::config::format_rate(&r)),
-                "concurrency_limit": status.concurrency_limit,
-                "rate_factor": status.rate_factor,
-                "last_error": status.last_error,
-                "endpoints": status.endpoints,
-                "filters": crate::filter::describe(&config.gate, &config.shaping),
-            })
+            DestinationStatus {
+                name: config.name.clone(),
+                kind: config.kind.clone(),
+                paused: paused.contains(&lane.id),
+                queued,
+                in_flight: status.in_flight as u64,
+                delivered: status.delivered,
+                retrying,
+                dead: dead.get(&lane.id).copied().unwrap_or(0),
+                rate_limit: config.rate_limit.map(|r| crate::config::format_rate(&r)),
+                concurrency_limit: status.concurrency_limit as u64,
+                rate_factor: status.rate_factor,
+                last_error: status.last_error,
+                endpoints: status.endpoints,
+                filters: crate::filter::describe(&config.gate, &config.shaping),
+            }
         })
         .collect();
-    Ok(Json(Value::Array(list)))
+    Ok(Json(list))
 }
 
 /// Pause a destination: its events keep queueing and nothing is delivered (requests

@@ -48,11 +48,13 @@ pub struct Failure {
 }
 
 /// One destination, as `GET /admin/v1/destinations` shows it.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct DestinationStatus {
     pub name: String,
     /// `webhook`, `amplitude`, ...
     pub kind: String,
+    /// Paused by `POST /admin/v1/destinations/{name}/pause`: nothing is delivered.
+    pub paused: bool,
     /// Jobs waiting, at the last count (counted every second or so).
     pub queued: i64,
     /// Requests under way now.
@@ -73,6 +75,8 @@ pub struct DestinationStatus {
     pub rate_factor: f64,
     /// Per endpoint of a webhook with several `urls` (empty otherwise).
     pub endpoints: Vec<EndpointStats>,
+    /// Its filters and shaping in words, one a line (`where: ...`, `sample: 0.1`, ...).
+    pub filters: Vec<String>,
 }
 
 /// A message that could not be delivered, with the last answer.

@@ -81,7 +81,7 @@ pub async fn serve() -> Response {
         routes::batch_short,
         routes::telemetry,
         routes::settings,
-        routes::destinations,
+        crate::http::admin::destinations,
         crate::http::admin::dead_letters,
         crate::http::admin::replay,
         crate::http::admin::start_replay,

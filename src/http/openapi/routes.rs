@@ -230,20 +230,6 @@ pub fn telemetry() {}
 )]
 pub fn settings() {}
 
-/// Every destination with its live counts (since this process started, except `queued`,
-/// `retrying` and `dead`, which come from the database).
-#[utoipa::path(
-    get,
-    path = "/admin/v1/destinations",
-    tag = "admin",
-    responses(
-        (status = 200, description = "The destinations", body = Vec<DestinationStatus>),
-        AdminErrors,
-    ),
-    security(("adminToken" = [])),
-)]
-pub fn destinations() {}
-
 /// The live debugger: every accepted message as it arrives, as server-sent events.
 ///
 /// `event: message` carries `{"source", "received_at", "message", "routes"}` (`routes`:
