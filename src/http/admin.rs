@@ -15,7 +15,8 @@ use time::OffsetDateTime;
 use crate::http::error::ApiError;
 use crate::http::openapi::{
     AdminErrors, ArchiveReplay, ArchiveReplayRequest, ArchiveReplayStarted, ArchiveReplays,
-    DeadLetter, DeadLetters, DestinationStatus, Failure, PauseState, Reloaded, Replayed,
+    DeadLetter, DeadLetters, DestinationStatus, EventAttempt, EventPath, EventRoute, EventSearch,
+    Failure, PauseState, Reloaded, Replayed,
 };
 use crate::http::server::AppState;
 use crate::ingest::{self, Call};
@@ -132,11 +133,25 @@ pub(super) async fn set_paused(
     Ok(Json(PauseState { name, paused }))
 }
 
-/// `GET /admin/v1/events/{messageId}`: the event's path as this process saw it.
+/// Where one recent event went: when this process accepted it, the destinations it was
+/// routed to or filtered from, and each delivery attempt this process made. Kept in a
+/// bounded in-memory ring per process: every process serves its own (`scope: "process"`).
+#[utoipa::path(
+    get,
+    path = "/admin/v1/events/{message_id}",
+    tag = "admin",
+    params(("message_id" = String, Path, description = "The event's messageId")),
+    responses(
+        (status = 200, description = "The event's path", body = EventPath),
+        (status = 404, description = "Unknown here, or aged out of the ring (`not_found`), or this process records no trail (`event_trail_off`: `[server] event_trail = 0`)", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn event_path(
     State(state): State<Arc<AppState>>,
     message_id: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<EventPath>, ApiError> {
     let Path(message_id) = message_id.map_err(path_error)?;
     let trail = &crate::trail::TRAIL;
     if trail.capacity() == 0 {
@@ -150,11 +165,11 @@ pub(super) async fn event_path(
         ))
     };
     let event = trail.find(&message_id).ok_or_else(unknown)?;
-    Ok(Json(event_json(&state.pipeline.load(), &event)))
+    Ok(Json(event_path_of(&state.pipeline.load(), &event)))
 }
 
 #[derive(Deserialize)]
-pub(super) struct EventSearch {
+pub(super) struct EventQuery {
     #[serde(rename = "userId")]
     user_id: Option<String>,
     limit: Option<i64>,
@@ -164,13 +179,29 @@ pub(super) struct EventSearch {
 const SEARCH_MAX: i64 = 100;
 const SEARCH_DEFAULT: i64 = 20;
 
-/// `GET /admin/v1/events?userId=U&limit=N`: the user's newest events in this process's trail
-/// (matched on userId, else anonymousId), newest first, each as `GET /admin/v1/events/{id}`
-/// shows it.
+/// A user's newest events in this process's trail, newest first, each as
+/// `/admin/v1/events/{message_id}` shows it: matched on `userId`, or `anonymousId` for
+/// events without one.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/events",
+    tag = "admin",
+    params(
+        ("userId" = String, Query, description = "The user (userId, else anonymousId)"),
+        ("limit" = Option<u32>, Query, description = "Events at most, 1..=100 (default 20)"),
+    ),
+    responses(
+        (status = 200, description = "The user's recent events", body = EventSearch),
+        (status = 400, description = "No `userId`, or `limit` out of range", body = Failure),
+        (status = 404, description = "This process records no trail (`event_trail_off`: `[server] event_trail = 0`)", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn search_events(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<EventSearch>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+    query: Result<Query<EventQuery>, QueryRejection>,
+) -> Result<Json<EventSearch>, ApiError> {
     let Query(query) = query.map_err(query_error)?;
     let user = query
         .user_id
@@ -193,16 +224,16 @@ pub(super) async fn search_events(
         return Err(trail_off());
     }
     let pipeline = state.pipeline.load();
-    let items: Vec<Value> = trail
+    let items = trail
         .by_user(&user, limit as usize)
         .iter()
-        .map(|event| event_json(&pipeline, event))
+        .map(|event| event_path_of(&pipeline, event))
         .collect();
-    Ok(Json(json!({
-        "user_id": user,
-        "scope": "process",
-        "items": items,
-    })))
+    Ok(Json(EventSearch {
+        user_id: user,
+        scope: "process".into(),
+        items,
+    }))
 }
 
 pub(super) fn source_name(pipeline: &Pipeline, id: i32) -> Option<String> {
@@ -223,43 +254,35 @@ pub(super) fn destination_name(pipeline: &Pipeline, id: i32) -> Option<String> {
 }
 
 /// An event's path as the admin API shows it, names resolved through the config in force.
-pub(super) fn event_json(pipeline: &Pipeline, event: &crate::trail::EventTrail) -> Value {
-    let source = source_name(pipeline, event.source_id);
-    let destination = |id: i32| destination_name(pipeline, id);
-    let routes: Vec<Value> = event
+pub(super) fn event_path_of(pipeline: &Pipeline, event: &crate::trail::EventTrail) -> EventPath {
+    let routes = event
         .routes
         .iter()
-        .map(|route| {
-            let attempts: Vec<Value> = route
+        .map(|route| EventRoute {
+            destination: destination_name(pipeline, route.destination_id),
+            state: route.state.as_str().into(),
+            reason: match route.state {
+                crate::trail::State::Filtered(reason) => Some(reason.into()),
+                _ => None,
+            },
+            attempts: route
                 .attempts
                 .iter()
-                .map(|attempt| {
-                    json!({
-                        "at": ingest::format_time(attempt.at),
-                        "status": attempt.status,
-                        "error": attempt.error.as_deref(),
-                    })
+                .map(|attempt| EventAttempt {
+                    at: ingest::format_time(attempt.at),
+                    status: attempt.status,
+                    error: attempt.error.as_deref().map(str::to_owned),
                 })
-                .collect();
-            let reason = match route.state {
-                crate::trail::State::Filtered(reason) => Some(reason),
-                _ => None,
-            };
-            json!({
-                "destination": destination(route.destination_id),
-                "state": route.state.as_str(),
-                "reason": reason,
-                "attempts": attempts,
-            })
+                .collect(),
         })
         .collect();
-    json!({
-        "message_id": &*event.message_id,
-        "source": source,
-        "received_at": ingest::format_time(event.received_at),
-        "scope": "process",
-        "routes": routes,
-    })
+    EventPath {
+        message_id: event.message_id.to_string(),
+        source: source_name(pipeline, event.source_id),
+        received_at: ingest::format_time(event.received_at),
+        scope: "process".into(),
+        routes,
+    }
 }
 
 /// The answer of the event lookups when this process records no trail.

@@ -16,7 +16,7 @@ use base64::Engine as _;
 use serde_json::json;
 use time::OffsetDateTime;
 
-use crate::http::admin::event_json;
+use crate::http::admin::event_path_of;
 use crate::http::browser::Peer;
 use crate::http::error::ApiError;
 use crate::http::live::Prepared;
@@ -148,7 +148,8 @@ impl Door for HttpDoor<'_> {
             true => live.prepare(
                 &source.name,
                 events.iter().zip(trails).map(|(event, trail)| {
-                    let routes = event_json(self.pipeline, trail)["routes"].take();
+                    let routes = event_path_of(self.pipeline, trail).routes;
+                    let routes = serde_json::to_value(routes).unwrap_or_default();
                     (event.payload.as_slice(), routes)
                 }),
             ),

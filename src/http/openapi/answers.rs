@@ -196,10 +196,12 @@ pub struct PauseState {
 }
 
 /// One event's path (`GET /admin/v1/events/{messageId}`).
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct EventPath {
     pub message_id: String,
-    pub source: String,
+    /// Null when the source is no longer configured.
+    #[schema(required = true)]
+    pub source: Option<String>,
     pub received_at: String,
     /// Always `process`: the answer is this process's memory only.
     pub scope: String,
@@ -207,7 +209,7 @@ pub struct EventPath {
 }
 
 /// A user's recent events (`GET /admin/v1/events?userId=...`).
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct EventSearch {
     pub user_id: String,
     /// Always `process`: the answer is this process's memory only.
@@ -217,9 +219,11 @@ pub struct EventSearch {
 }
 
 /// One destination in an event's path.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct EventRoute {
-    pub destination: String,
+    /// Null when the destination is no longer configured.
+    #[schema(required = true)]
+    pub destination: Option<String>,
     /// `queued`, `retrying`, `delivered`, `dead` or `filtered`.
     pub state: String,
     /// Why it was filtered: the first rule that stopped it, in the order they apply:
@@ -230,7 +234,7 @@ pub struct EventRoute {
 }
 
 /// One delivery attempt.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct EventAttempt {
     pub at: String,
     pub status: Option<u16>,

@@ -275,44 +275,6 @@ pub fn live() {}
 )]
 pub fn test_destination() {}
 
-/// Where one recent event went: when this process accepted it, the destinations it was
-/// routed to or filtered from, and each delivery attempt this process made. Kept in a
-/// bounded in-memory ring per process: every process serves its own (`scope: "process"`).
-#[utoipa::path(
-    get,
-    path = "/admin/v1/events/{message_id}",
-    tag = "admin",
-    params(("message_id" = String, Path, description = "The event's messageId")),
-    responses(
-        (status = 200, description = "The event's path", body = EventPath),
-        (status = 404, description = "Unknown here, or aged out of the ring (`not_found`), or this process records no trail (`event_trail_off`: `[server] event_trail = 0`)", body = Failure),
-        AdminErrors,
-    ),
-    security(("adminToken" = [])),
-)]
-pub fn event_path() {}
-
-/// A user's newest events in this process's trail, newest first, each as
-/// `/admin/v1/events/{message_id}` shows it: matched on `userId`, or `anonymousId` for
-/// events without one.
-#[utoipa::path(
-    get,
-    path = "/admin/v1/events",
-    tag = "admin",
-    params(
-        ("userId" = String, Query, description = "The user (userId, else anonymousId)"),
-        ("limit" = Option<u32>, Query, description = "Events at most, 1..=100 (default 20)"),
-    ),
-    responses(
-        (status = 200, description = "The user's recent events", body = EventSearch),
-        (status = 400, description = "No `userId`, or `limit` out of range", body = Failure),
-        (status = 404, description = "This process records no trail (`event_trail_off`: `[server] event_trail = 0`)", body = Failure),
-        AdminErrors,
-    ),
-    security(("adminToken" = [])),
-)]
-pub fn search_events() {}
-
 /// Per-second counts for the last hour, from this process's in-memory ring:
 /// accepted/rejected per source; delivered/retried/dead, queue depth and p50/p99 latency
 /// per destination.
