@@ -16,7 +16,7 @@ use crate::http::error::ApiError;
 use crate::http::openapi::{
     AdminErrors, ArchiveReplay, ArchiveReplayRequest, ArchiveReplayStarted, ArchiveReplays,
     DeadLetter, DeadLetters, DestinationStatus, EventAttempt, EventPath, EventRoute, EventSearch,
-    Failure, PauseState, Reloaded, Replayed,
+    Failure, PauseState, Reloaded, Replayed, StatsDestination, StatsSeries, StatsSource,
 };
 use crate::http::server::AppState;
 use crate::ingest::{self, Call};
@@ -300,12 +300,25 @@ pub(super) struct SeriesQuery {
     seconds: Option<u32>,
 }
 
-/// `GET /admin/v1/stats/series?seconds=N`: per-second rates for the last N seconds (at most an
-/// hour), oldest first, from this process's memory.
+/// Per-second counts for the last hour, from this process's in-memory ring:
+/// accepted/rejected per source; delivered/retried/dead, queue depth and p50/p99 latency
+/// per destination.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/stats/series",
+    tag = "admin",
+    params(("seconds" = Option<u32>, Query, description = "How far back, 1..=3600 (default 3600)")),
+    responses(
+        (status = 200, description = "The series", body = StatsSeries),
+        (status = 400, description = "`seconds` out of range", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn stats_series(
     State(state): State<Arc<AppState>>,
     query: Result<Query<SeriesQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<StatsSeries>, ApiError> {
     let Query(query) = query.map_err(query_error)?;
     let seconds = query.seconds.unwrap_or(crate::rates::SECONDS as u32);
     if seconds == 0 || seconds as usize > crate::rates::SECONDS {
@@ -316,7 +329,7 @@ pub(super) async fn stats_series(
     }
     let until = crate::rates::now();
     let pipeline = state.pipeline.load();
-    let sources: Vec<Value> = pipeline
+    let sources = pipeline
         .sources
         .sources()
         .into_iter()
@@ -324,36 +337,36 @@ pub(super) async fn stats_series(
             let series = state
                 .source_rates
                 .series(source.id, until, seconds as usize);
-            json!({
-                "name": source.name,
-                "accepted": series.accepted,
-                "rejected": series.rejected,
-            })
+            StatsSource {
+                name: source.name.clone(),
+                accepted: series.accepted,
+                rejected: series.rejected,
+            }
         })
         .collect();
-    let destinations: Vec<Value> = pipeline
+    let destinations = pipeline
         .lanes
         .iter()
         .map(|lane| {
             let series = lane.stats.rates.series(until, seconds as usize);
-            json!({
-                "name": lane.config.name,
-                "delivered": series.delivered,
-                "retried": series.retried,
-                "dead": series.dead,
-                "queue_depth": series.queue_depth,
-                "p50_ms": series.p50_ms,
-                "p99_ms": series.p99_ms,
-            })
+            StatsDestination {
+                name: lane.config.name.clone(),
+                delivered: series.delivered,
+                retried: series.retried,
+                dead: series.dead,
+                queue_depth: series.queue_depth,
+                p50_ms: series.p50_ms,
+                p99_ms: series.p99_ms,
+            }
         })
         .collect();
-    Ok(Json(json!({
-        "scope": "process",
-        "until": until,
-        "step_seconds": 1,
-        "sources": sources,
-        "destinations": destinations,
-    })))
+    Ok(Json(StatsSeries {
+        scope: "process".into(),
+        until,
+        step_seconds: 1,
+        sources,
+        destinations,
+    }))
 }
 
 #[derive(Deserialize)]

@@ -188,6 +188,41 @@ pub struct ArchiveReplays {
     pub replays: Vec<ArchiveReplay>,
 }
 
+/// Per-second counts from this process's ring (`GET /admin/v1/stats/series`), oldest first.
+#[derive(Serialize, ToSchema)]
+pub struct StatsSeries {
+    /// Always `process`: the answer is this process's memory only.
+    pub scope: String,
+    /// The newest second counted, in seconds since the Unix epoch.
+    pub until: u32,
+    /// Always 1.
+    pub step_seconds: u32,
+    pub sources: Vec<StatsSource>,
+    pub destinations: Vec<StatsDestination>,
+}
+
+/// A source's counts per second.
+#[derive(Serialize, ToSchema)]
+pub struct StatsSource {
+    pub name: String,
+    pub accepted: Vec<u32>,
+    pub rejected: Vec<u32>,
+}
+
+/// A destination's counts per second; null in seconds with nothing to measure.
+#[derive(Serialize, ToSchema)]
+pub struct StatsDestination {
+    pub name: String,
+    pub delivered: Vec<u32>,
+    pub retried: Vec<u32>,
+    pub dead: Vec<u32>,
+    /// Null in seconds the queue was not counted.
+    pub queue_depth: Vec<Option<u32>>,
+    /// Null in seconds with no delivery.
+    pub p50_ms: Vec<Option<u32>>,
+    pub p99_ms: Vec<Option<u32>>,
+}
+
 /// A destination's pause state.
 #[derive(Serialize, ToSchema)]
 pub struct PauseState {

@@ -95,7 +95,7 @@ pub async fn serve() -> Response {
         crate::http::admin::resume_destination,
         crate::http::admin::event_path,
         crate::http::admin::search_events,
-        routes::stats_series,
+        crate::http::admin::stats_series,
         routes::dashboard,
         routes::healthz,
         routes::readyz,
@@ -104,6 +104,9 @@ pub async fn serve() -> Response {
     ),
     components(schemas(
         PauseState,
+        StatsSeries,
+        StatsSource,
+        StatsDestination,
         EventPath,
         EventSearch,
         EventRoute,

@@ -275,23 +275,6 @@ pub fn live() {}
 )]
 pub fn test_destination() {}
 
-/// Per-second counts for the last hour, from this process's in-memory ring:
-/// accepted/rejected per source; delivered/retried/dead, queue depth and p50/p99 latency
-/// per destination.
-#[utoipa::path(
-    get,
-    path = "/admin/v1/stats/series",
-    tag = "admin",
-    params(("seconds" = Option<u32>, Query, description = "How far back, 1..=3600 (default 3600)")),
-    responses(
-        (status = 200, description = "The series", body = Object),
-        (status = 400, description = "`seconds` out of range", body = Failure),
-        AdminErrors,
-    ),
-    security(("adminToken" = [])),
-)]
-pub fn stats_series() {}
-
 /// The dashboard. The page itself holds no data and needs no token (a browser cannot send
 /// one when navigating); it asks for the admin token and calls the admin API with it.
 #[utoipa::path(
