@@ -15,8 +15,9 @@ use time::OffsetDateTime;
 use crate::http::error::ApiError;
 use crate::http::openapi::{
     AdminErrors, ArchiveReplay, ArchiveReplayRequest, ArchiveReplayStarted, ArchiveReplays,
-    DeadLetter, DeadLetters, DestinationStatus, EventAttempt, EventPath, EventRoute, EventSearch,
-    Failure, PauseState, Reloaded, Replayed, StatsDestination, StatsSeries, StatsSource,
+    DeadLetter, DeadLetters, DestinationStatus, DestinationTest, DestinationTestResult,
+    EventAttempt, EventPath, EventRoute, EventSearch, Failure, PauseState, Reloaded, Replayed,
+    StatsDestination, StatsSeries, StatsSource,
 };
 use crate::http::server::AppState;
 use crate::ingest::{self, Call};
@@ -515,13 +516,28 @@ pub(super) async fn reload(State(state): State<Arc<AppState>>) -> Result<Json<Re
     }
 }
 
-/// `POST /admin/v1/destinations/{name}/test` `{"event": {...}}`: what the
-/// destination's routing, filters and transform make of the event. Nothing is stored or sent.
+/// Try a destination's `events`, `integrations`, `where`, `consent`, `sample`, `transform`
+/// and property drops on a sample event: the answer is what would be delivered. Nothing is
+/// stored or sent.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/destinations/{name}/test",
+    tag = "admin",
+    params(("name" = String, Path, description = "The destination")),
+    request_body(content = DestinationTest, description = "`{\"event\": {...}}`"),
+    responses(
+        (status = 200, description = "What the destination would get", body = DestinationTestResult),
+        (status = 400, description = "No `event` object, or an unknown `type`", body = Failure),
+        (status = 404, description = "No enabled destination of that name", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn test_destination(
     State(state): State<Arc<AppState>>,
     axum::extract::Path(name): axum::extract::Path<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<crate::filter::Preview>, ApiError> {
     let invalid = |message: String| ApiError::bad_request("invalid_body", message);
     let body: Value =
         serde_json::from_slice(&body).map_err(|e| invalid(format!("the body is not JSON: {e}")))?;

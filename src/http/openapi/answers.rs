@@ -4,6 +4,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 pub use crate::destination::EndpointStats;
+pub use crate::filter::Preview as DestinationTestResult;
 pub use crate::http::server::ReplayRequest;
 pub use crate::ingest::Rejection;
 pub use crate::pipeline::ReloadReport;
@@ -281,21 +282,6 @@ pub struct EventAttempt {
 pub struct DestinationTest {
     /// A Segment message (`type` defaults to `track`; a `messageId` is made when missing).
     pub event: serde_json::Value,
-}
-
-/// What a destination would make of a sample event.
-#[derive(ToSchema)]
-pub struct DestinationTestResult {
-    pub destination: String,
-    /// Whether anything would be sent.
-    pub delivered: bool,
-    /// What stopped it, the first rule in the order they apply: `integrations`, `events`,
-    /// `where`, `consent`, `sample` or `transform` (the script returned `null`).
-    pub filtered: Option<String>,
-    /// The transform's error: the event would be dead-lettered with it.
-    pub error: Option<String>,
-    /// The events the vendor mapping would get.
-    pub events: Vec<serde_json::Value>,
 }
 
 /// The answer to a reload.

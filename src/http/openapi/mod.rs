@@ -90,7 +90,7 @@ pub async fn serve() -> Response {
         crate::http::admin::cancel_replay,
         routes::live,
         crate::http::admin::reload,
-        routes::test_destination,
+        crate::http::admin::test_destination,
         crate::http::admin::pause_destination,
         crate::http::admin::resume_destination,
         crate::http::admin::event_path,

@@ -256,25 +256,6 @@ pub fn settings() {}
 )]
 pub fn live() {}
 
-/// Try a destination's `events`, `integrations`, `where`, `consent`, `sample`, `transform`
-/// and property drops on a sample event: the answer is what would be delivered. Nothing is
-/// stored or sent.
-#[utoipa::path(
-    post,
-    path = "/admin/v1/destinations/{name}/test",
-    tag = "admin",
-    params(("name" = String, Path, description = "The destination")),
-    request_body(content = DestinationTest, description = "`{\"event\": {...}}`"),
-    responses(
-        (status = 200, description = "What the destination would get", body = DestinationTestResult),
-        (status = 400, description = "No `event` object, or an unknown `type`", body = Failure),
-        (status = 404, description = "No enabled destination of that name", body = Failure),
-        AdminErrors,
-    ),
-    security(("adminToken" = [])),
-)]
-pub fn test_destination() {}
-
 /// The dashboard. The page itself holds no data and needs no token (a browser cannot send
 /// one when navigating); it asks for the admin token and calls the admin API with it.
 #[utoipa::path(
