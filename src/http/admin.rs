@@ -601,6 +601,30 @@ pub(super) async fn test_destination(
     Ok(Json(answer))
 }
 
+/// The live debugger: every accepted message as it arrives, as server-sent events.
+///
+/// `event: message` carries `{"source", "received_at", "message", "routes"}` (`routes`:
+/// `[{destination, state: "queued"|"filtered", reason?}]`, `reason` the first rule that
+/// stopped it); `event: outcome` carries an attempt that did not deliver, `{"message_id",
+/// "source", "destination", "state", "reason"?, "status"?, "error"?}` (a transform's `null`
+/// or failure, a retry, a dead letter); `event: lagged` carries `{"skipped": N}` when the
+/// viewer read too slowly and missed N frames (ingest never waits for a viewer). A comment
+/// every 15 s keeps the connection open.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/live",
+    tag = "admin",
+    params(
+        ("source" = Option<String>, Query, nullable = false,
+         description = "Only this source's messages (by name)"),
+    ),
+    responses(
+        (status = 200, description = "An endless event stream",
+         body = String, content_type = "text/event-stream"),
+        (status = 401, description = "No or a wrong admin token", body = Failure),
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn live(
     State(state): State<Arc<AppState>>,
     query: Result<Query<crate::http::live::LiveQuery>, QueryRejection>,

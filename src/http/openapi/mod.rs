@@ -88,7 +88,7 @@ pub async fn serve() -> Response {
         crate::http::admin::list_replays,
         crate::http::admin::show_replay,
         crate::http::admin::cancel_replay,
-        routes::live,
+        crate::http::admin::live,
         crate::http::admin::reload,
         crate::http::admin::test_destination,
         crate::http::admin::pause_destination,

@@ -1,7 +1,7 @@
 //! Documentation-only signatures for the routes whose handlers do not carry their own
-//! `#[utoipa::path]` yet (the admin handlers in `crate::http::admin` that return typed answers
-//! do): these functions exist so each remaining route has something to be described on.
-#![allow(dead_code)]
+//! `#[utoipa::path]` (every admin handler in `crate::http::admin` does): one ingest handler
+//! serves every `/v1/*` call type and alias, each documented here with its own message schema,
+//! and the health, metrics, SDK and dashboard routes answer no JSON worth typing.
 
 use super::*;
 
@@ -229,32 +229,6 @@ pub fn telemetry() {}
     ),
 )]
 pub fn settings() {}
-
-/// The live debugger: every accepted message as it arrives, as server-sent events.
-///
-/// `event: message` carries `{"source", "received_at", "message", "routes"}` (`routes`:
-/// `[{destination, state: "queued"|"filtered", reason?}]`, `reason` the first rule that
-/// stopped it); `event: outcome` carries an attempt that did not deliver, `{"message_id",
-/// "source", "destination", "state", "reason"?, "status"?, "error"?}` (a transform's `null`
-/// or failure, a retry, a dead letter); `event: lagged` carries `{"skipped": N}` when the
-/// viewer read too slowly and missed N frames (ingest never waits for a viewer). A comment
-/// every 15 s keeps the connection open.
-#[utoipa::path(
-    get,
-    path = "/admin/v1/live",
-    tag = "admin",
-    params(
-        ("source" = Option<String>, Query, nullable = false,
-         description = "Only this source's messages (by name)"),
-    ),
-    responses(
-        (status = 200, description = "An endless event stream",
-         body = String, content_type = "text/event-stream"),
-        (status = 401, description = "No or a wrong admin token", body = Failure),
-    ),
-    security(("adminToken" = [])),
-)]
-pub fn live() {}
 
 /// The dashboard. The page itself holds no data and needs no token (a browser cannot send
 /// one when navigating); it asks for the admin token and calls the admin API with it.
