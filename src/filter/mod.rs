@@ -319,6 +319,22 @@ impl Destination for Shaped {
     }
 }
 
+/// What a destination would make of a sample event.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = DestinationTestResult)]
+pub struct Preview {
+    pub destination: String,
+    /// Whether anything would be sent.
+    pub delivered: bool,
+    /// What stopped it, the first rule in the order they apply: `integrations`, `events`,
+    /// `where`, `consent`, `sample` or `transform` (the script returned `null`).
+    pub filtered: Option<String>,
+    /// The transform's error: the event would be dead-lettered with it.
+    pub error: Option<String>,
+    /// The events the vendor mapping would get.
+    pub events: Vec<Value>,
+}
+
 /// What a destination would send for `event`, past the routing rules (`refused`: the one of
 /// `integrations` and `events` that stopped it, if one did): the answer of
 /// `POST /admin/v1/destinations/{name}/test`. Nothing is sent.
@@ -329,15 +345,13 @@ pub async fn preview(
     refused: Option<Reason>,
     message_id: &str,
     event: Value,
-) -> Value {
-    let answer = |filtered: Option<&str>, error: Option<String>, events: Vec<Value>| {
-        serde_json::json!({
-            "destination": metadata.destination_name,
-            "delivered": !events.is_empty(),
-            "filtered": filtered,
-            "error": error,
-            "events": events,
-        })
+) -> Preview {
+    let answer = |filtered: Option<&str>, error: Option<String>, events: Vec<Value>| Preview {
+        destination: metadata.destination_name.clone(),
+        delivered: !events.is_empty(),
+        filtered: filtered.map(str::to_owned),
+        error,
+        events,
     };
     if let Some(reason) = refused {
         return answer(Some(reason.as_str()), None, Vec::new());

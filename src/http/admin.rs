@@ -13,57 +13,102 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 
 use crate::http::error::ApiError;
-use crate::http::openapi::{DeadLetter, DeadLetters};
+use crate::http::openapi::{
+    AdminErrors, ArchiveReplay, ArchiveReplayRequest, ArchiveReplayStarted, ArchiveReplays,
+    DeadLetter, DeadLetters, DestinationStatus, DestinationTest, DestinationTestResult,
+    EventAttempt, EventPath, EventRoute, EventSearch, Failure, PauseState, Reloaded, Replayed,
+    StatsDestination, StatsSeries, StatsSource,
+};
 use crate::http::server::AppState;
 use crate::ingest::{self, Call};
 use crate::pipeline::{Pipeline, ReloadError};
 
+/// Every destination with its live counts (since this process started, except `queued`,
+/// `retrying` and `dead`, which come from the database).
+#[utoipa::path(
+    get,
+    path = "/admin/v1/destinations",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The destinations", body = Vec<DestinationStatus>),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn destinations(
     State(state): State<Arc<AppState>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Vec<DestinationStatus>>, ApiError> {
     let dead = state.store.dead_counts().await?;
     let paused = state.store.paused().await?;
     let pipeline = state.pipeline.load();
-    let list: Vec<Value> = pipeline
+    let list = pipeline
         .lanes
         .iter()
         .map(|lane| {
             let config = &lane.config;
             let (queued, retrying) = state.depth.destination(lane.id);
             let status = lane.status();
-            json!({
-                "name": config.name,
-                "kind": config.kind,
-                "paused": paused.contains(&lane.id),
-                "queued": queued,
-                "in_flight": status.in_flight,
-                "delivered": status.delivered,
-                "retrying": retrying,
-                "dead": dead.get(&lane.id).copied().unwrap_or(0),
-                "rate_limit": config.rate_limit.map(|r| crate::config::format_rate(&r)),
-                "concurrency_limit": status.concurrency_limit,
-                "rate_factor": status.rate_factor,
-                "last_error": status.last_error,
-                "endpoints": status.endpoints,
-                "filters": crate::filter::describe(&config.gate, &config.shaping),
-            })
+            DestinationStatus {
+                name: config.name.clone(),
+                kind: config.kind.clone(),
+                paused: paused.contains(&lane.id),
+                queued,
+                in_flight: status.in_flight as u64,
+                delivered: status.delivered,
+                retrying,
+                dead: dead.get(&lane.id).copied().unwrap_or(0),
+                rate_limit: config.rate_limit.map(|r| crate::config::format_rate(&r)),
+                concurrency_limit: status.concurrency_limit as u64,
+                rate_factor: status.rate_factor,
+                last_error: status.last_error,
+                endpoints: status.endpoints,
+                filters: crate::filter::describe(&config.gate, &config.shaping),
+            }
         })
         .collect();
-    Ok(Json(Value::Array(list)))
+    Ok(Json(list))
 }
 
+/// Pause a destination: its events keep queueing and nothing is delivered (requests
+/// already in flight finish) until it is resumed. Kept in Postgres: every process and
+/// every restart honors it.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/destinations/{name}/pause",
+    tag = "admin",
+    params(("name" = String, Path, description = "The destination")),
+    responses(
+        (status = 200, description = "`{name, paused: true}`", body = PauseState),
+        (status = 404, description = "No destination of that name", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn pause_destination(
     State(state): State<Arc<AppState>>,
     name: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PauseState>, ApiError> {
     let Path(name) = name.map_err(path_error)?;
     set_paused(&state, name, true).await
 }
 
+/// Resume a paused destination: its backlog is delivered at once.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/destinations/{name}/resume",
+    tag = "admin",
+    params(("name" = String, Path, description = "The destination")),
+    responses(
+        (status = 200, description = "`{name, paused: false}`", body = PauseState),
+        (status = 404, description = "No destination of that name", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn resume_destination(
     State(state): State<Arc<AppState>>,
     name: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PauseState>, ApiError> {
     let Path(name) = name.map_err(path_error)?;
     set_paused(&state, name, false).await
 }
@@ -74,7 +119,7 @@ pub(super) async fn set_paused(
     state: &AppState,
     name: String,
     paused: bool,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PauseState>, ApiError> {
     let pipeline = state.pipeline.load_full();
     let id = pipeline
         .destination_ids
@@ -86,14 +131,28 @@ pub(super) async fn set_paused(
     if let Some(lane) = pipeline.lanes.iter().find(|lane| lane.id == id) {
         lane.stats.set_paused(paused);
     }
-    Ok(Json(json!({ "name": name, "paused": paused })))
+    Ok(Json(PauseState { name, paused }))
 }
 
-/// `GET /admin/v1/events/{messageId}`: the event's path as this process saw it.
+/// Where one recent event went: when this process accepted it, the destinations it was
+/// routed to or filtered from, and each delivery attempt this process made. Kept in a
+/// bounded in-memory ring per process: every process serves its own (`scope: "process"`).
+#[utoipa::path(
+    get,
+    path = "/admin/v1/events/{message_id}",
+    tag = "admin",
+    params(("message_id" = String, Path, description = "The event's messageId")),
+    responses(
+        (status = 200, description = "The event's path", body = EventPath),
+        (status = 404, description = "Unknown here, or aged out of the ring (`not_found`), or this process records no trail (`event_trail_off`: `[server] event_trail = 0`)", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn event_path(
     State(state): State<Arc<AppState>>,
     message_id: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<EventPath>, ApiError> {
     let Path(message_id) = message_id.map_err(path_error)?;
     let trail = &crate::trail::TRAIL;
     if trail.capacity() == 0 {
@@ -107,11 +166,11 @@ pub(super) async fn event_path(
         ))
     };
     let event = trail.find(&message_id).ok_or_else(unknown)?;
-    Ok(Json(event_json(&state.pipeline.load(), &event)))
+    Ok(Json(event_path_of(&state.pipeline.load(), &event)))
 }
 
 #[derive(Deserialize)]
-pub(super) struct EventSearch {
+pub(super) struct EventQuery {
     #[serde(rename = "userId")]
     user_id: Option<String>,
     limit: Option<i64>,
@@ -121,13 +180,29 @@ pub(super) struct EventSearch {
 const SEARCH_MAX: i64 = 100;
 const SEARCH_DEFAULT: i64 = 20;
 
-/// `GET /admin/v1/events?userId=U&limit=N`: the user's newest events in this process's trail
-/// (matched on userId, else anonymousId), newest first, each as `GET /admin/v1/events/{id}`
-/// shows it.
+/// A user's newest events in this process's trail, newest first, each as
+/// `/admin/v1/events/{message_id}` shows it: matched on `userId`, or `anonymousId` for
+/// events without one.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/events",
+    tag = "admin",
+    params(
+        ("userId" = String, Query, description = "The user (userId, else anonymousId)"),
+        ("limit" = Option<u32>, Query, description = "Events at most, 1..=100 (default 20)"),
+    ),
+    responses(
+        (status = 200, description = "The user's recent events", body = EventSearch),
+        (status = 400, description = "No `userId`, or `limit` out of range", body = Failure),
+        (status = 404, description = "This process records no trail (`event_trail_off`: `[server] event_trail = 0`)", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn search_events(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<EventSearch>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+    query: Result<Query<EventQuery>, QueryRejection>,
+) -> Result<Json<EventSearch>, ApiError> {
     let Query(query) = query.map_err(query_error)?;
     let user = query
         .user_id
@@ -150,16 +225,16 @@ pub(super) async fn search_events(
         return Err(trail_off());
     }
     let pipeline = state.pipeline.load();
-    let items: Vec<Value> = trail
+    let items = trail
         .by_user(&user, limit as usize)
         .iter()
-        .map(|event| event_json(&pipeline, event))
+        .map(|event| event_path_of(&pipeline, event))
         .collect();
-    Ok(Json(json!({
-        "user_id": user,
-        "scope": "process",
-        "items": items,
-    })))
+    Ok(Json(EventSearch {
+        user_id: user,
+        scope: "process".into(),
+        items,
+    }))
 }
 
 pub(super) fn source_name(pipeline: &Pipeline, id: i32) -> Option<String> {
@@ -180,43 +255,35 @@ pub(super) fn destination_name(pipeline: &Pipeline, id: i32) -> Option<String> {
 }
 
 /// An event's path as the admin API shows it, names resolved through the config in force.
-pub(super) fn event_json(pipeline: &Pipeline, event: &crate::trail::EventTrail) -> Value {
-    let source = source_name(pipeline, event.source_id);
-    let destination = |id: i32| destination_name(pipeline, id);
-    let routes: Vec<Value> = event
+pub(super) fn event_path_of(pipeline: &Pipeline, event: &crate::trail::EventTrail) -> EventPath {
+    let routes = event
         .routes
         .iter()
-        .map(|route| {
-            let attempts: Vec<Value> = route
+        .map(|route| EventRoute {
+            destination: destination_name(pipeline, route.destination_id),
+            state: route.state.as_str().into(),
+            reason: match route.state {
+                crate::trail::State::Filtered(reason) => Some(reason.into()),
+                _ => None,
+            },
+            attempts: route
                 .attempts
                 .iter()
-                .map(|attempt| {
-                    json!({
-                        "at": ingest::format_time(attempt.at),
-                        "status": attempt.status,
-                        "error": attempt.error.as_deref(),
-                    })
+                .map(|attempt| EventAttempt {
+                    at: ingest::format_time(attempt.at),
+                    status: attempt.status,
+                    error: attempt.error.as_deref().map(str::to_owned),
                 })
-                .collect();
-            let reason = match route.state {
-                crate::trail::State::Filtered(reason) => Some(reason),
-                _ => None,
-            };
-            json!({
-                "destination": destination(route.destination_id),
-                "state": route.state.as_str(),
-                "reason": reason,
-                "attempts": attempts,
-            })
+                .collect(),
         })
         .collect();
-    json!({
-        "message_id": &*event.message_id,
-        "source": source,
-        "received_at": ingest::format_time(event.received_at),
-        "scope": "process",
-        "routes": routes,
-    })
+    EventPath {
+        message_id: event.message_id.to_string(),
+        source: source_name(pipeline, event.source_id),
+        received_at: ingest::format_time(event.received_at),
+        scope: "process".into(),
+        routes,
+    }
 }
 
 /// The answer of the event lookups when this process records no trail.
@@ -234,12 +301,25 @@ pub(super) struct SeriesQuery {
     seconds: Option<u32>,
 }
 
-/// `GET /admin/v1/stats/series?seconds=N`: per-second rates for the last N seconds (at most an
-/// hour), oldest first, from this process's memory.
+/// Per-second counts for the last hour, from this process's in-memory ring:
+/// accepted/rejected per source; delivered/retried/dead, queue depth and p50/p99 latency
+/// per destination.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/stats/series",
+    tag = "admin",
+    params(("seconds" = Option<u32>, Query, description = "How far back, 1..=3600 (default 3600)")),
+    responses(
+        (status = 200, description = "The series", body = StatsSeries),
+        (status = 400, description = "`seconds` out of range", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn stats_series(
     State(state): State<Arc<AppState>>,
     query: Result<Query<SeriesQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<StatsSeries>, ApiError> {
     let Query(query) = query.map_err(query_error)?;
     let seconds = query.seconds.unwrap_or(crate::rates::SECONDS as u32);
     if seconds == 0 || seconds as usize > crate::rates::SECONDS {
@@ -250,7 +330,7 @@ pub(super) async fn stats_series(
     }
     let until = crate::rates::now();
     let pipeline = state.pipeline.load();
-    let sources: Vec<Value> = pipeline
+    let sources = pipeline
         .sources
         .sources()
         .into_iter()
@@ -258,36 +338,36 @@ pub(super) async fn stats_series(
             let series = state
                 .source_rates
                 .series(source.id, until, seconds as usize);
-            json!({
-                "name": source.name,
-                "accepted": series.accepted,
-                "rejected": series.rejected,
-            })
+            StatsSource {
+                name: source.name.clone(),
+                accepted: series.accepted,
+                rejected: series.rejected,
+            }
         })
         .collect();
-    let destinations: Vec<Value> = pipeline
+    let destinations = pipeline
         .lanes
         .iter()
         .map(|lane| {
             let series = lane.stats.rates.series(until, seconds as usize);
-            json!({
-                "name": lane.config.name,
-                "delivered": series.delivered,
-                "retried": series.retried,
-                "dead": series.dead,
-                "queue_depth": series.queue_depth,
-                "p50_ms": series.p50_ms,
-                "p99_ms": series.p99_ms,
-            })
+            StatsDestination {
+                name: lane.config.name.clone(),
+                delivered: series.delivered,
+                retried: series.retried,
+                dead: series.dead,
+                queue_depth: series.queue_depth,
+                p50_ms: series.p50_ms,
+                p99_ms: series.p99_ms,
+            }
         })
         .collect();
-    Ok(Json(json!({
-        "scope": "process",
-        "until": until,
-        "step_seconds": 1,
-        "sources": sources,
-        "destinations": destinations,
-    })))
+    Ok(Json(StatsSeries {
+        scope: "process".into(),
+        until,
+        step_seconds: 1,
+        sources,
+        destinations,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -296,6 +376,24 @@ pub(super) struct DeadLetterQuery {
     limit: Option<i64>,
 }
 
+/// Dead letters, newest first.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/dead-letters",
+    tag = "admin",
+    params(
+        ("destination" = Option<String>, Query, nullable = false,
+         description = "Only this destination's (by name)"),
+        ("limit" = Option<i64>, Query, nullable = false,
+         description = "At most this many (clamped to 1..=1000; default 100)"),
+    ),
+    responses(
+        (status = 200, description = "The dead letters", body = DeadLetters),
+        (status = 400, description = "A parameter is malformed", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn dead_letters(
     State(state): State<Arc<AppState>>,
     query: Result<Query<DeadLetterQuery>, QueryRejection>,
@@ -332,10 +430,24 @@ pub struct ReplayRequest {
     pub ids: Option<Vec<serde_json::Number>>,
 }
 
+/// Queue dead letters for delivery again: the given ids, or all of the destination's.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/dead-letters/replay",
+    tag = "admin",
+    request_body(content = ReplayRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "How many were queued again", body = Replayed),
+        (status = 400, description = "The body is not a replay request", body = Failure),
+        (status = 404, description = "No such destination", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn replay(
     State(state): State<Arc<AppState>>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Replayed>, ApiError> {
     let request: ReplayRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",
@@ -363,12 +475,30 @@ pub(super) async fn replay(
             lane.config.ordering == crate::config::Ordering::PerUser,
         )
         .await?;
-    Ok(Json(json!({ "requeued": requeued })))
+    Ok(Json(Replayed { requeued }))
 }
 
-pub(super) async fn reload(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+/// Reload the config file: destinations added, changed or removed take effect without a
+/// restart and without losing queued work. A file with errors is refused and the running
+/// config stays.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/reload",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The new config is in force", body = Reloaded),
+        (status = 400, description = "The file has errors; nothing changed", body = Failure),
+        (status = 409, description = "Started without a config file", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
+pub(super) async fn reload(State(state): State<Arc<AppState>>) -> Result<Json<Reloaded>, ApiError> {
     match state.reloader.reload().await {
-        Ok(report) => Ok(Json(json!({ "reloaded": true, "report": report }))),
+        Ok(report) => Ok(Json(Reloaded {
+            reloaded: true,
+            report,
+        })),
         Err(ReloadError::Invalid(errors)) => {
             let mut error = ApiError::bad_request(
                 "invalid_config",
@@ -386,13 +516,28 @@ pub(super) async fn reload(State(state): State<Arc<AppState>>) -> Result<Json<Va
     }
 }
 
-/// `POST /admin/v1/destinations/{name}/test` `{"event": {...}}`: what the
-/// destination's routing, filters and transform make of the event. Nothing is stored or sent.
+/// Try a destination's `events`, `integrations`, `where`, `consent`, `sample`, `transform`
+/// and property drops on a sample event: the answer is what would be delivered. Nothing is
+/// stored or sent.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/destinations/{name}/test",
+    tag = "admin",
+    params(("name" = String, Path, description = "The destination")),
+    request_body(content = DestinationTest, description = "`{\"event\": {...}}`"),
+    responses(
+        (status = 200, description = "What the destination would get", body = DestinationTestResult),
+        (status = 400, description = "No `event` object, or an unknown `type`", body = Failure),
+        (status = 404, description = "No enabled destination of that name", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn test_destination(
     State(state): State<Arc<AppState>>,
     axum::extract::Path(name): axum::extract::Path<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<crate::filter::Preview>, ApiError> {
     let invalid = |message: String| ApiError::bad_request("invalid_body", message);
     let body: Value =
         serde_json::from_slice(&body).map_err(|e| invalid(format!("the body is not JSON: {e}")))?;
@@ -456,6 +601,30 @@ pub(super) async fn test_destination(
     Ok(Json(answer))
 }
 
+/// The live debugger: every accepted message as it arrives, as server-sent events.
+///
+/// `event: message` carries `{"source", "received_at", "message", "routes"}` (`routes`:
+/// `[{destination, state: "queued"|"filtered", reason?}]`, `reason` the first rule that
+/// stopped it); `event: outcome` carries an attempt that did not deliver, `{"message_id",
+/// "source", "destination", "state", "reason"?, "status"?, "error"?}` (a transform's `null`
+/// or failure, a retry, a dead letter); `event: lagged` carries `{"skipped": N}` when the
+/// viewer read too slowly and missed N frames (ingest never waits for a viewer). A comment
+/// every 15 s keeps the connection open.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/live",
+    tag = "admin",
+    params(
+        ("source" = Option<String>, Query, nullable = false,
+         description = "Only this source's messages (by name)"),
+    ),
+    responses(
+        (status = 200, description = "An endless event stream",
+         body = String, content_type = "text/event-stream"),
+        (status = 401, description = "No or a wrong admin token", body = Failure),
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn live(
     State(state): State<Arc<AppState>>,
     query: Result<Query<crate::http::live::LiveQuery>, QueryRejection>,
@@ -496,10 +665,27 @@ pub(super) struct ReplayArchiveRequest {
     sources: Option<Vec<String>>,
 }
 
+/// Replay archived events received in `[from, to)` (of `sources`, or every source) to one
+/// destination: every event its filters take is delivered to it alone, on a lane that
+/// yields to live traffic, under its rate limit, retries and dead letters. Events are sent
+/// with their original `messageId`, so a vendor that dedupes drops what it already has.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/replays",
+    tag = "admin",
+    request_body(content = ArchiveReplayRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Recorded; delivery has begun", body = ArchiveReplayStarted),
+        (status = 400, description = "The body is not a replay request", body = Failure),
+        (status = 404, description = "No such destination or source", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn start_replay(
     State(state): State<Arc<AppState>>,
     body: axum::body::Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<ArchiveReplayStarted>), ApiError> {
     let request: ReplayArchiveRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",
@@ -539,37 +725,80 @@ pub(super) async fn start_replay(
         .await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "id": replay.id, "events": replay.events })),
+        Json(ArchiveReplayStarted {
+            id: replay.id,
+            events: replay.events,
+        }),
     ))
 }
 
+/// Every replay, newest first.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/replays",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The replays", body = ArchiveReplays),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn list_replays(
     State(state): State<Arc<AppState>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ArchiveReplays>, ApiError> {
     let replays = state.store.replays(None).await?;
-    Ok(Json(json!({
-        "replays": replays.iter().map(replay_json).collect::<Vec<_>>()
-    })))
+    Ok(Json(ArchiveReplays {
+        replays: replays.iter().map(ArchiveReplay::from).collect(),
+    }))
 }
 
+/// One replay's progress.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/replays/{id}",
+    tag = "admin",
+    params(("id" = i64, Path, description = "The replay's id")),
+    responses(
+        (status = 200, description = "The replay", body = ArchiveReplay),
+        (status = 400, description = "The id is not a number", body = Failure),
+        (status = 404, description = "No such replay", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn show_replay(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ArchiveReplay>, ApiError> {
     let id = replay_id(&id)?;
-    Ok(Json(replay_json(&find_replay(&state, id).await?)))
+    Ok(Json(ArchiveReplay::from(&find_replay(&state, id).await?)))
 }
 
+/// Cancel a replay: nothing more is selected, and its queued events not in flight are
+/// dropped.
+#[utoipa::path(
+    delete,
+    path = "/admin/v1/replays/{id}",
+    tag = "admin",
+    params(("id" = i64, Path, description = "The replay's id")),
+    responses(
+        (status = 200, description = "The replay, cancelled", body = ArchiveReplay),
+        (status = 400, description = "The id is not a number", body = Failure),
+        (status = 404, description = "No such replay", body = Failure),
+        AdminErrors,
+    ),
+    security(("adminToken" = [])),
+)]
 pub(super) async fn cancel_replay(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ArchiveReplay>, ApiError> {
     let id = replay_id(&id)?;
     let found = state.store.cancel_replay(id).await?;
     if !found {
         return Err(ApiError::not_found(format!("no replay {id}")));
     }
-    Ok(Json(replay_json(&find_replay(&state, id).await?)))
+    Ok(Json(ArchiveReplay::from(&find_replay(&state, id).await?)))
 }
 
 pub(super) async fn find_replay(
@@ -588,21 +817,9 @@ pub(super) fn replay_id(text: &str) -> Result<i64, ApiError> {
         .map_err(|_| ApiError::bad_request("invalid_id", "a replay id is a whole number"))
 }
 
-/// A replay as the admin API shows it.
+/// A replay as the admin API shows it, as JSON (for the command line).
 pub fn replay_json(replay: &crate::store::Replay) -> Value {
-    json!({
-        "id": replay.id,
-        "destination": replay.destination,
-        "state": replay.state,
-        "from": ingest::format_time(replay.from_at),
-        "to": ingest::format_time(replay.to_at),
-        "events": replay.events,
-        "selected": replay.selected,
-        "delivered": replay.delivered,
-        "failed": replay.failed,
-        "created_at": ingest::format_time(replay.created_at),
-        "finished_at": replay.finished_at.map(ingest::format_time),
-    })
+    serde_json::to_value(ArchiveReplay::from(replay)).unwrap_or_default()
 }
 
 pub(super) fn integral(number: &serde_json::Number) -> Option<i64> {

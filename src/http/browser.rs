@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use crate::config::ServerConfig;
 use crate::http::error::ApiError;
 use crate::http::server::AppState;
+use crate::ingest::IngestError;
 
 /// The origins a source accepts browser requests from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -219,20 +220,16 @@ fn settings_document(write_key: &str, api_host: &str, protocol: &str) -> Value {
 }
 
 /// A request naming a source must come from an origin that source allows (or from no browser).
-pub fn check_origin(allowed: &AllowedOrigins, headers: &HeaderMap) -> Result<(), ApiError> {
+pub fn check_origin(allowed: &AllowedOrigins, headers: &HeaderMap) -> Result<(), IngestError> {
     match headers.get(header::ORIGIN) {
         None => Ok(()),
         Some(origin) if origin.to_str().is_ok_and(|o| allowed.allows(o)) => Ok(()),
-        Some(_) => Err(origin_refused()),
+        Some(_) => Err(IngestError::OriginNotAllowed),
     }
 }
 
 fn origin_refused() -> ApiError {
-    ApiError::new(
-        StatusCode::FORBIDDEN,
-        "origin_not_allowed",
-        "this origin may not send with this write key: add it to the source's allowed_origins",
-    )
+    IngestError::OriginNotAllowed.into()
 }
 
 /// CORS on every `/v1/*` path: preflights answered here, an origin no source allows refused,

@@ -86,10 +86,14 @@ impl From<IngestError> for ApiError {
                 message,
             ),
             IngestError::Unauthorized(message) => ApiError::unauthorized(message),
+            IngestError::OriginNotAllowed => {
+                ApiError::new(StatusCode::FORBIDDEN, error.code(), error.to_string())
+            }
             IngestError::Overloaded {
                 message,
                 retry_after,
             } => ApiError::overloaded(message, retry_after),
+            IngestError::Unavailable(message) => ApiError::unavailable(message),
         }
     }
 }

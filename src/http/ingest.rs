@@ -1,6 +1,6 @@
 //! The ingest API's handlers (`/v1/*`): what is HTTP about a request (the write key in
 //! `Authorization`, the body read within its time and memory bounds, the client's address and
-//! origin), then ingest's parse and routing, the group commit, and the answer.
+//! origin, the live feed), then [`Intake::ingest`], and the answer.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,13 +16,15 @@ use base64::Engine as _;
 use serde_json::json;
 use time::OffsetDateTime;
 
-use crate::http::admin::event_json;
+use crate::http::admin::event_path_of;
 use crate::http::browser::Peer;
 use crate::http::error::ApiError;
+use crate::http::live::Prepared;
 use crate::http::server::AppState;
-use crate::ingest::{self, Call, Endpoint, IngestError};
-use crate::store::commit::CommitError;
+use crate::ingest::{self, Call, Door, Endpoint, IngestError, Intake, Request, Source};
+use crate::pipeline::Pipeline;
 use crate::store::NewEvent;
+use crate::trail::EventTrail;
 
 pub(super) async fn single(
     State(state): State<Arc<AppState>>,
@@ -46,7 +48,7 @@ pub(super) async fn batch(
     ingest(&state, Endpoint::Batch, peer, &headers, body).await
 }
 
-/// The ingest path: authenticate, decode, validate, route, commit, answer.
+/// The ingest path: what is HTTP about the request, then ingest's algorithm, then the answer.
 pub(super) async fn ingest(
     state: &AppState,
     endpoint: Endpoint,
@@ -60,20 +62,25 @@ pub(super) async fn ingest(
         ));
     }
     let pipeline = state.pipeline.load_full();
+    let intake = Intake {
+        sources: &pipeline.sources,
+        routes: &pipeline.routes,
+        limits: &pipeline.limits,
+        depth: &state.depth,
+        rates: &state.source_rates,
+        commit: &state.commit,
+        commit_timeout: state.commit_timeout,
+    };
     let basic_key = basic_write_key(headers)?;
-    if let Some(key) = &basic_key {
-        if pipeline.sources.find(key).is_none() {
-            return Err(reject_unknown_key().into());
-        }
-    }
-    let encoding = headers
+    intake.check_basic_key(basic_key.as_deref())?;
+    let content_encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok());
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        .filter(|_| encoding.is_none());
-    let mut memory = reserve_memory(declared.unwrap_or(ingest::MAX_REQUEST_BYTES)).await?;
+        .filter(|_| content_encoding.is_none());
+    let memory = reserve_memory(declared.unwrap_or(ingest::MAX_REQUEST_BYTES)).await?;
     let limit = state.timeouts.body;
     let read = tokio::time::timeout(limit, axum::body::to_bytes(body, ingest::MAX_REQUEST_BYTES));
     let raw = read
@@ -94,111 +101,65 @@ pub(super) async fn ingest(
                 ApiError::bad_request("invalid_body", format!("reading the body failed: {error}"))
             }
         })?;
-    let body = ingest::decode_body(encoding, &raw)?;
-    shrink(&mut memory, raw.len() + 2 * body.len());
-    let received_at = OffsetDateTime::now_utc();
-    let authorize = |body_key: Option<&str>| match (&basic_key, body_key) {
-        (Some(_), _) => Ok(()),
-        (None, Some(key)) if pipeline.sources.find(key).is_some() => Ok(()),
-        (None, Some(_)) => Err(reject_unknown_key()),
-        (None, None) => Err(no_write_key()),
+    let request = Request {
+        endpoint,
+        body: raw,
+        content_encoding,
+        basic_key,
+        client_ip: crate::http::browser::client_ip(peer.0, headers, &pipeline.server),
+        received_at: OffsetDateTime::now_utc(),
     };
-    let client_ip = crate::http::browser::client_ip(peer.0, headers, &pipeline.server);
-    let parsed = ingest::parse_authorized(endpoint, &body, received_at, client_ip, &authorize)?;
-    drop(body);
-    drop(raw);
-    let key = basic_key.or(parsed.write_key).ok_or_else(no_write_key)?;
-    let source = pipeline
-        .sources
-        .find(&key)
-        .ok_or_else(reject_unknown_key)?
-        .clone();
-    if let Err(refused) = crate::http::browser::check_origin(&source.allowed_origins, headers) {
-        metrics::counter!("switchyard_rejected_events_total", "source" => source.name.clone(), "code" => refused.code)
-            .increment((parsed.messages.len() + parsed.rejected.len()) as u64);
-        return Err(refused);
-    }
-
-    for rejection in &parsed.rejected {
-        metrics::counter!("switchyard_rejected_events_total", "source" => source.name.clone(), "code" => rejection.code)
-            .increment(1);
-    }
-    if !parsed.rejected.is_empty() {
-        state
-            .source_rates
-            .ingested(source.id, 0, parsed.rejected.len() as u32);
-    }
-    if parsed.messages.is_empty() && !parsed.rejected.is_empty() {
-        let mut error = ApiError::bad_request("invalid_batch", "no message in the batch was valid");
-        error.rejected = parsed.rejected;
-        return Err(error);
-    }
-    let accepted = parsed.messages.len();
-    let mut trails = Vec::with_capacity(accepted);
-    let events: Vec<NewEvent> = parsed
-        .messages
-        .into_iter()
-        .map(|(_, message)| {
-            let (targets, trail) = pipeline.routes.targets(source.id, &message, received_at);
-            trails.push(trail);
-            NewEvent {
-                source_id: source.id,
-                targets,
-                message_id: message.message_id,
-                user_key: message.user_key,
-                received_at,
-                payload: message.payload,
-            }
-        })
-        .collect();
-    let jobs: usize = events.iter().map(|e| e.targets.len()).sum();
-    state.depth.admit(&pipeline.limits, source.id, jobs)?;
-    let live = match state.live.is_watched() {
-        true => state.live.prepare(
-            &source.name,
-            events.iter().zip(&trails).map(|(event, trail)| {
-                let routes = event_json(&pipeline, trail)["routes"].take();
-                (event.payload.as_slice(), routes)
-            }),
-        ),
-        false => Default::default(),
+    let mut door = HttpDoor {
+        state,
+        pipeline: &pipeline,
+        headers,
+        memory,
     };
-    if !events.is_empty() {
-        match tokio::time::timeout(state.commit_timeout, state.commit.commit(events)).await {
-            Ok(Ok(_)) => {
-                state.depth.queued(source.id, jobs as u64);
-                state.live.send(live);
-                crate::trail::TRAIL.accepted(trails);
-            }
-            Ok(Err(CommitError::Closed)) => {
-                return Err(ApiError::unavailable("shutting down; retry shortly"))
-            }
-            Ok(Err(CommitError::Store(_))) => {
-                return Err(ApiError::unavailable(
-                    "the database is unavailable; nothing was stored, retry shortly",
-                ))
-            }
-            Err(_) => {
-                return Err(ApiError::unavailable(
-                    "the database did not answer in time; retry shortly",
-                ))
-            }
-        }
-    }
-    metrics::counter!("switchyard_ingested_events_total", "source" => source.name.clone())
-        .increment(accepted as u64);
-    state.source_rates.ingested(source.id, accepted as u32, 0);
+    let accepted = intake.ingest(request, &mut door).await?;
     let mut answer = json!({"success": true});
-    if !parsed.rejected.is_empty() {
-        answer["rejected"] = serde_json::to_value(&parsed.rejected).unwrap_or_default();
+    if !accepted.rejected.is_empty() {
+        answer["rejected"] = serde_json::to_value(&accepted.rejected).unwrap_or_default();
     }
     Ok(Json(answer).into_response())
 }
 
-pub(super) fn no_write_key() -> IngestError {
-    IngestError::Unauthorized(
-        "no write key: send it as the HTTP Basic username or as `writeKey` in the body".into(),
-    )
+/// What HTTP adds around ingest: the origin check, the memory the request holds, the live feed.
+struct HttpDoor<'a> {
+    state: &'a AppState,
+    pipeline: &'a Pipeline,
+    headers: &'a HeaderMap,
+    memory: tokio::sync::SemaphorePermit<'static>,
+}
+
+impl Door for HttpDoor<'_> {
+    type Watched = Prepared;
+
+    fn decoded(&mut self, raw: usize, decoded: usize) {
+        shrink(&mut self.memory, raw + 2 * decoded);
+    }
+
+    fn admits(&self, source: &Source) -> Result<(), IngestError> {
+        crate::http::browser::check_origin(&source.allowed_origins, self.headers)
+    }
+
+    fn committing(&self, source: &Source, events: &[NewEvent], trails: &[EventTrail]) -> Prepared {
+        let live = &self.state.live;
+        match live.is_watched() {
+            true => live.prepare(
+                &source.name,
+                events.iter().zip(trails).map(|(event, trail)| {
+                    let routes = event_path_of(self.pipeline, trail).routes;
+                    let routes = serde_json::to_value(routes).unwrap_or_default();
+                    (event.payload.as_slice(), routes)
+                }),
+            ),
+            false => Default::default(),
+        }
+    }
+
+    fn committed(&self, watched: Prepared) {
+        self.state.live.send(watched);
+    }
 }
 
 /// Bytes that ingest requests may hold at once, in KiB: their bodies as read and decoded, and
@@ -235,12 +196,6 @@ pub(super) fn shrink(permit: &mut tokio::sync::SemaphorePermit<'static>, bytes: 
     if permit.num_permits() > keep {
         drop(permit.split(permit.num_permits() - keep));
     }
-}
-
-pub(super) fn reject_unknown_key() -> IngestError {
-    metrics::counter!("switchyard_rejected_events_total", "source" => "unknown", "code" => "unauthorized")
-        .increment(1);
-    IngestError::Unauthorized("unknown write key".into())
 }
 
 /// The write key from `Authorization: Basic base64(key:)`, if the request has one.

@@ -25,12 +25,20 @@ pub enum IngestError {
     /// No write key, or one no source has.
     #[error("{0}")]
     Unauthorized(String),
+    /// A browser origin the source's `allowed_origins` does not list.
+    #[error(
+        "this origin may not send with this write key: add it to the source's allowed_origins"
+    )]
+    OriginNotAllowed,
     /// Past the `[limits]` bounds on queued work: retry after the pause.
     #[error("{message}")]
     Overloaded {
         message: String,
         retry_after: Duration,
     },
+    /// Nothing was stored (shutting down, or the database did not take the commit): retry.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl IngestError {
@@ -39,6 +47,19 @@ impl IngestError {
             code,
             message: message.into(),
             rejected: Vec::new(),
+        }
+    }
+
+    /// The code the answer carries, also the label of the rejected-events metric.
+    pub fn code(&self) -> &'static str {
+        match self {
+            IngestError::Invalid { code, .. } => code,
+            IngestError::TooLarge(_) => "too_large",
+            IngestError::UnsupportedEncoding(_) => "unsupported_encoding",
+            IngestError::Unauthorized(_) => "unauthorized",
+            IngestError::OriginNotAllowed => "origin_not_allowed",
+            IngestError::Overloaded { .. } => "overloaded",
+            IngestError::Unavailable(_) => "unavailable",
         }
     }
 }

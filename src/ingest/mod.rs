@@ -3,19 +3,22 @@
 //! It authenticates the write key, decodes gzip within Segment's size limits, validates each
 //! call type's required fields, enriches messages the way Segment does (`messageId`,
 //! `receivedAt`, `sentAt`, skew-corrected `timestamp`, batch-level `context` and
-//! `integrations`), and routes each message to the destinations whose filters match. Nothing
-//! here touches the network or the database, so all of it is tested directly.
+//! `integrations`), and routes each message to the destinations whose filters match; all of that
+//! is pure and tested directly. `request.rs` runs it for one request and hands the events to the
+//! group commit; HTTP only extracts the request's parts and turns the result into an answer.
 
 pub mod backpressure;
 mod enrich;
 mod error;
 mod parse;
+mod request;
 mod route;
 
 pub use crate::destination::Call;
 pub use enrich::{format_time, parse_time};
 pub use error::{IngestError, Rejection};
 pub use parse::{decode_body, parse, parse_authorized, request_too_large};
+pub use request::{Accepted, Door, Intake, Request};
 pub use route::{Route, Routes};
 
 use std::collections::HashMap;

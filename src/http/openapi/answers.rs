@@ -4,6 +4,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 pub use crate::destination::EndpointStats;
+pub use crate::filter::Preview as DestinationTestResult;
 pub use crate::http::server::ReplayRequest;
 pub use crate::ingest::Rejection;
 pub use crate::pipeline::ReloadReport;
@@ -48,11 +49,13 @@ pub struct Failure {
 }
 
 /// One destination, as `GET /admin/v1/destinations` shows it.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct DestinationStatus {
     pub name: String,
     /// `webhook`, `amplitude`, ...
     pub kind: String,
+    /// Paused by `POST /admin/v1/destinations/{name}/pause`: nothing is delivered.
+    pub paused: bool,
     /// Jobs waiting, at the last count (counted every second or so).
     pub queued: i64,
     /// Requests under way now.
@@ -73,6 +76,8 @@ pub struct DestinationStatus {
     pub rate_factor: f64,
     /// Per endpoint of a webhook with several `urls` (empty otherwise).
     pub endpoints: Vec<EndpointStats>,
+    /// Its filters and shaping in words, one a line (`where: ...`, `sample: 0.1`, ...).
+    pub filters: Vec<String>,
 }
 
 /// A message that could not be delivered, with the last answer.
@@ -114,7 +119,7 @@ pub struct DeadLetters {
 }
 
 /// The answer to a replay.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct Replayed {
     /// Dead letters queued for delivery again.
     pub requeued: u64,
@@ -134,7 +139,7 @@ pub struct ArchiveReplayRequest {
 }
 
 /// The answer to `POST /admin/v1/replays`.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct ArchiveReplayStarted {
     pub id: i64,
     /// Archived events in range (the destination's filters may select fewer).
@@ -142,7 +147,7 @@ pub struct ArchiveReplayStarted {
 }
 
 /// A replay's progress.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct ArchiveReplay {
     pub id: i64,
     pub destination: String,
@@ -160,24 +165,79 @@ pub struct ArchiveReplay {
     pub finished_at: Option<String>,
 }
 
+impl From<&crate::store::Replay> for ArchiveReplay {
+    fn from(replay: &crate::store::Replay) -> ArchiveReplay {
+        ArchiveReplay {
+            id: replay.id,
+            destination: replay.destination.clone(),
+            state: replay.state.clone(),
+            from: crate::ingest::format_time(replay.from_at),
+            to: crate::ingest::format_time(replay.to_at),
+            events: replay.events,
+            selected: replay.selected,
+            delivered: replay.delivered,
+            failed: replay.failed,
+            created_at: crate::ingest::format_time(replay.created_at),
+            finished_at: replay.finished_at.map(crate::ingest::format_time),
+        }
+    }
+}
+
 /// `GET /admin/v1/replays`.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct ArchiveReplays {
     pub replays: Vec<ArchiveReplay>,
 }
 
+/// Per-second counts from this process's ring (`GET /admin/v1/stats/series`), oldest first.
+#[derive(Serialize, ToSchema)]
+pub struct StatsSeries {
+    /// Always `process`: the answer is this process's memory only.
+    pub scope: String,
+    /// The newest second counted, in seconds since the Unix epoch.
+    pub until: u32,
+    /// Always 1.
+    pub step_seconds: u32,
+    pub sources: Vec<StatsSource>,
+    pub destinations: Vec<StatsDestination>,
+}
+
+/// A source's counts per second.
+#[derive(Serialize, ToSchema)]
+pub struct StatsSource {
+    pub name: String,
+    pub accepted: Vec<u32>,
+    pub rejected: Vec<u32>,
+}
+
+/// A destination's counts per second; null in seconds with nothing to measure.
+#[derive(Serialize, ToSchema)]
+pub struct StatsDestination {
+    pub name: String,
+    pub delivered: Vec<u32>,
+    pub retried: Vec<u32>,
+    pub dead: Vec<u32>,
+    /// Null in seconds the queue was not counted.
+    pub queue_depth: Vec<Option<u32>>,
+    /// Null in seconds with no delivery.
+    pub p50_ms: Vec<Option<u32>>,
+    pub p99_ms: Vec<Option<u32>>,
+}
+
 /// A destination's pause state.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct PauseState {
     pub name: String,
     pub paused: bool,
 }
 
 /// One event's path (`GET /admin/v1/events/{messageId}`).
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct EventPath {
     pub message_id: String,
-    pub source: String,
+    /// Null when the source is no longer configured.
+    #[schema(required = true)]
+    pub source: Option<String>,
     pub received_at: String,
     /// Always `process`: the answer is this process's memory only.
     pub scope: String,
@@ -185,7 +245,7 @@ pub struct EventPath {
 }
 
 /// A user's recent events (`GET /admin/v1/events?userId=...`).
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct EventSearch {
     pub user_id: String,
     /// Always `process`: the answer is this process's memory only.
@@ -195,9 +255,11 @@ pub struct EventSearch {
 }
 
 /// One destination in an event's path.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct EventRoute {
-    pub destination: String,
+    /// Null when the destination is no longer configured.
+    #[schema(required = true)]
+    pub destination: Option<String>,
     /// `queued`, `retrying`, `delivered`, `dead` or `filtered`.
     pub state: String,
     /// Why it was filtered: the first rule that stopped it, in the order they apply:
@@ -208,7 +270,7 @@ pub struct EventRoute {
 }
 
 /// One delivery attempt.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct EventAttempt {
     pub at: String,
     pub status: Option<u16>,
@@ -222,23 +284,8 @@ pub struct DestinationTest {
     pub event: serde_json::Value,
 }
 
-/// What a destination would make of a sample event.
-#[derive(ToSchema)]
-pub struct DestinationTestResult {
-    pub destination: String,
-    /// Whether anything would be sent.
-    pub delivered: bool,
-    /// What stopped it, the first rule in the order they apply: `integrations`, `events`,
-    /// `where`, `consent`, `sample` or `transform` (the script returned `null`).
-    pub filtered: Option<String>,
-    /// The transform's error: the event would be dead-lettered with it.
-    pub error: Option<String>,
-    /// The events the vendor mapping would get.
-    pub events: Vec<serde_json::Value>,
-}
-
 /// The answer to a reload.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct Reloaded {
     /// Always true.
     pub reloaded: bool,

@@ -81,21 +81,21 @@ pub async fn serve() -> Response {
         routes::batch_short,
         routes::telemetry,
         routes::settings,
-        routes::destinations,
-        routes::dead_letters,
-        routes::replay,
-        routes::start_replay,
-        routes::list_replays,
-        routes::show_replay,
-        routes::cancel_replay,
-        routes::live,
-        routes::reload,
-        routes::test_destination,
-        routes::pause_destination,
-        routes::resume_destination,
-        routes::event_path,
-        routes::search_events,
-        routes::stats_series,
+        crate::http::admin::destinations,
+        crate::http::admin::dead_letters,
+        crate::http::admin::replay,
+        crate::http::admin::start_replay,
+        crate::http::admin::list_replays,
+        crate::http::admin::show_replay,
+        crate::http::admin::cancel_replay,
+        crate::http::admin::live,
+        crate::http::admin::reload,
+        crate::http::admin::test_destination,
+        crate::http::admin::pause_destination,
+        crate::http::admin::resume_destination,
+        crate::http::admin::event_path,
+        crate::http::admin::search_events,
+        crate::http::admin::stats_series,
         routes::dashboard,
         routes::healthz,
         routes::readyz,
@@ -104,6 +104,9 @@ pub async fn serve() -> Response {
     ),
     components(schemas(
         PauseState,
+        StatsSeries,
+        StatsSource,
+        StatsDestination,
         EventPath,
         EventSearch,
         EventRoute,
@@ -216,7 +219,7 @@ impl IntoResponses for IngestErrors {
 }
 
 /// Errors every admin call may answer.
-struct AdminErrors;
+pub(crate) struct AdminErrors;
 
 impl IntoResponses for AdminErrors {
     fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::response::Response>> {
