@@ -14,10 +14,10 @@ use time::OffsetDateTime;
 
 use crate::http::error::ApiError;
 use crate::http::openapi::{
-    AdminErrors, ArchiveReplay, ArchiveReplayRequest, ArchiveReplayStarted, ArchiveReplays,
-    DeadLetter, DeadLetters, DestinationStatus, DestinationTest, DestinationTestResult,
-    EventAttempt, EventPath, EventRoute, EventSearch, Failure, PauseState, Reloaded, Replayed,
-    StatsDestination, StatsSeries, StatsSource,
+    AdminErrors, ArchiveReplay, ArchiveReplayStarted, ArchiveReplays, DeadLetter, DeadLetters,
+    DestinationStatus, DestinationTest, DestinationTestResult, EventAttempt, EventPath, EventRoute,
+    EventSearch, Failure, PauseState, Reloaded, Replayed, StatsDestination, StatsSeries,
+    StatsSource,
 };
 use crate::http::server::AppState;
 use crate::ingest::{self, Call};
@@ -654,14 +654,21 @@ pub(super) async fn live(
 }
 
 /// `POST /admin/v1/replays`: `{"destination", "from", "to", "sources"?}`.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = ArchiveReplayRequest)]
 pub(super) struct ReplayArchiveRequest {
+    /// The destination's name.
     destination: String,
+    /// Start of the range (RFC 3339), inclusive.
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     from: OffsetDateTime,
+    /// End of the range (RFC 3339), exclusive.
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     to: OffsetDateTime,
+    /// Source names (default: every source).
     sources: Option<Vec<String>>,
 }
 
@@ -673,7 +680,7 @@ pub(super) struct ReplayArchiveRequest {
     post,
     path = "/admin/v1/replays",
     tag = "admin",
-    request_body(content = ArchiveReplayRequest, content_type = "application/json"),
+    request_body(content = ReplayArchiveRequest, content_type = "application/json"),
     responses(
         (status = 202, description = "Recorded; delivery has begun", body = ArchiveReplayStarted),
         (status = 400, description = "The body is not a replay request", body = Failure),

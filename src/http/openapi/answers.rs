@@ -125,19 +125,6 @@ pub struct Replayed {
     pub requeued: u64,
 }
 
-/// `POST /admin/v1/replays`.
-#[derive(ToSchema)]
-pub struct ArchiveReplayRequest {
-    /// The destination's name.
-    pub destination: String,
-    /// Start of the range (RFC 3339), inclusive.
-    pub from: String,
-    /// End of the range (RFC 3339), exclusive.
-    pub to: String,
-    /// Source names (default: every source).
-    pub sources: Option<Vec<String>>,
-}
-
 /// The answer to `POST /admin/v1/replays`.
 #[derive(Serialize, ToSchema)]
 pub struct ArchiveReplayStarted {

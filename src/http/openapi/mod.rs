@@ -111,7 +111,7 @@ pub async fn serve() -> Response {
         EventSearch,
         EventRoute,
         EventAttempt,
-        ArchiveReplayRequest,
+        super::admin::ReplayArchiveRequest,
         ArchiveReplayStarted,
         ArchiveReplay,
         ArchiveReplays,
