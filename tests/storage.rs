@@ -399,6 +399,11 @@ async fn work_of_a_destination_removed_between_runs_is_dead_lettered_at_start() 
         down.wait_until(Duration::from_secs(10), |s| s.received().len() >= 40)
             .await
     );
+    // The hook's copies are delivered too, so what is queued at the restart is only `gone`'s.
+    assert!(
+        sink.wait_until(Duration::from_secs(10), |s| s.events().len() >= 40)
+            .await
+    );
     sy.shutdown().await.unwrap();
 
     let only_hook = format!("{}\n[limits]\nmax_queued = 100\n", hook_config(&sink, ""));
