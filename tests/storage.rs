@@ -235,9 +235,8 @@ async fn a_nul_byte_in_an_error_body_still_makes_a_dead_letter() {
 /// #11.11: an outcome is written only while the claim it belongs to holds. A claim whose lease
 /// ran out and was taken again must not overwrite the newer claim's result, and an event is
 /// never both delivered and dead-lettered.
-#[tokio::test]
-async fn a_late_outcome_never_overwrites_a_newer_claim() {
-    let db = TestDatabase::create("late_outcome").await;
+/// A migrated store with source `s` and destination `d`, and their ids.
+async fn migrated_store(db: &TestDatabase) -> (Store, i32, i32) {
     let store = Store::connect(&db.url, 4).await.unwrap();
     store.migrate().await.unwrap();
     store.prepare_today().await.unwrap();
@@ -249,7 +248,13 @@ async fn a_late_outcome_never_overwrites_a_newer_claim() {
         .name_ids(NameTable::Destinations, &["d".to_string()])
         .await
         .unwrap();
-    let (source, destination) = (sources["s"], destinations["d"]);
+    (store, sources["s"], destinations["d"])
+}
+
+#[tokio::test]
+async fn a_late_outcome_never_overwrites_a_newer_claim() {
+    let db = TestDatabase::create("late_outcome").await;
+    let (store, source, destination) = migrated_store(&db).await;
     let event = NewEvent {
         source_id: source,
         message_id: "late-1".into(),
@@ -493,4 +498,74 @@ async fn a_long_outage_keeps_the_partition_count_bounded() {
         "the backlog of {sent} events drains once the vendor is back"
     );
     sy.shutdown().await.unwrap();
+}
+
+/// Tuples of `jobs` read by scans so far, once `scans` (sequential and index) went past
+/// `after_scans`: a backend's counters reach the statistics when it goes idle or exits.
+async fn jobs_reads(db: &TestDatabase, after_scans: i64) -> (i64, i64) {
+    let sql = "SELECT (coalesce(seq_scan, 0) + coalesce(idx_scan, 0))::text || ' ' || \
+               (coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0))::text \
+               FROM pg_stat_user_tables WHERE relname = 'jobs'";
+    for _ in 0..100 {
+        let text = db.scalar(sql).await.unwrap_or_default();
+        let mut parts = text.split(' ').map(|n| n.parse::<i64>().unwrap_or(0));
+        let (scans, read) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if scans > after_scans {
+            return (scans, read);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("the statistics of jobs did not move past {after_scans} scans");
+}
+
+/// Overload: with a deep backlog, a claim reads the runs it takes, not the whole queue. The due
+/// index once did not match the claims' lane condition, so each claim read and sorted every
+/// queued run, and while ingest went on at full speed delivery fell to a few hundred events a
+/// second.
+#[tokio::test]
+async fn a_claim_against_a_deep_backlog_reads_only_the_runs_it_takes() {
+    let db = TestDatabase::create("deep_backlog_claim").await;
+    let (store, source, destination) = migrated_store(&db).await;
+    let backlog = 20_000;
+    for chunk in 0..backlog / 2_000 {
+        let events: Vec<NewEvent> = (0..2_000)
+            .map(|i| NewEvent {
+                source_id: source,
+                message_id: format!("deep-{chunk}-{i}"),
+                received_at: time::OffsetDateTime::now_utc(),
+                user_key: format!("u{i}"),
+                payload: br#"{"type":"track"}"#.to_vec(),
+                targets: vec![Target {
+                    destination_id: destination,
+                    ordered: false,
+                    run_size: 1,
+                }],
+            })
+            .collect();
+        store.insert_events(&events, true).await.unwrap();
+    }
+    store.close().await;
+    // As autovacuum would, so the planner knows how deep the queue is.
+    db.scalar("ANALYZE jobs").await;
+    let (scans, read_before) = jobs_reads(&db, -1).await;
+
+    let store = Store::connect(&db.url, 1).await.unwrap();
+    let lease = Duration::from_secs(60);
+    let live = store
+        .claim(destination, 10, lease, 1, false, Lane::Live)
+        .await
+        .unwrap();
+    let replay = store
+        .claim(destination, 10, lease, 1, false, Lane::Replay)
+        .await
+        .unwrap();
+    assert_eq!((live.len(), replay.len()), (10, 0));
+    store.close().await;
+
+    let (_, read_after) = jobs_reads(&db, scans).await;
+    let read = read_after - read_before;
+    assert!(
+        read < 1_000,
+        "two claims of 10 runs read {read} rows of a {backlog}-run queue"
+    );
 }

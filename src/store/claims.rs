@@ -67,10 +67,10 @@ pub struct RunOutcome {
 /// A claim: the `due` runs (`$1` destination, `$2` at most) are leased for `$3` seconds to
 /// owner `$4` and returned with their events, one row per event.
 macro_rules! claim {
-    ($due:literal) => {
+    ($($due:tt)+) => {
         concat!(
             "WITH due AS (",
-            $due,
+            $($due)+,
             r#"), claimed AS (
     UPDATE jobs j
     SET run_at = now() + make_interval(secs => $3), attempts = j.attempts + 1, owner = $4
@@ -90,36 +90,57 @@ ORDER BY c.id, u.position
     };
 }
 
-/// The oldest due runs of a destination.
-const CLAIM: &str = claim!(
-    r#"
+/// The oldest due runs of a destination; `$lane` picks live runs or replays, written as the
+/// due indexes' own conditions so that a claim reads only the runs it takes.
+macro_rules! oldest {
+    ($lane:literal) => {
+        claim!(concat!(
+            "
     SELECT id FROM jobs
-    WHERE destination_id = $1 AND (replay_id IS NOT NULL) = $5 AND run_at <= now()
+    WHERE destination_id = $1 AND ",
+            $lane,
+            " AND run_at <= now()
       AND NOT EXISTS (SELECT 1 FROM paused_destinations WHERE destination_id = $1)
     ORDER BY run_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
-"#
-);
+"
+        ))
+    };
+}
 
 /// Per-user ordering: only the oldest run of each user is claimable, so while it is in flight
 /// or waiting to be retried, that user's later runs wait and other users' do not.
-const CLAIM_ORDERED: &str = claim!(
-    r#"
+macro_rules! oldest_per_user {
+    ($lane:literal, $earlier_lane:literal) => {
+        claim!(concat!(
+            "
     SELECT j.id FROM jobs j
-    WHERE j.destination_id = $1 AND (j.replay_id IS NOT NULL) = $5 AND j.run_at <= now()
+    WHERE j.destination_id = $1 AND j.",
+            $lane,
+            " AND j.run_at <= now()
       AND NOT EXISTS (SELECT 1 FROM paused_destinations WHERE destination_id = $1)
       AND NOT EXISTS (
           SELECT 1 FROM jobs earlier
           WHERE earlier.destination_id = j.destination_id
-            AND (earlier.replay_id IS NOT NULL) = $5
+            AND earlier.",
+            $earlier_lane,
+            "
             AND earlier.order_key = j.order_key
             AND earlier.id < j.id)
     ORDER BY j.id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
-"#
-);
+"
+        ))
+    };
+}
+
+const CLAIM_LIVE: &str = oldest!("replay_id IS NULL");
+const CLAIM_REPLAY: &str = oldest!("replay_id IS NOT NULL");
+const CLAIM_LIVE_PER_USER: &str = oldest_per_user!("replay_id IS NULL", "replay_id IS NULL");
+const CLAIM_REPLAY_PER_USER: &str =
+    oldest_per_user!("replay_id IS NOT NULL", "replay_id IS NOT NULL");
 
 /// Writes run outcomes. Only runs still held by this claim (`$11` owner, the attempt number)
 /// are touched, so a late outcome never overwrites a newer claim's, and an event is never both
@@ -198,13 +219,17 @@ impl Store {
         ordered: bool,
         lane: Lane,
     ) -> Result<Vec<ClaimedRun>> {
-        let sql = if ordered { CLAIM_ORDERED } else { CLAIM };
+        let sql = match (lane, ordered) {
+            (Lane::Live, false) => CLAIM_LIVE,
+            (Lane::Replay, false) => CLAIM_REPLAY,
+            (Lane::Live, true) => CLAIM_LIVE_PER_USER,
+            (Lane::Replay, true) => CLAIM_REPLAY_PER_USER,
+        };
         let rows = sqlx::query(sql)
             .bind(destination_id)
             .bind(limit as i64)
             .bind(lease.as_secs_f64())
             .bind(owner)
-            .bind(lane == Lane::Replay)
             .fetch_all(&self.pool)
             .await?;
         let mut runs: Vec<ClaimedRun> = Vec::new();

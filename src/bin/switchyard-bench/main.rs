@@ -56,6 +56,10 @@ struct Cli {
     /// Minutes of the `soak` scenario.
     #[arg(long, default_value_t = 10)]
     soak_minutes: u64,
+    /// Events per second the `soak` offers, instead of 70% of `deliver-e2e`'s rate (above
+    /// capacity, it shows what overload does: delivery should hold at capacity).
+    #[arg(long)]
+    soak_rate: Option<f64>,
     /// Events the `replay` scenario archives and replays (fewer for a quick run).
     #[arg(long, default_value_t = 1_000_000)]
     replay_events: u64,
@@ -152,6 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         work_dir: work_dir.clone(),
         postmaster,
         soak_minutes: cli.soak_minutes.max(1),
+        soak_rate: cli.soak_rate.filter(|rate| *rate > 0.0),
         replay_events: cli.replay_events.max(1),
         peer_dir: cli.peer_graphile.clone(),
     };

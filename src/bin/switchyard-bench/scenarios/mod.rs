@@ -32,6 +32,8 @@ pub struct Env {
     pub postmaster: Option<u32>,
     /// Length of the `soak` scenario.
     pub soak_minutes: u64,
+    /// The `soak`'s offered rate, when given.
+    pub soak_rate: Option<f64>,
     /// Events archived and replayed by the `replay` scenario.
     pub replay_events: u64,
     /// graphile-worker's `bench.mjs` folder, for the `graphile-worker` peer row.

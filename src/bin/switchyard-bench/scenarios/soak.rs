@@ -66,9 +66,10 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
         .iter()
         .find(|r| r.scenario == "deliver-e2e" && r.error.is_none())
         .map(|r| r.events_per_sec);
-    let e2e = match e2e {
-        Some(rate) => rate,
-        None => {
+    let rate = match (env.soak_rate, e2e) {
+        (Some(rate), _) => rate,
+        (None, Some(e2e)) => e2e * SHARE_OF_E2E,
+        (None, None) => {
             let probe = deliver::saturate(
                 env,
                 &switchyard,
@@ -80,10 +81,10 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
             .await;
             let acked = probe.load.acked;
             wait_until(Duration::from_secs(30), || sink.delivered() >= acked).await;
-            probe.delivered_per_sec
+            probe.delivered_per_sec * SHARE_OF_E2E
         }
-    };
-    let rate = (e2e * SHARE_OF_E2E).max(1.0);
+    }
+    .max(1.0);
     row.set("offered_events_per_sec", round(rate, 1));
 
     let load = Load::open(
