@@ -15,12 +15,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::{json, Value};
 
 use arc_swap::ArcSwap;
 
 use crate::http::error::ApiError;
 use crate::http::ingest::{batch, single};
+use crate::http::openapi::Status;
 use crate::ingest::backpressure::QueueDepth;
 use crate::pipeline::{Pipeline, Reloader};
 use crate::store::commit::GroupCommit;
@@ -219,28 +219,48 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// The process is alive.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses((status = 200, description = "Alive", body = Status)),
+)]
+async fn healthz() -> Json<Status> {
+    Json(Status::new("ok"))
 }
 
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+/// The database answers, migrations are applied, and the process is not shutting down.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = Status),
+        (status = 503, description = "Draining, or the database is unavailable", body = Status),
+    ),
+)]
+async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Status>) {
+    let unready = |status| (StatusCode::SERVICE_UNAVAILABLE, Json(Status::new(status)));
     if state.draining.load(Ordering::Acquire) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "draining"})),
-        )
-            .into_response();
+        return unready("draining");
     }
     if !state.store.ready().await {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "database unavailable"})),
-        )
-            .into_response();
+        return unready("database unavailable");
     }
-    Json(json!({"status": "ready"})).into_response()
+    (StatusCode::OK, Json(Status::new("ready")))
 }
 
+/// Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    responses(
+        (status = 200, description = "Prometheus text exposition format",
+         body = String, content_type = "text/plain"),
+    ),
+)]
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     crate::http::series::sample(&state).await;
     (
