@@ -6,12 +6,13 @@ use std::sync::Arc;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::Json;
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use super::path_error;
 use crate::http::error::ApiError;
 use crate::http::openapi::{
-    AdminErrors, DestinationStatus, DestinationTest, DestinationTestResult, Failure, PauseState,
+    AdminErrors, DestinationStatus, DestinationTestResult, Failure, PauseState,
 };
 use crate::http::server::AppState;
 use crate::ingest::{self, Call};
@@ -127,6 +128,28 @@ async fn set_paused(
     Ok(Json(PauseState { name, paused }))
 }
 
+/// A sample event for `POST /admin/v1/destinations/{name}/test`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(try_from = "Map<String, Value>")]
+pub(in crate::http) struct DestinationTest {
+    /// A Segment message (`type` defaults to `track`; a `messageId` is made when missing).
+    #[schema(value_type = Object)]
+    event: Map<String, Value>,
+}
+
+/// Only a JSON object whose `event` is an object (a derived `Deserialize` would also take
+/// `[{...}]`, the fields in order).
+impl TryFrom<Map<String, Value>> for DestinationTest {
+    type Error = &'static str;
+
+    fn try_from(mut body: Map<String, Value>) -> Result<DestinationTest, Self::Error> {
+        match body.remove("event") {
+            Some(Value::Object(event)) => Ok(DestinationTest { event }),
+            _ => Err("no `event` object"),
+        }
+    }
+}
+
 /// Try a destination's `events`, `integrations`, `where`, `consent`, `sample`, `transform`
 /// and property drops on a sample event: the answer is what would be delivered. Nothing is
 /// stored or sent.
@@ -150,13 +173,12 @@ pub(in crate::http) async fn test_destination(
     body: axum::body::Bytes,
 ) -> Result<Json<crate::filter::Preview>, ApiError> {
     let invalid = |message: String| ApiError::bad_request("invalid_body", message);
+    // JSON first, then its shape: each has its own answer.
     let body: Value =
         serde_json::from_slice(&body).map_err(|e| invalid(format!("the body is not JSON: {e}")))?;
-    let Some(Value::Object(mut event)) = body.get("event").cloned() else {
-        return Err(invalid(
-            "expected {\"event\": {...}}: the event to try, as an SDK would send it".into(),
-        ));
-    };
+    let DestinationTest { mut event } = serde_json::from_value(body).map_err(|_| {
+        invalid("expected {\"event\": {...}}: the event to try, as an SDK would send it".into())
+    })?;
     let pipeline = state.pipeline.load_full();
     let lane = pipeline
         .lanes

@@ -275,13 +275,6 @@ pub struct EventAttempt {
     pub error: Option<String>,
 }
 
-/// A sample event for `POST /admin/v1/destinations/{name}/test`.
-#[derive(ToSchema)]
-pub struct DestinationTest {
-    /// A Segment message (`type` defaults to `track`; a `messageId` is made when missing).
-    pub event: serde_json::Value,
-}
-
 /// The answer to a reload.
 #[derive(Serialize, ToSchema)]
 pub struct Reloaded {
