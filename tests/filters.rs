@@ -447,6 +447,34 @@ async fn the_test_endpoint_shows_what_would_be_delivered_and_sends_nothing() {
         (status, error["code"].as_str()),
         (400, Some("invalid_body"))
     );
+    assert_eq!(error["message"], "unknown type `bogus`");
+    let expected = "expected {\"event\": {...}}: the event to try, as an SDK would send it";
+    for shape in [
+        json!({"event": "Order"}),
+        json!({"event": null}),
+        json!([{"event": {}}]),
+    ] {
+        let (status, error) = test(shape.clone()).await;
+        assert_eq!(
+            (status, error["code"].as_str(), error["message"].as_str()),
+            (400, Some("invalid_body"), Some(expected)),
+            "{shape}"
+        );
+    }
+    let not_json = reqwest::Client::new()
+        .post(format!("{base}/admin/v1/destinations/t_sink/test"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body("{\"event\": {")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_json.status(), 400);
+    let error: Value = not_json.json().await.unwrap();
+    assert_eq!(error["code"], "invalid_body");
+    assert_eq!(
+        error["message"],
+        "the body is not JSON: EOF while parsing an object at line 1 column 11"
+    );
     // The dashboard's list shows each destination's filters.
     let (_, list) = admin(&base, reqwest::Method::GET, "/admin/v1/destinations", None).await;
     let filters = list[0]["filters"].as_array().unwrap();

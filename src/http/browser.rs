@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 use crate::config::ServerConfig;
 use crate::http::error::ApiError;
+use crate::http::openapi::{Accepted, Failure, SdkSettings, Telemetry};
 use crate::http::server::AppState;
 use crate::ingest::IngestError;
 
@@ -167,7 +168,19 @@ fn api_host(
     ))
 }
 
-/// `GET /v1/projects/{writeKey}/settings`: what analytics.js (and the mobile SDKs) load first.
+/// The analytics.js settings of a source (what `AnalyticsBrowser.load({writeKey, cdnURL})`
+/// and the mobile SDKs fetch first): the Segment.io integration names this server.
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{writeKey}/settings",
+    tag = "ingest",
+    params(("writeKey" = String, Path, description = "The source's write key")),
+    responses(
+        (status = 200, description = "The settings", body = SdkSettings),
+        (status = 403, description = "An `Origin` the source does not allow", body = Failure),
+        (status = 404, description = "No source has this write key", body = Failure),
+    ),
+)]
 pub async fn settings(
     State(state): State<Arc<AppState>>,
     Path(write_key): Path<String>,
@@ -278,12 +291,24 @@ pub async fn cors(State(state): State<Arc<AppState>>, request: Request, next: Ne
     response
 }
 
-/// `POST /v1/m`: the SDKs' own telemetry. Read and dropped: it says nothing about users.
-pub async fn telemetry(body: axum::body::Body) -> Result<Json<Value>, ApiError> {
+/// The SDKs' own telemetry: read, answered 200, stored nowhere.
+#[utoipa::path(
+    post,
+    path = "/v1/m",
+    tag = "ingest",
+    request_body(content = Telemetry, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Read and dropped", body = Accepted),
+        (status = 403, description = "An `Origin` no source allows", body = Failure),
+        (status = 413, description = "Larger than 500 KB", body = Failure),
+    ),
+)]
+pub async fn telemetry(body: axum::body::Body) -> Result<Json<Accepted>, ApiError> {
+    // Read to its end within the limit, and dropped: it says nothing about users.
     axum::body::to_bytes(body, crate::ingest::MAX_REQUEST_BYTES)
         .await
         .map_err(|_| crate::ingest::request_too_large())?;
-    Ok(Json(json!({"success": true})))
+    Ok(Json(Accepted::new(Vec::new())))
 }
 
 #[cfg(test)]

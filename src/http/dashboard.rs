@@ -38,7 +38,18 @@ where
         .route(STYLE_PATH, get(|| async { style() }))
 }
 
-/// `GET /admin`: the page shell.
+/// The dashboard. The page itself holds no data and needs no token (a browser cannot send
+/// one when navigating); it asks for the admin token and calls the admin API with it.
+#[utoipa::path(
+    get,
+    path = "/admin",
+    tag = "admin",
+    operation_id = "dashboard",
+    responses(
+        (status = 200, description = "The dashboard page",
+         body = String, content_type = "text/html"),
+    ),
+)]
 pub fn page() -> Response {
     asset("text/html; charset=utf-8", PAGE)
 }

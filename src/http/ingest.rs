@@ -9,17 +9,16 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::http::admin::event_path_of;
 use crate::http::browser::Peer;
 use crate::http::error::ApiError;
 use crate::http::live::Prepared;
+use crate::http::openapi::Accepted;
 use crate::http::server::AppState;
 use crate::ingest::{self, Call, Door, Endpoint, IngestError, Intake, Request, Source};
 use crate::pipeline::Pipeline;
@@ -32,7 +31,7 @@ pub(super) async fn single(
     peer: Peer,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Json<Accepted>, ApiError> {
     let call = Call::parse(&call)
         .or_else(|| Call::parse_short(&call))
         .ok_or_else(|| ApiError::not_found("no such endpoint"))?;
@@ -44,7 +43,7 @@ pub(super) async fn batch(
     peer: Peer,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Json<Accepted>, ApiError> {
     ingest(&state, Endpoint::Batch, peer, &headers, body).await
 }
 
@@ -55,7 +54,7 @@ pub(super) async fn ingest(
     peer: Peer,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Json<Accepted>, ApiError> {
     if state.draining.load(Ordering::Acquire) {
         return Err(ApiError::unavailable(
             "shutting down; retry against another instance",
@@ -116,11 +115,7 @@ pub(super) async fn ingest(
         memory,
     };
     let accepted = intake.ingest(request, &mut door).await?;
-    let mut answer = json!({"success": true});
-    if !accepted.rejected.is_empty() {
-        answer["rejected"] = serde_json::to_value(&accepted.rejected).unwrap_or_default();
-    }
-    Ok(Json(answer).into_response())
+    Ok(Json(Accepted::new(accepted.rejected)))
 }
 
 /// What HTTP adds around ingest: the origin check, the memory the request holds, the live feed.

@@ -1,8 +1,8 @@
 //! The HTTP server: the router (which handler answers what, behind which guards), health and
 //! metrics, connection bounds and timeouts. The handlers are in `ingest.rs` (`/v1/*`) and
-//! `admin.rs` (`/admin/v1/*`).
+//! `admin/` (`/admin/v1/*`, one file per resource).
 
-pub use crate::http::admin::{replay_json, ReplayRequest};
+pub use crate::http::admin::{admin_paths, replay_json, ReplayRequest, ADMIN_API};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,21 +12,15 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, MethodRouter};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 
 use arc_swap::ArcSwap;
 
-use crate::http::admin::{
-    cancel_replay, dead_letters, destinations, event_path, list_replays, live, pause_destination,
-    reload, replay, resume_destination, search_events, show_replay, start_replay, stats_series,
-    test_destination,
-};
 use crate::http::error::ApiError;
 use crate::http::ingest::{batch, single};
+use crate::http::openapi::Status;
 use crate::ingest::backpressure::QueueDepth;
 use crate::pipeline::{Pipeline, Reloader};
 use crate::store::commit::GroupCommit;
@@ -133,11 +127,6 @@ pub struct AppState {
 }
 
 pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
-    let admin = admin_routes()
-        .into_iter()
-        .fold(Router::new(), |router, (path, route)| {
-            router.route(path, route)
-        });
     let mut app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -146,7 +135,7 @@ pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
         // The dashboard's page and assets hold no data: a browser cannot send a bearer token
         // when it navigates, so they are served openly and fetch everything from /admin/v1/*.
         .merge(crate::http::dashboard::router())
-        .merge(admin);
+        .merge(crate::http::admin::router());
     if roles.ingest {
         app = app
             .route("/v1/batch", post(batch))
@@ -162,7 +151,10 @@ pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
     app.fallback(not_found)
         // Around everything, so no route under /admin/v1/ can be left open, wherever it is
         // mounted: even an unknown one answers 401 before 404.
-        .layer(middleware::from_fn_with_state(state.clone(), require_admin))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::http::admin::require_admin,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             crate::http::browser::cors,
@@ -170,42 +162,6 @@ pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
         .layer(middleware::from_fn(observe))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)
-}
-
-/// Where the token-protected admin API lives.
-pub const ADMIN_API: &str = "/admin/v1/";
-
-/// Every admin route; [`admin_paths`] lets a test walk them.
-fn admin_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
-    vec![
-        ("/admin/v1/destinations", get(destinations)),
-        ("/admin/v1/dead-letters", get(dead_letters)),
-        ("/admin/v1/dead-letters/replay", post(replay)),
-        ("/admin/v1/reload", post(reload)),
-        ("/admin/v1/live", get(live)),
-        ("/admin/v1/replays", post(start_replay).get(list_replays)),
-        (
-            "/admin/v1/replays/{id}",
-            get(show_replay).delete(cancel_replay),
-        ),
-        ("/admin/v1/destinations/{name}/test", post(test_destination)),
-        (
-            "/admin/v1/destinations/{name}/pause",
-            post(pause_destination),
-        ),
-        (
-            "/admin/v1/destinations/{name}/resume",
-            post(resume_destination),
-        ),
-        ("/admin/v1/events", get(search_events)),
-        ("/admin/v1/events/{message_id}", get(event_path)),
-        ("/admin/v1/stats/series", get(stats_series)),
-    ]
-}
-
-/// The paths of every admin route.
-pub fn admin_paths() -> Vec<&'static str> {
-    admin_routes().into_iter().map(|(path, _)| path).collect()
 }
 
 /// Per request: a tracing span, and the HTTP metrics (`switchyard_http_requests_total`,
@@ -263,61 +219,52 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// The process is alive.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses((status = 200, description = "Alive", body = Status)),
+)]
+async fn healthz() -> Json<Status> {
+    Json(Status::new("ok"))
 }
 
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+/// The database answers, migrations are applied, and the process is not shutting down.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = Status),
+        (status = 503, description = "Draining, or the database is unavailable", body = Status),
+    ),
+)]
+async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Status>) {
+    let unready = |status| (StatusCode::SERVICE_UNAVAILABLE, Json(Status::new(status)));
     if state.draining.load(Ordering::Acquire) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "draining"})),
-        )
-            .into_response();
+        return unready("draining");
     }
     if !state.store.ready().await {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "database unavailable"})),
-        )
-            .into_response();
+        return unready("database unavailable");
     }
-    Json(json!({"status": "ready"})).into_response()
+    (StatusCode::OK, Json(Status::new("ready")))
 }
 
+/// Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    responses(
+        (status = 200, description = "Prometheus text exposition format",
+         body = String, content_type = "text/plain"),
+    ),
+)]
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     crate::http::series::sample(&state).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
-}
-
-/// Every path under `/admin/v1/`: a bearer token compared in constant time. (The dashboard's
-/// page and assets, under `/admin` and `/admin/assets/`, hold no data and stay open.)
-async fn require_admin(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    if !request.uri().path().starts_with(ADMIN_API) {
-        return Ok(next.run(request).await);
-    }
-    let Some(token) = &state.admin_token else {
-        return Err(ApiError::unauthorized(
-            "the admin API is off: set SWITCHYARD_ADMIN_TOKEN to enable it",
-        ));
-    };
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
-        return Err(ApiError::unauthorized(
-            "send the admin token as `Authorization: Bearer <token>`",
-        ));
-    }
-    Ok(next.run(request).await)
 }

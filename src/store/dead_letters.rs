@@ -8,7 +8,8 @@ use time::OffsetDateTime;
 
 use super::{partitions::today, Result, Store, JOBS_CHANNEL};
 
-/// A dead letter as the admin API shows it.
+/// A dead letter as stored: a timestamp, and the event as its raw payload bytes. (The admin
+/// API answers with its own shape, made from this one: RFC 3339 time, the event parsed.)
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     pub id: i64,

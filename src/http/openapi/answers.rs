@@ -28,13 +28,24 @@ pub struct SdkSettings {
 }
 
 /// The answer to an accepted ingest request.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct Accepted {
     /// Always true.
     pub success: bool,
     /// Messages of a batch that were refused (absent when none was).
     #[schema(nullable = false)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rejected: Option<Vec<Rejection>>,
+}
+
+impl Accepted {
+    /// `{"success": true}`, with the messages of a batch that were refused, if any.
+    pub fn new(rejected: Vec<Rejection>) -> Accepted {
+        Accepted {
+            success: true,
+            rejected: (!rejected.is_empty()).then_some(rejected),
+        }
+    }
 }
 
 /// Every error: a stable `code` and a message for people.
@@ -264,13 +275,6 @@ pub struct EventAttempt {
     pub error: Option<String>,
 }
 
-/// A sample event for `POST /admin/v1/destinations/{name}/test`.
-#[derive(ToSchema)]
-pub struct DestinationTest {
-    /// A Segment message (`type` defaults to `track`; a `messageId` is made when missing).
-    pub event: serde_json::Value,
-}
-
 /// The answer to a reload.
 #[derive(Serialize, ToSchema)]
 pub struct Reloaded {
@@ -280,8 +284,16 @@ pub struct Reloaded {
 }
 
 /// `/healthz` and `/readyz`.
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct Status {
     /// `ok`, `ready`, `draining` or `database unavailable`.
     pub status: String,
+}
+
+impl Status {
+    pub fn new(status: &str) -> Status {
+        Status {
+            status: status.to_owned(),
+        }
+    }
 }

@@ -1,20 +1,23 @@
 //! The OpenAPI 3.1 description of the ingest and admin APIs, served at `GET /openapi.json`.
 //!
-//! The handlers live in [`crate::http::server`]; the `#[utoipa::path]` signatures below describe each
-//! route exactly as it answers there (statuses, bodies, `Retry-After`, which credential), so
-//! that a client generator or a fuzzer (schemathesis) can rely on the document. Schemas say
+//! Each handler carries its own `#[utoipa::path]`, which describes its route exactly as it
+//! answers (statuses, bodies, `Retry-After`, which credential), so that a client generator or
+//! a fuzzer (schemathesis) can rely on the document; the ingest paths, which share their
+//! handlers, are built from the list of call types in [`routes`]. Schemas say
 //! what the server accepts, no more and no less: Segment messages allow any extra field, and
 //! where JSON Schema can say what ingest checks (`userId` or `anonymousId`, `event` for track,
 //! `groupId`, `previousId`, field types) it does. Limits it cannot express (32 KB a message,
 //! 500 KB a request, timestamps that must parse) are in the descriptions and the 413/400
 //! answers.
 //!
-//! [`routes`] holds the paths, [`messages`] the Segment messages' schemas (built by hand) and
-//! [`answers`] the answers' schemas.
+//! [`messages`] holds the Segment messages' schemas (built by hand) and [`answers`] the
+//! answers' schemas.
 
 mod answers;
 mod messages;
 mod routes;
+
+use routes::IngestPaths;
 
 pub use answers::*;
 use messages::*;
@@ -46,6 +49,17 @@ pub fn json() -> String {
 }
 
 /// `GET /openapi.json`: built once, then served from memory.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "health",
+    operation_id = "openapi_json",
+    summary = "This document.",
+    responses(
+        (status = 200, description = "OpenAPI 3.1",
+         body = Object, content_type = "application/json"),
+    ),
+)]
 pub async fn serve() -> Response {
     static JSON: OnceLock<String> = OnceLock::new();
     (
@@ -64,43 +78,28 @@ pub async fn serve() -> Response {
                        SWITCHYARD_ADMIN_TOKEN."
     ),
     paths(
-        routes::track,
-        routes::identify,
-        routes::page,
-        routes::screen,
-        routes::group,
-        routes::alias,
-        routes::batch,
-        routes::import,
-        routes::track_short,
-        routes::identify_short,
-        routes::page_short,
-        routes::screen_short,
-        routes::group_short,
-        routes::alias_short,
-        routes::batch_short,
-        routes::telemetry,
-        routes::settings,
-        crate::http::admin::destinations,
-        crate::http::admin::dead_letters,
-        crate::http::admin::replay,
-        crate::http::admin::start_replay,
-        crate::http::admin::list_replays,
-        crate::http::admin::show_replay,
-        crate::http::admin::cancel_replay,
-        crate::http::admin::live,
-        crate::http::admin::reload,
-        crate::http::admin::test_destination,
-        crate::http::admin::pause_destination,
-        crate::http::admin::resume_destination,
-        crate::http::admin::event_path,
-        crate::http::admin::search_events,
-        crate::http::admin::stats_series,
-        routes::dashboard,
-        routes::healthz,
-        routes::readyz,
-        routes::metrics,
-        routes::openapi_json,
+        crate::http::browser::telemetry,
+        crate::http::browser::settings,
+        crate::http::admin::destinations::destinations,
+        crate::http::admin::dead_letters::dead_letters,
+        crate::http::admin::dead_letters::replay,
+        crate::http::admin::replays::start_replay,
+        crate::http::admin::replays::list_replays,
+        crate::http::admin::replays::show_replay,
+        crate::http::admin::replays::cancel_replay,
+        crate::http::admin::events::live,
+        crate::http::admin::reload::reload,
+        crate::http::admin::destinations::test_destination,
+        crate::http::admin::destinations::pause_destination,
+        crate::http::admin::destinations::resume_destination,
+        crate::http::admin::events::event_path,
+        crate::http::admin::events::search_events,
+        crate::http::admin::stats::stats_series,
+        crate::http::dashboard::page,
+        crate::http::server::healthz,
+        crate::http::server::readyz,
+        crate::http::server::metrics,
+        serve,
     ),
     components(schemas(
         PauseState,
@@ -111,7 +110,7 @@ pub async fn serve() -> Response {
         EventSearch,
         EventRoute,
         EventAttempt,
-        super::admin::ReplayArchiveRequest,
+        super::admin::replays::ReplayArchiveRequest,
         ArchiveReplayStarted,
         ArchiveReplay,
         ArchiveReplays,
@@ -140,7 +139,7 @@ pub async fn serve() -> Response {
         ReloadReport,
         Status,
     )),
-    modifiers(&SecuritySchemes),
+    modifiers(&SecuritySchemes, &IngestPaths),
     tags(
         (name = "ingest", description = "Segment's HTTP Tracking API: answers 200 only once \
                                          every accepted message is committed"),

@@ -1,291 +1,168 @@
-//! Documentation-only signatures for the routes whose handlers do not carry their own
-//! `#[utoipa::path]` (every admin handler in `crate::http::admin` does): one ingest handler
-//! serves every `/v1/*` call type and alias, each documented here with its own message schema,
-//! and the health, metrics, SDK and dashboard routes answer no JSON worth typing. Nothing calls
-//! these functions: `#[utoipa::path]` only needs something to describe each route on.
-#![allow(dead_code)]
+//! The ingest paths (`/v1/track` ... `/v1/b`), built from the list of call types.
+//!
+//! They are the only routes whose handler cannot carry its own `#[utoipa::path]`: one handler
+//! serves every call type and its one-letter alias (the call is a path parameter), another
+//! serves `/v1/batch`, `/v1/import` and `/v1/b`, and an annotation describes one path. So
+//! [`IngestPaths`] adds them to the document, two paths for each [`Call`] with its own message
+//! schema, then the three batch paths. Every other route (admin, `/v1/m`, the SDK settings,
+//! health, metrics, the dashboard, this document) is described on its handler.
+
+use std::borrow::Cow;
+
+use utoipa::openapi::path::{HttpMethod, Operation, OperationBuilder};
+use utoipa::openapi::request_body::RequestBodyBuilder;
+use utoipa::openapi::response::ResponsesBuilder;
+use utoipa::openapi::security::SecurityRequirement;
+use utoipa::openapi::Required;
 
 use super::*;
+use crate::ingest::Call;
 
-/// Record an action a user took.
-///
-/// Answers 200 only once the message is committed; a repeated `messageId` from the same
-/// source within 24 h is acknowledged and not delivered again. At most 32 KB, gzip allowed.
-#[utoipa::path(
-    post,
-    path = "/v1/track",
-    tag = "ingest",
-    request_body(content = TrackMessage, content_type = "application/json"),
-    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
-    security(("writeKey" = []), ()),
-)]
-pub fn track() {}
+/// What every single call's answer promises.
+const COMMITTED: &str = "Answers 200 only once the message is committed; a repeated `messageId` \
+                         from the same\nsource within 24 h is acknowledged and not delivered \
+                         again. At most 32 KB, gzip allowed.";
 
-/// Tie a user to their traits.
-///
-/// Answers 200 only once the message is committed; a repeated `messageId` from the same
-/// source within 24 h is acknowledged and not delivered again. At most 32 KB, gzip allowed.
-#[utoipa::path(
-    post,
-    path = "/v1/identify",
-    tag = "ingest",
-    request_body(content = IdentifyMessage, content_type = "application/json"),
-    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
-    security(("writeKey" = []), ()),
-)]
-pub fn identify() {}
+/// Adds every `/v1/*` ingest path to the document.
+pub(super) struct IngestPaths;
 
-/// Record a page view.
-///
-/// Answers 200 only once the message is committed; a repeated `messageId` from the same
-/// source within 24 h is acknowledged and not delivered again. At most 32 KB, gzip allowed.
-#[utoipa::path(
-    post,
-    path = "/v1/page",
-    tag = "ingest",
-    request_body(content = PageMessage, content_type = "application/json"),
-    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
-    security(("writeKey" = []), ()),
-)]
-pub fn page() {}
+impl Modify for IngestPaths {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let paths = &mut openapi.paths;
+        let mut add = |path: String, operation: Operation| {
+            paths.add_path_operation(path, vec![HttpMethod::Post], operation)
+        };
+        for call in Call::ALL {
+            let (summary, schema, callers) = about(call);
+            let name = call.as_str();
+            // The letter `Call::parse_short` reads.
+            let letter = &name[..1];
+            add(
+                format!("/v1/{name}"),
+                ingest(name, summary, Some(COMMITTED), &schema, "Committed"),
+            );
+            add(
+                format!("/v1/{letter}"),
+                ingest(
+                    &format!("{name}_short"),
+                    &format!("`/v1/{name}` as {callers}."),
+                    None,
+                    &schema,
+                    "Committed",
+                ),
+            );
+        }
+        let batch = |id: &str, summary: &str, description: Option<&str>| {
+            let answer = "Every valid message is committed";
+            ingest(id, summary, description, &BatchRequest::name(), answer)
+        };
+        add(
+            "/v1/batch".into(),
+            batch(
+                "batch",
+                "Send many messages in one request.",
+                Some(
+                    "Valid messages are kept and invalid ones are listed in `rejected` with \
+                     their index and\nreason; the request fails (400) only when no message is \
+                     valid. At most 2,500 messages\nand 500 KB (after gzip decoding).",
+                ),
+            ),
+        );
+        add(
+            "/v1/import".into(),
+            batch(
+                "import",
+                "The same as `/v1/batch` (Segment's historical import endpoint).",
+                None,
+            ),
+        );
+        add(
+            "/v1/b".into(),
+            batch(
+                "batch_short",
+                "`/v1/batch` as the SDKs call it (analytics.js batching, analytics-kotlin, \
+                 analytics-swift).",
+                None,
+            ),
+        );
+    }
+}
 
-/// Record a screen view in an app.
-///
-/// Answers 200 only once the message is committed; a repeated `messageId` from the same
-/// source within 24 h is acknowledged and not delivered again. At most 32 KB, gzip allowed.
-#[utoipa::path(
-    post,
-    path = "/v1/screen",
-    tag = "ingest",
-    request_body(content = ScreenMessage, content_type = "application/json"),
-    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
-    security(("writeKey" = []), ()),
-)]
-pub fn screen() {}
+/// A call's summary, its message schema, and who calls its one-letter path.
+fn about(call: Call) -> (&'static str, Cow<'static, str>, &'static str) {
+    match call {
+        Call::Track => (
+            "Record an action a user took.",
+            TrackMessage::name(),
+            "analytics.js and the mobile SDKs call it (`text/plain` JSON allowed)",
+        ),
+        Call::Identify => (
+            "Tie a user to their traits.",
+            IdentifyMessage::name(),
+            "the browser SDK calls it",
+        ),
+        Call::Page => (
+            "Record a page view.",
+            PageMessage::name(),
+            "the browser SDK calls it",
+        ),
+        Call::Screen => (
+            "Record a screen view in an app.",
+            ScreenMessage::name(),
+            "the SDKs call it",
+        ),
+        Call::Group => (
+            "Tie a user to a group.",
+            GroupMessage::name(),
+            "the browser SDK calls it",
+        ),
+        Call::Alias => (
+            "Merge two user identities.",
+            AliasMessage::name(),
+            "the browser SDK calls it",
+        ),
+    }
+}
 
-/// Tie a user to a group.
-///
-/// Answers 200 only once the message is committed; a repeated `messageId` from the same
-/// source within 24 h is acknowledged and not delivered again. At most 32 KB, gzip allowed.
-#[utoipa::path(
-    post,
-    path = "/v1/group",
-    tag = "ingest",
-    request_body(content = GroupMessage, content_type = "application/json"),
-    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
-    security(("writeKey" = []), ()),
-)]
-pub fn group() {}
-
-/// Merge two user identities.
-///
-/// Answers 200 only once the message is committed; a repeated `messageId` from the same
-/// source within 24 h is acknowledged and not delivered again. At most 32 KB, gzip allowed.
-#[utoipa::path(
-    post,
-    path = "/v1/alias",
-    tag = "ingest",
-    request_body(content = AliasMessage, content_type = "application/json"),
-    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
-    security(("writeKey" = []), ()),
-)]
-pub fn alias() {}
-
-/// Send many messages in one request.
-///
-/// Valid messages are kept and invalid ones are listed in `rejected` with their index and
-/// reason; the request fails (400) only when no message is valid. At most 2,500 messages
-/// and 500 KB (after gzip decoding).
-#[utoipa::path(
-    post,
-    path = "/v1/batch",
-    tag = "ingest",
-    request_body(content = BatchRequest, content_type = "application/json"),
-    responses(
-        (status = 200, description = "Every valid message is committed", body = Accepted),
-        IngestErrors,
-    ),
-    security(("writeKey" = []), ()),
-)]
-pub fn batch() {}
-
-/// The same as `/v1/batch` (Segment's historical import endpoint).
-#[utoipa::path(
-    post,
-    path = "/v1/import",
-    tag = "ingest",
-    request_body(content = BatchRequest, content_type = "application/json"),
-    responses(
-        (status = 200, description = "Every valid message is committed", body = Accepted),
-        IngestErrors,
-    ),
-    security(("writeKey" = []), ()),
-)]
-pub fn import() {}
-
-/// `/v1/track` as analytics.js and the mobile SDKs call it (`text/plain` JSON allowed).
-#[utoipa::path(
-    post,
-    path = "/v1/t",
-    tag = "ingest",
-    request_body(content = TrackMessage, content_type = "application/json"),
-    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
-    security(("writeKey" = []), ()),
-)]
-pub fn track_short() {}
-
-/// `/v1/identify` as the browser SDK calls it.
-#[utoipa::path(
-    post,
-    path = "/v1/i",
-    tag = "ingest",
-    request_body(content = IdentifyMessage, content_type = "application/json"),
-    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
-    security(("writeKey" = []), ()),
-)]
-pub fn identify_short() {}
-
-/// `/v1/page` as the browser SDK calls it.
-#[utoipa::path(
-    post,
-    path = "/v1/p",
-    tag = "ingest",
-    request_body(content = PageMessage, content_type = "application/json"),
-    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
-    security(("writeKey" = []), ()),
-)]
-pub fn page_short() {}
-
-/// `/v1/screen` as the SDKs call it.
-#[utoipa::path(
-    post,
-    path = "/v1/s",
-    tag = "ingest",
-    request_body(content = ScreenMessage, content_type = "application/json"),
-    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
-    security(("writeKey" = []), ()),
-)]
-pub fn screen_short() {}
-
-/// `/v1/group` as the browser SDK calls it.
-#[utoipa::path(
-    post,
-    path = "/v1/g",
-    tag = "ingest",
-    request_body(content = GroupMessage, content_type = "application/json"),
-    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
-    security(("writeKey" = []), ()),
-)]
-pub fn group_short() {}
-
-/// `/v1/alias` as the browser SDK calls it.
-#[utoipa::path(
-    post,
-    path = "/v1/a",
-    tag = "ingest",
-    request_body(content = AliasMessage, content_type = "application/json"),
-    responses((status = 200, description = "Committed", body = Accepted), IngestErrors),
-    security(("writeKey" = []), ()),
-)]
-pub fn alias_short() {}
-
-/// `/v1/batch` as the SDKs call it (analytics.js batching, analytics-kotlin, analytics-swift).
-#[utoipa::path(
-    post,
-    path = "/v1/b",
-    tag = "ingest",
-    request_body(content = BatchRequest, content_type = "application/json"),
-    responses(
-        (status = 200, description = "Every valid message is committed", body = Accepted),
-        IngestErrors,
-    ),
-    security(("writeKey" = []), ()),
-)]
-pub fn batch_short() {}
-
-/// The SDKs' own telemetry: read, answered 200, stored nowhere.
-#[utoipa::path(
-    post,
-    path = "/v1/m",
-    tag = "ingest",
-    request_body(content = Telemetry, content_type = "application/json"),
-    responses(
-        (status = 200, description = "Read and dropped", body = Accepted),
-        (status = 403, description = "An `Origin` no source allows", body = Failure),
-        (status = 413, description = "Larger than 500 KB", body = Failure),
-    ),
-)]
-pub fn telemetry() {}
-
-/// The analytics.js settings of a source (what `AnalyticsBrowser.load({writeKey, cdnURL})`
-/// and the mobile SDKs fetch first): the Segment.io integration names this server.
-#[utoipa::path(
-    get,
-    path = "/v1/projects/{writeKey}/settings",
-    tag = "ingest",
-    params(("writeKey" = String, Path, description = "The source's write key")),
-    responses(
-        (status = 200, description = "The settings", body = SdkSettings),
-        (status = 403, description = "An `Origin` the source does not allow", body = Failure),
-        (status = 404, description = "No source has this write key", body = Failure),
-    ),
-)]
-pub fn settings() {}
-
-/// The dashboard. The page itself holds no data and needs no token (a browser cannot send
-/// one when navigating); it asks for the admin token and calls the admin API with it.
-#[utoipa::path(
-    get,
-    path = "/admin",
-    tag = "admin",
-    responses(
-        (status = 200, description = "The dashboard page",
-         body = String, content_type = "text/html"),
-    ),
-)]
-pub fn dashboard() {}
-
-/// The process is alive.
-#[utoipa::path(
-    get,
-    path = "/healthz",
-    tag = "health",
-    responses((status = 200, description = "Alive", body = Status)),
-)]
-pub fn healthz() {}
-
-/// The database answers, migrations are applied, and the process is not shutting down.
-#[utoipa::path(
-    get,
-    path = "/readyz",
-    tag = "health",
-    responses(
-        (status = 200, description = "Ready", body = Status),
-        (status = 503, description = "Draining, or the database is unavailable", body = Status),
-    ),
-)]
-pub fn readyz() {}
-
-/// Prometheus metrics.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "health",
-    responses(
-        (status = 200, description = "Prometheus text exposition format",
-         body = String, content_type = "text/plain"),
-    ),
-)]
-pub fn metrics() {}
-
-/// This document.
-#[utoipa::path(
-    get,
-    path = "/openapi.json",
-    tag = "health",
-    responses(
-        (status = 200, description = "OpenAPI 3.1",
-         body = Object, content_type = "application/json"),
-    ),
-)]
-pub fn openapi_json() {}
+/// One ingest operation: a JSON body of `schema`, the write key (or none: it may come in the
+/// body), `{"success": true}` once committed, and every ingest error.
+fn ingest(
+    id: &str,
+    summary: &str,
+    description: Option<&str>,
+    schema: &str,
+    answer: &str,
+) -> Operation {
+    let json = |schema: &str| {
+        ContentBuilder::new()
+            .schema(Some(Ref::from_schema_name(schema)))
+            .build()
+    };
+    OperationBuilder::new()
+        .tag("ingest")
+        .summary(Some(summary))
+        .description(description)
+        .operation_id(Some(id))
+        .request_body(Some(
+            RequestBodyBuilder::new()
+                .content("application/json", json(schema))
+                .required(Some(Required::True))
+                .build(),
+        ))
+        .responses(
+            ResponsesBuilder::new()
+                .response(
+                    "200",
+                    ResponseBuilder::new()
+                        .description(answer)
+                        .content("application/json", json(&Accepted::name())),
+                )
+                .responses_from_into_responses::<IngestErrors>()
+                .build(),
+        )
+        .securities(Some([
+            SecurityRequirement::new("writeKey", Vec::<String>::new()),
+            SecurityRequirement::default(),
+        ]))
+        .build()
+}
