@@ -2,6 +2,7 @@
 //! HTTP client plugins send through, which addresses that client may reach, and the replay
 //! selector that feeds archived events to a destination's replay lane.
 
+mod background;
 pub mod egress;
 pub mod lane;
 pub mod replay;
