@@ -27,6 +27,9 @@ pub struct Lane {
     /// Claimed events not yet sent (a run may hold more events than there are free slots);
     /// a reload hands them to the lane that replaces this one.
     pub(super) pending: Mutex<VecDeque<Claimed>>,
+    /// Events per run in its last claim (0 before the first): how many runs the next claim
+    /// needs for the requests it can start.
+    run_fill: AtomicUsize,
     /// Shared with the lane that replaces this one at a reload.
     pub stats: Arc<LaneStats>,
 }
@@ -96,6 +99,7 @@ impl Lane {
             in_flight: AtomicUsize::new(0),
             sender,
             pending: Mutex::default(),
+            run_fill: AtomicUsize::new(0),
             stats: Arc::default(),
         }
     }
@@ -112,6 +116,18 @@ impl Lane {
                 .saturating_mul(config.max_in_flight)
                 .clamp(batch.min(store::MAX_RUN), store::MAX_RUN)
         }
+    }
+
+    /// Events per run in the last claim; before the first, runs count as full.
+    pub(super) fn run_fill(&self) -> usize {
+        match self.run_fill.load(Ordering::Relaxed) {
+            0 => Self::run_size(&self.config),
+            fill => fill,
+        }
+    }
+
+    pub(super) fn note_run_fill(&self, fill: usize) {
+        self.run_fill.store(fill.max(1), Ordering::Relaxed);
     }
 
     pub(super) fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<Claimed>> {

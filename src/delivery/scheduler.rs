@@ -382,8 +382,17 @@ impl Scheduler {
         };
         let mut claimed_all = false;
         if waiting == 0 {
+            // Runs are cut at ingest, so how full they are depends on the traffic: a backlog
+            // of batches fills them, single events at a steady rate may make runs of one. A
+            // claim asks for as many runs as the last claim's fill says will cover the requests
+            // it can start (at most MAX_CLAIM events' worth of full runs); counting every run as
+            // full made a claim of one-event runs start one request, and single events at
+            // 2,000/s queued for seconds behind claims that could not keep up.
             let run_size = Lane::run_size(&lane.config);
-            let limit = (requests * batch).div_ceil(run_size).max(1);
+            let fill = lane.run_fill().clamp(1, run_size);
+            let limit = (requests * batch)
+                .div_ceil(fill)
+                .clamp(1, (MAX_CLAIM / run_size).max(1));
             let ordered = lane.config.ordering == config::Ordering::PerUser;
             let lease = lane.lease(limit * run_size);
             let claim = |lane_kind: store::Lane, limit: usize| {
@@ -415,6 +424,8 @@ impl Scheduler {
                 return Visit::Idle;
             }
             claimed_all = runs.len() == limit;
+            let events: usize = runs.iter().map(|run| run.events.len()).sum();
+            lane.note_run_fill(events / runs.len());
             let mut pending = lane.pending();
             for run in runs {
                 let (progress, events) = RunProgress::start(run, lane.id, ordered);
