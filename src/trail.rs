@@ -16,6 +16,9 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use time::OffsetDateTime;
 
+use crate::destination::Call;
+use crate::ingest::{Route, Routes};
+
 /// Events kept unless `[server] event_trail` says otherwise; the oldest is forgotten when a
 /// new one comes.
 pub const DEFAULT_CAPACITY: usize = 50_000;
@@ -70,7 +73,12 @@ pub struct EventTrail {
     /// [`user_hash`] of its userId (else anonymousId), for the search by user.
     pub user: u64,
     pub received_at: OffsetDateTime,
+    /// The destinations routing sent it to or a filter stopped, with what became of it. Those
+    /// not subscribed to it (their `events`) are not kept: [`EventTrail::unsubscribed`].
     pub routes: Vec<RouteTrail>,
+    /// Its call type and event name, for [`EventTrail::unsubscribed`].
+    pub call: Call,
+    pub event: Option<Box<str>>,
 }
 
 impl EventTrail {
@@ -96,7 +104,30 @@ impl EventTrail {
                     attempts: Vec::new(),
                 })
                 .collect(),
+            call: Call::Track,
+            event: None,
         }
+    }
+
+    /// Names its call type and event (a `track` without a name until then).
+    pub fn named(mut self, call: Call, event: Option<&str>) -> EventTrail {
+        self.call = call;
+        self.event = event.map(Into::into);
+        self
+    }
+
+    /// The destinations of `routes` that take its source but not this event (their `events`),
+    /// and have no line of their own: routing stopped it there with reason `events`. Worked
+    /// out when the path is read, against the config in force then.
+    pub fn unsubscribed<'a>(&'a self, routes: &'a Routes) -> impl Iterator<Item = &'a Route> {
+        routes.iter().filter(move |route| {
+            route.takes_source(self.source_id)
+                && !route.subscribed(self.call, self.event.as_deref())
+                && self
+                    .routes
+                    .iter()
+                    .all(|kept| kept.destination_id != route.destination_id)
+        })
     }
 }
 

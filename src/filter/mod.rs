@@ -54,8 +54,12 @@ impl Reason {
 
 /// Counts one filtered event in `switchyard_filtered_events_total{destination,reason}`.
 pub fn count(destination: &str, reason: Reason) {
+    counter(destination, reason).increment(1);
+}
+
+/// The `switchyard_filtered_events_total` counter of one destination and reason.
+pub fn counter(destination: &str, reason: Reason) -> metrics::Counter {
     metrics::counter!("switchyard_filtered_events_total", "destination" => destination.to_owned(), "reason" => reason.as_str())
-        .increment(1);
 }
 
 /// `where`: the FQL condition as written, and parsed.

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{path_error, query_error};
+use crate::filter::Reason;
 use crate::http::error::ApiError;
 use crate::http::openapi::{
     AdminErrors, EventAttempt, EventPath, EventRoute, EventSearch, Failure,
@@ -165,6 +166,16 @@ pub(in crate::http) fn event_path_of(
                 })
                 .collect(),
         })
+        .chain(event.unsubscribed(&pipeline.routes).map(|route| {
+            EventRoute {
+                destination: Some(route.name.clone()),
+                state: crate::trail::State::Filtered(Reason::Events.as_str())
+                    .as_str()
+                    .into(),
+                reason: Some(Reason::Events.as_str().into()),
+                attempts: Vec::new(),
+            }
+        }))
         .collect();
     EventPath {
         message_id: event.message_id.to_string(),
