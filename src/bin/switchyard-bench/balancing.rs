@@ -25,6 +25,9 @@
 //! is lost), and the latency of each event from its scheduled send to its first 2xx at a
 //! replica (retries included): average, p50, p99. Every arm runs on fresh replicas and a fresh
 //! database, so no arm inherits another's state.
+//!
+//! One experiment in one file (replicas, load, the three arms and their report): long, but read
+//! top to bottom as the experiment runs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
