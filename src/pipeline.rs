@@ -88,7 +88,7 @@ impl Pipeline {
                     ordered: d.ordering == Ordering::PerUser,
                     run_size: Lane::run_size(d),
                     gate: d.gate.clone(),
-                    unsubscribed: Default::default(),
+                    filtered: Default::default(),
                 })
                 .collect(),
         );

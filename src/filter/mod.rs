@@ -40,6 +40,16 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in the order `as usize` numbers them.
+    pub const ALL: [Reason; 6] = [
+        Reason::Integrations,
+        Reason::Events,
+        Reason::Where,
+        Reason::Consent,
+        Reason::Sample,
+        Reason::Transform,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Integrations => "integrations",
@@ -425,6 +435,13 @@ fn to_raw(value: &Value) -> Box<RawValue> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn every_reason_is_listed_at_its_number() {
+        for (number, reason) in Reason::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, number, "{}", reason.as_str());
+        }
+    }
 
     #[test]
     fn sampling_is_stable_and_close_to_the_fraction() {

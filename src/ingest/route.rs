@@ -28,10 +28,10 @@ pub struct Route {
     pub run_size: usize,
     /// `where`, `consent` and `sample`, checked after `sources`, `integrations` and `events`.
     pub gate: crate::filter::Gate,
-    /// Its `switchyard_filtered_events_total{reason="events"}`, looked up once: with a
-    /// thousand destinations each taking a few event names, every event is "not one of the
-    /// `events`" for almost all of them.
-    pub unsubscribed: std::sync::OnceLock<metrics::Counter>,
+    /// Its `switchyard_filtered_events_total` counters, one per [`Reason`], each looked up
+    /// once: with a thousand destinations each taking a few event names, every event is "not
+    /// one of the `events`" for almost all of them.
+    pub filtered: [std::sync::OnceLock<metrics::Counter>; Reason::ALL.len()],
 }
 
 impl Route {
@@ -57,6 +57,13 @@ impl Route {
             return Err(Some(Reason::Events));
         }
         Ok(())
+    }
+
+    /// Counts one event its rules stopped, for `reason`.
+    pub fn count_filtered(&self, reason: Reason) {
+        self.filtered[reason as usize]
+            .get_or_init(|| crate::filter::counter(&self.name, reason))
+            .increment(1);
     }
 
     /// Whether its `events` take this call type or event name.
@@ -141,19 +148,14 @@ impl Routes {
             match route.routing(source_id, message) {
                 Ok(()) => {}
                 Err(None) => continue,
-                // Not subscribed: counted, and not written into the event's trail, which
-                // would otherwise hold a line per destination for every event; the event's
-                // path works it out when it is read (`trail::unsubscribed`).
-                Err(Some(Reason::Events)) => {
-                    route
-                        .unsubscribed
-                        .get_or_init(|| crate::filter::counter(&route.name, Reason::Events))
-                        .increment(1);
-                    continue;
-                }
                 Err(Some(reason)) => {
-                    crate::filter::count(&route.name, reason);
-                    filtered.push((route.destination_id, reason.as_str()));
+                    route.count_filtered(reason);
+                    // Not subscribed (`events`) is not written into the event's trail, which
+                    // would otherwise hold a line per destination for every event; the event's
+                    // path works it out when it is read (`EventTrail::unsubscribed`).
+                    if reason != Reason::Events {
+                        filtered.push((route.destination_id, reason.as_str()));
+                    }
                     continue;
                 }
             }
@@ -164,7 +166,7 @@ impl Routes {
                 false => &Value::Null,
             };
             if let Err(reason) = route.gate.check(&route.name, &message.message_id, event) {
-                crate::filter::count(&route.name, reason);
+                route.count_filtered(reason);
                 filtered.push((route.destination_id, reason.as_str()));
                 continue;
             }
@@ -214,7 +216,7 @@ mod scale_tests {
                     ordered: false,
                     run_size: 1,
                     gate: Default::default(),
-                    unsubscribed: Default::default(),
+                    filtered: Default::default(),
                 })
                 .collect(),
         );

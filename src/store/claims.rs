@@ -112,7 +112,7 @@ macro_rules! oldest {
 /// Per-user ordering: only the oldest run of each user is claimable, so while it is in flight
 /// or waiting to be retried, that user's later runs wait and other users' do not.
 macro_rules! oldest_per_user {
-    ($lane:literal, $earlier_lane:literal) => {
+    ($lane:literal) => {
         claim!(concat!(
             "
     SELECT j.id FROM jobs j
@@ -124,7 +124,7 @@ macro_rules! oldest_per_user {
           SELECT 1 FROM jobs earlier
           WHERE earlier.destination_id = j.destination_id
             AND earlier.",
-            $earlier_lane,
+            $lane,
             "
             AND earlier.order_key = j.order_key
             AND earlier.id < j.id)
@@ -138,9 +138,8 @@ macro_rules! oldest_per_user {
 
 const CLAIM_LIVE: &str = oldest!("replay_id IS NULL");
 const CLAIM_REPLAY: &str = oldest!("replay_id IS NOT NULL");
-const CLAIM_LIVE_PER_USER: &str = oldest_per_user!("replay_id IS NULL", "replay_id IS NULL");
-const CLAIM_REPLAY_PER_USER: &str =
-    oldest_per_user!("replay_id IS NOT NULL", "replay_id IS NOT NULL");
+const CLAIM_LIVE_PER_USER: &str = oldest_per_user!("replay_id IS NULL");
+const CLAIM_REPLAY_PER_USER: &str = oldest_per_user!("replay_id IS NOT NULL");
 
 /// Writes run outcomes. Only runs still held by this claim (`$11` owner, the attempt number)
 /// are touched, so a late outcome never overwrites a newer claim's, and an event is never both
