@@ -150,6 +150,11 @@ impl Store {
     }
 
     /// Archived events received in `range`, after `cursor`, in (day, id) order.
+    ///
+    /// The page is read in the primary key's order, from the cursor on, and never by sorting
+    /// what matches: the day's statistics never know of the events received since they were
+    /// taken, so for a replay of recent events Postgres expects a few dozen rows and would
+    /// read and sort the whole day for every page (2.7 s a page on a fresh million events).
     pub async fn archive_page(
         &self,
         range: (OffsetDateTime, OffsetDateTime),
@@ -157,7 +162,14 @@ impl Store {
         cursor: (i32, i64),
         limit: i64,
     ) -> Result<Vec<ArchivedEvent>> {
-        Ok(sqlx::query_as(ARCHIVE_PAGE)
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "SELECT set_config('enable_sort', 'off', true), \
+                    set_config('enable_bitmapscan', 'off', true)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let page = sqlx::query_as(ARCHIVE_PAGE)
             .bind(day_of(range.0))
             .bind(day_of(range.1))
             .bind(cursor.0)
@@ -166,8 +178,10 @@ impl Store {
             .bind(range.1)
             .bind(sources)
             .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(page)
     }
 
     /// Queues one step of a replay and moves its cursor, in one transaction, unless it was
