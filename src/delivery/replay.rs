@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::{Message, Route};
@@ -77,18 +78,26 @@ pub fn plan(replay: &Replay, route: &Route, page: &[ArchivedEvent]) -> ReplaySte
     let mut runs: Vec<(i32, i32, Vec<i64>, Option<i64>)> = Vec::new();
     let mut open: HashMap<(i32, i32, Option<i64>), usize> = HashMap::new();
     for event in page {
-        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&event.payload) else {
+        let Some(message) = Message::from_stored(&event.payload) else {
             continue;
         };
-        let Some(message) = Message::from_stored(&value) else {
+        // The same decision as at ingest: routing, then `where`, `consent` and `sample`, which
+        // alone may need the whole event.
+        if !route.accepts(event.source_id, &message) {
             continue;
+        }
+        let parsed;
+        let value = match route.gate.reads_event() {
+            true => {
+                parsed = serde_json::from_slice(&event.payload).unwrap_or(Value::Null);
+                &parsed
+            }
+            false => &Value::Null,
         };
-        // The same decision as at ingest: routing, then `where`, `consent` and `sample`.
-        if !route.accepts(event.source_id, &message)
-            || route
-                .gate
-                .check(&route.name, &message.message_id, &value)
-                .is_err()
+        if route
+            .gate
+            .check(&route.name, &message.message_id, value)
+            .is_err()
         {
             continue;
         }

@@ -24,6 +24,8 @@ pub use route::{Route, Routes};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -119,25 +121,46 @@ pub struct Message {
 }
 
 impl Message {
-    /// A message as stored (enriched JSON, parsed), read back for a replay's routing. `None`
-    /// when it is not a message (it never is: ingest wrote it).
-    pub fn from_stored(value: &Value) -> Option<Message> {
-        let object = value.as_object()?;
-        let text = |key: &str| object.get(key).and_then(Value::as_str).map(str::to_owned);
+    /// A message as stored (enriched JSON), read back for a replay's routing. Only the fields
+    /// routing reads are decoded and the rest is skipped over, so a replay does not build each
+    /// archived event's whole JSON tree (that took two fifths of the process's CPU). A field
+    /// of an unexpected type reads as absent. `None` when it is not a message (it never is:
+    /// ingest wrote it).
+    pub fn from_stored(payload: &[u8]) -> Option<Message> {
+        let head: StoredHead = serde_json::from_slice(payload).ok()?;
+        let text = |raw: Option<&RawValue>| {
+            raw.and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+        };
         Some(Message {
-            call: Call::parse(object.get("type")?.as_str()?)?,
-            message_id: text("messageId").unwrap_or_default(),
-            user_key: text("userId")
-                .or_else(|| text("anonymousId"))
+            call: Call::parse(&text(head.call)?)?,
+            message_id: text(head.message_id).unwrap_or_default(),
+            user_key: text(head.user_id)
+                .or_else(|| text(head.anonymous_id))
                 .unwrap_or_default(),
-            event: text("event"),
-            integrations: object
-                .get("integrations")
-                .and_then(Value::as_object)
-                .cloned(),
+            event: text(head.event),
+            integrations: head
+                .integrations
+                .and_then(|raw| serde_json::from_str(raw.get()).ok()),
             payload: Vec::new(),
         })
     }
+}
+
+/// The fields of a stored message that routing reads, undecoded.
+#[derive(Deserialize)]
+struct StoredHead<'a> {
+    #[serde(rename = "type", borrow, default)]
+    call: Option<&'a RawValue>,
+    #[serde(rename = "messageId", borrow, default)]
+    message_id: Option<&'a RawValue>,
+    #[serde(rename = "userId", borrow, default)]
+    user_id: Option<&'a RawValue>,
+    #[serde(rename = "anonymousId", borrow, default)]
+    anonymous_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    integrations: Option<&'a RawValue>,
 }
 
 /// The result of parsing a request body.

@@ -222,7 +222,7 @@ mod scale_tests {
         );
         let stored = serde_json::json!({"type": "track", "event": "E7", "messageId": "m",
                                         "userId": "u"});
-        let message = Message::from_stored(&stored).unwrap();
+        let message = Message::from_stored(&serde_json::to_vec(&stored).unwrap()).unwrap();
         let (targets, trail) = routes.targets(1, &message, OffsetDateTime::now_utc());
         assert_eq!(targets.len(), 1);
         assert_eq!(trail.routes.len(), 1);
