@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::{Message, Route};
@@ -83,21 +82,10 @@ pub fn plan(replay: &Replay, route: &Route, page: &[ArchivedEvent]) -> ReplaySte
         };
         // The same decision as at ingest: routing, then `where`, `consent` and `sample`, which
         // alone may need the whole event.
-        if !route.accepts(event.source_id, &message) {
-            continue;
-        }
-        let parsed;
-        let value = match route.gate.reads_event() {
-            true => {
-                parsed = serde_json::from_slice(&event.payload).unwrap_or(Value::Null);
-                &parsed
-            }
-            false => &Value::Null,
-        };
-        if route
-            .gate
-            .check(&route.name, &message.message_id, value)
-            .is_err()
+        if !route.accepts(event.source_id, &message)
+            || route
+                .check_gate(&message.message_id, &event.payload, &mut None)
+                .is_err()
         {
             continue;
         }

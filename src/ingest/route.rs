@@ -59,6 +59,23 @@ impl Route {
         Ok(())
     }
 
+    /// Its `where`, `consent` and `sample` on a stored event. The event is parsed into
+    /// `parsed` only when one of them reads it, so the routes an event is checked against
+    /// parse it once between them.
+    pub fn check_gate(
+        &self,
+        message_id: &str,
+        payload: &[u8],
+        parsed: &mut Option<Value>,
+    ) -> Result<(), Reason> {
+        let event = match self.gate.reads_event() {
+            true => &*parsed
+                .get_or_insert_with(|| serde_json::from_slice(payload).unwrap_or(Value::Null)),
+            false => &Value::Null,
+        };
+        self.gate.check(&self.name, message_id, event)
+    }
+
     /// Counts one event its rules stopped, for `reason`.
     pub fn count_filtered(&self, reason: Reason) {
         self.filtered[reason as usize]
@@ -159,13 +176,9 @@ impl Routes {
                     continue;
                 }
             }
-            let event = match route.gate.reads_event() {
-                true => &*parsed.get_or_insert_with(|| {
-                    serde_json::from_slice(&message.payload).unwrap_or(Value::Null)
-                }),
-                false => &Value::Null,
-            };
-            if let Err(reason) = route.gate.check(&route.name, &message.message_id, event) {
+            if let Err(reason) =
+                route.check_gate(&message.message_id, &message.payload, &mut parsed)
+            {
                 route.count_filtered(reason);
                 filtered.push((route.destination_id, reason.as_str()));
                 continue;
