@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use sqlx::Connection;
-use switchyard::store::{today, Fate, Lane, NameTable, NewEvent, RunOutcome, Store, Target};
+use switchyard::store::{today, Ask, Fate, Lane, NameTable, NewEvent, RunOutcome, Store, Target};
 use switchyard::testkit::{start_switchyard, MockServer, Reply, TestDatabase};
 
 async fn partitions(db: &TestDatabase, parent: &str) -> Vec<String> {
@@ -621,4 +621,81 @@ async fn a_page_of_fresh_archive_reads_only_that_page() {
         read < 11_000,
         "a page of 100 read {read} rows of a 20,000-event day"
     );
+}
+
+#[tokio::test]
+async fn one_claim_serves_many_destinations_each_within_its_own_limit() {
+    let db = TestDatabase::create("claim_many").await;
+    let (store, source, _) = migrated_store(&db).await;
+    let names: Vec<String> = ["many", "one", "paused", "ordered", "idle"]
+        .iter()
+        .map(|name| name.to_string())
+        .collect();
+    let ids = store
+        .name_ids(NameTable::Destinations, &names)
+        .await
+        .unwrap();
+    let event = |message_id: &str, user: &str, destination: &str, ordered: bool| NewEvent {
+        source_id: source,
+        message_id: message_id.into(),
+        received_at: time::OffsetDateTime::now_utc(),
+        user_key: user.into(),
+        payload: br#"{"type":"track"}"#.to_vec(),
+        targets: vec![Target {
+            destination_id: ids[destination],
+            ordered,
+            run_size: 1,
+        }],
+    };
+    // Separate commits, so each destination's runs are in ingest order.
+    for batch in [
+        vec![event("m1", "a", "many", false), event("o1", "a", "one", false)],
+        vec![event("m2", "b", "many", false), event("p1", "a", "paused", false)],
+        vec![event("m3", "c", "many", false), event("u1", "a", "ordered", true)],
+        vec![event("u2", "a", "ordered", true), event("u3", "b", "ordered", true)],
+    ] {
+        store.insert_events(&batch, true).await.unwrap();
+    }
+    store.set_paused(ids["paused"], true).await.unwrap();
+    let ask = |name: &str, limit: usize, ordered: bool| Ask {
+        destination_id: ids[name],
+        limit,
+        lease: Duration::from_secs(60),
+        ordered,
+    };
+    let asks = [
+        ask("many", 2, false),
+        ask("one", 5, false),
+        ask("paused", 5, false),
+        ask("ordered", 5, true),
+        ask("idle", 5, false),
+    ];
+    let claimed = store.claim_many(&asks, 1, Lane::Live).await.unwrap();
+    let got = |name: &str| -> Vec<String> {
+        claimed
+            .get(&ids[name])
+            .map(|runs| {
+                runs.iter()
+                    .flat_map(|run| run.events.iter().map(|e| e.message_id.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(got("many"), ["m1", "m2"], "the oldest, up to its limit");
+    assert_eq!(got("one"), ["o1"]);
+    assert!(got("paused").is_empty(), "a paused destination gets nothing");
+    assert_eq!(
+        got("ordered"),
+        ["u1", "u3"],
+        "per-user order: user a's second run waits for its first"
+    );
+    assert!(!claimed.contains_key(&ids["idle"]));
+    // What is claimed is leased: a second claim gets only what was left.
+    let again = store.claim_many(&asks, 2, Lane::Live).await.unwrap();
+    let left: Vec<&str> = again
+        .values()
+        .flatten()
+        .flat_map(|run| run.events.iter().map(|e| e.message_id.as_str()))
+        .collect();
+    assert_eq!(left, ["m3"]);
 }

@@ -28,8 +28,10 @@ use crate::delivery::runs::{complete, deliver, Claimed, OpenRuns, RunProgress, S
 use crate::delivery::traffic::Closed;
 use crate::store::{self, Fate, Store};
 
-/// Rows claimed in one statement at most.
+/// Events claimed for one destination at most.
 const MAX_CLAIM: usize = 1000;
+/// Destinations claimed for in one statement at most.
+const CLAIM_GROUP: usize = 256;
 /// How often due work is looked for without a notification (retries coming due).
 const POLL_EVERY: Duration = Duration::from_secs(1);
 
@@ -177,43 +179,49 @@ impl Scheduler {
             }
             self.absorb_wakes(wakes, &mut ready, &mut queued).await;
             let mut progressed = false;
+            // Permits not yet promised to a destination in this pass; only this loop takes
+            // permits, so the semaphore never has fewer free than this.
+            let mut free = self.permits.available_permits();
+            let busy = self
+                .lanes
+                .values()
+                .filter(|lane| lane.in_flight() > 0)
+                .count();
+            let mut asks: Vec<(Arc<Lane>, Demand)> = Vec::new();
             for _ in 0..ready.len() {
                 let Some(id) = ready.pop_front() else { break };
                 let Some(lane) = self.lanes.get(&id).cloned() else {
                     queued.remove(&id);
                     continue;
                 };
-                // Others with work waiting or in flight: each gets a fair share of the pool.
-                let others = ready.len()
-                    + self
-                        .lanes
-                        .values()
-                        .filter(|other| other.id != id && other.in_flight() > 0)
-                        .count();
-                match self.visit(&lane, others).await {
-                    Visit::Dispatched { more } => {
-                        progressed = true;
-                        if more {
-                            ready.push_back(id);
-                        } else {
-                            queued.remove(&id);
+                // Others with work waiting, being claimed or in flight: each gets a fair share
+                // of the pool.
+                let others = (ready.len() + asks.len() + busy)
+                    .saturating_sub(usize::from(lane.in_flight() > 0));
+                let visit = match self.plan(&lane, others, free) {
+                    Plan::Now(visit) => visit,
+                    Plan::Start(requests) => {
+                        free -= requests;
+                        self.start(&lane, requests, false)
+                    }
+                    Plan::Claim(demand) => {
+                        free -= demand.requests;
+                        asks.push((lane, demand));
+                        if asks.len() == CLAIM_GROUP {
+                            for (id, visit) in self.claim_and_start(std::mem::take(&mut asks)).await
+                            {
+                                progressed |=
+                                    settle(id, visit, &mut ready, &mut queued, &mut timers);
+                            }
                         }
+                        continue;
                     }
-                    // Busy: it stays ready and is looked at again when a slot frees up.
-                    Visit::Busy => ready.push_back(id),
-                    // Out of tokens or paused: set aside until then, holding nothing.
-                    Visit::WaitUntil(until) => {
-                        queued.remove(&id);
-                        timers.entry(until).or_default().push(id);
-                    }
-                    // Empty, or its key is leased elsewhere: woken by new work or the lease.
-                    Visit::Idle => {
-                        queued.remove(&id);
-                    }
-                    Visit::Failed => {
-                        ready.push_back(id);
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
+                };
+                progressed |= settle(id, visit, &mut ready, &mut queued, &mut timers);
+            }
+            if !asks.is_empty() {
+                for (id, visit) in self.claim_and_start(asks).await {
+                    progressed |= settle(id, visit, &mut ready, &mut queued, &mut timers);
                 }
             }
             if progressed {
@@ -334,16 +342,16 @@ impl Scheduler {
         }
     }
 
-    /// Claims and starts what one destination can take now.
+    /// What one destination can take now, with `free` permits left in the pool.
     /// `others` is how many other destinations have work waiting or in flight: while there
     /// are any, this one holds at most its fair share of the pool, so a slow destination that
     /// could take every permit leaves room for the rest.
-    async fn visit(&self, lane: &Arc<Lane>, others: usize) -> Visit {
+    fn plan(&self, lane: &Arc<Lane>, others: usize, free: usize) -> Plan {
         // Paused: nothing more starts, not even what was claimed before the pause; requests
         // in flight finish. Its claims return to the queue for after the resume.
         if lane.stats.paused.load(Ordering::Acquire) {
             self.release_pending(lane);
-            return Visit::Idle;
+            return Plan::Now(Visit::Idle);
         }
         // Alone with work, a destination still leaves a quarter of the pool free when there are
         // others, so one that gets an event finds a permit at once instead of waiting for a
@@ -358,14 +366,14 @@ impl Scheduler {
         .max(1);
         let slots = lane
             .free_slots()
-            .min(self.permits.available_permits())
+            .min(free)
             .min(share.saturating_sub(lane.in_flight()));
         let waiting = lane.pending().len();
         // While requests are in flight, wait until a quarter of the slots are free: one claim
         // then starts several requests, instead of one query per finished request.
         let worth_a_claim = (lane.concurrency_limit() / 4).max(1);
         if slots == 0 || (waiting == 0 && slots < worth_a_claim && lane.in_flight() > 0) {
-            return Visit::Busy;
+            return Plan::Now(Visit::Busy);
         }
         let batch = lane.config.batch_size.max(1);
         let requests = match lane
@@ -373,72 +381,126 @@ impl Scheduler {
             .take(slots.min(MAX_CLAIM / batch).max(1), Instant::now())
         {
             Ok(granted) => granted,
-            Err(Closed::NotOwned) => return Visit::Idle,
+            Err(Closed::NotOwned) => return Plan::Now(Visit::Idle),
             Err(Closed::Until(until)) => {
                 metrics::counter!("switchyard_rate_limited_total", "destination" => lane.config.name.clone())
                     .increment(1);
-                return Visit::WaitUntil(until);
+                return Plan::Now(Visit::WaitUntil(until));
             }
         };
-        let mut claimed_all = false;
-        if waiting == 0 {
-            // Runs are cut at ingest, so how full they are depends on the traffic: a backlog
-            // of batches fills them, single events at a steady rate may make runs of one. A
-            // claim asks for as many runs as the last claim's fill says will cover the requests
-            // it can start (at most MAX_CLAIM events' worth of full runs); counting every run as
-            // full made a claim of one-event runs start one request, and single events at
-            // 2,000/s queued for seconds behind claims that could not keep up.
-            let run_size = Lane::run_size(&lane.config);
-            let fill = lane.run_fill().clamp(1, run_size);
-            let limit = (requests * batch)
-                .div_ceil(fill)
-                .clamp(1, (MAX_CLAIM / run_size).max(1));
-            let ordered = lane.config.ordering == config::Ordering::PerUser;
-            let lease = lane.lease(limit * run_size);
-            let claim = |lane_kind: store::Lane, limit: usize| {
-                self.store
-                    .claim(lane.id, limit, lease, self.instance, ordered, lane_kind)
-            };
-            let mut runs = match claim(store::Lane::Live, limit).await {
-                Ok(runs) => runs,
+        if waiting > 0 {
+            return Plan::Start(requests);
+        }
+        // Runs are cut at ingest, so how full they are depends on the traffic: a backlog of
+        // batches fills them, single events at a steady rate may make runs of one. A claim asks
+        // for as many runs as the last claim's fill says will cover the requests it can start
+        // (at most MAX_CLAIM events' worth of full runs); counting every run as full made a
+        // claim of one-event runs start one request, and single events at 2,000/s queued for
+        // seconds behind claims that could not keep up.
+        let run_size = Lane::run_size(&lane.config);
+        let fill = lane.run_fill().clamp(1, run_size);
+        let limit = (requests * batch)
+            .div_ceil(fill)
+            .clamp(1, (MAX_CLAIM / run_size).max(1));
+        Plan::Claim(Demand {
+            requests,
+            ask: store::Ask {
+                destination_id: lane.id,
+                limit,
+                lease: lane.lease(limit * run_size),
+                ordered: lane.config.ordering == config::Ordering::PerUser,
+            },
+        })
+    }
+
+    /// Claims for several destinations in one statement (two when some deliver in per-user
+    /// order, and once more for replays) and starts what each got. With a thousand
+    /// destinations getting an event or two each, claiming one destination at a time was a
+    /// round trip per event, and the loop fell seconds behind.
+    async fn claim_and_start(&self, asks: Vec<(Arc<Lane>, Demand)>) -> Vec<(i32, Visit)> {
+        let live: Vec<store::Ask> = asks.iter().map(|(_, demand)| demand.ask).collect();
+        let mut claimed = match self
+            .store
+            .claim_many(&live, self.instance, store::Lane::Live)
+            .await
+        {
+            Ok(claimed) => claimed,
+            Err(error) => {
+                tracing::warn!(%error, destinations = asks.len(), "claiming work failed");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return asks
+                    .iter()
+                    .map(|(lane, _)| (lane.id, Visit::Failed))
+                    .collect();
+            }
+        };
+        // Replays yield to live traffic: their runs are claimed only for destinations with no
+        // live run due, and for at most half of what could start, so live events arriving
+        // meanwhile find room at once.
+        let replay: Vec<store::Ask> = asks
+            .iter()
+            .filter(|(lane, _)| !claimed.contains_key(&lane.id))
+            .map(|(_, demand)| store::Ask {
+                limit: demand.ask.limit.div_ceil(2),
+                ..demand.ask
+            })
+            .collect();
+        let mut replay_failed = false;
+        if !replay.is_empty() {
+            match self
+                .store
+                .claim_many(&replay, self.instance, store::Lane::Replay)
+                .await
+            {
+                Ok(more) => claimed.extend(more),
                 Err(error) => {
-                    tracing::warn!(%error, destination = %lane.config.name, "claiming work failed");
-                    return Visit::Failed;
-                }
-            };
-            // Replays yield to live traffic: their runs are claimed only when no live run is
-            // due, and for at most half of what could start, so live events arriving meanwhile
-            // find room at once.
-            let mut limit = limit;
-            if runs.is_empty() {
-                limit = limit.div_ceil(2);
-                runs = match claim(store::Lane::Replay, limit).await {
-                    Ok(runs) => runs,
-                    Err(error) => {
-                        tracing::warn!(%error, destination = %lane.config.name, "claiming replay work failed");
-                        return Visit::Failed;
-                    }
-                };
-            }
-            if runs.is_empty() {
-                return Visit::Idle;
-            }
-            claimed_all = runs.len() == limit;
-            let events: usize = runs.iter().map(|run| run.events.len()).sum();
-            lane.note_run_fill(events / runs.len());
-            let mut pending = lane.pending();
-            for run in runs {
-                let (progress, events) = RunProgress::start(run, lane.id, ordered);
-                self.open.insert(progress.clone());
-                for (position, event) in events.into_iter().enumerate() {
-                    pending.push_back(Claimed {
-                        run: progress.clone(),
-                        position,
-                        event,
-                    });
+                    tracing::warn!(%error, destinations = replay.len(), "claiming replay work failed");
+                    replay_failed = true;
                 }
             }
         }
+        let asked: HashMap<i32, usize> = replay
+            .iter()
+            .map(|ask| (ask.destination_id, ask.limit))
+            .collect();
+        asks.into_iter()
+            .map(|(lane, demand)| {
+                let Some(runs) = claimed.remove(&lane.id) else {
+                    let visit = if replay_failed {
+                        Visit::Failed
+                    } else {
+                        Visit::Idle
+                    };
+                    return (lane.id, visit);
+                };
+                let limit = asked.get(&lane.id).copied().unwrap_or(demand.ask.limit);
+                let claimed_all = runs.len() == limit;
+                let events: usize = runs.iter().map(|run| run.events.len()).sum();
+                lane.note_run_fill(events / runs.len().max(1));
+                {
+                    let mut pending = lane.pending();
+                    for run in runs {
+                        let (progress, events) =
+                            RunProgress::start(run, lane.id, demand.ask.ordered);
+                        self.open.insert(progress.clone());
+                        for (position, event) in events.into_iter().enumerate() {
+                            pending.push_back(Claimed {
+                                run: progress.clone(),
+                                position,
+                                event,
+                            });
+                        }
+                    }
+                }
+                (lane.id, self.start(&lane, demand.requests, claimed_all))
+            })
+            .collect()
+    }
+
+    /// Starts up to `requests` requests from a destination's claimed events, each holding a
+    /// permit.
+    fn start(&self, lane: &Arc<Lane>, requests: usize, claimed_all: bool) -> Visit {
+        let batch = lane.config.batch_size.max(1);
         for _ in 0..requests {
             let claimed: Vec<Claimed> = {
                 let mut pending = lane.pending();
@@ -472,12 +534,61 @@ impl Scheduler {
     }
 }
 
+/// What a destination can take in this pass.
+enum Plan {
+    /// Nothing: this is the visit's outcome.
+    Now(Visit),
+    /// This many requests, from events claimed before.
+    Start(usize),
+    /// A claim first.
+    Claim(Demand),
+}
+
+struct Demand {
+    /// Requests that may start (permits and tokens are set aside for them).
+    requests: usize,
+    ask: store::Ask,
+}
+
 enum Visit {
     Dispatched { more: bool },
     Busy,
     WaitUntil(Instant),
     Idle,
     Failed,
+}
+
+/// Files a destination after its visit; true if it started anything.
+fn settle(
+    id: i32,
+    visit: Visit,
+    ready: &mut VecDeque<i32>,
+    queued: &mut HashSet<i32>,
+    timers: &mut BTreeMap<Instant, Vec<i32>>,
+) -> bool {
+    match visit {
+        Visit::Dispatched { more } => {
+            if more {
+                ready.push_back(id);
+            } else {
+                queued.remove(&id);
+            }
+            return true;
+        }
+        // Busy: it stays ready and is looked at again when a slot frees up. Failed: again
+        // after the pause the failure took.
+        Visit::Busy | Visit::Failed => ready.push_back(id),
+        // Out of tokens or paused: set aside until then, holding nothing.
+        Visit::WaitUntil(until) => {
+            queued.remove(&id);
+            timers.entry(until).or_default().push(id);
+        }
+        // Empty, or its key is leased elsewhere: woken by new work or the lease.
+        Visit::Idle => {
+            queued.remove(&id);
+        }
+    }
+    false
 }
 
 /// Moves destinations whose timers have come to the ready queue.

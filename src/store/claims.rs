@@ -18,6 +18,18 @@ pub enum Lane {
     Replay,
 }
 
+/// What one destination asks of a claim.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask {
+    pub destination_id: i32,
+    /// Runs at most.
+    pub limit: usize,
+    /// How long the claimed runs are leased.
+    pub lease: Duration,
+    /// Only each user's oldest run (per-user ordering).
+    pub ordered: bool,
+}
+
 /// A claimed run: events of one source for one destination.
 #[derive(Debug, Clone)]
 pub struct ClaimedRun {
@@ -64,22 +76,34 @@ pub struct RunOutcome {
     pub events: Vec<(i64, Fate)>,
 }
 
-/// A claim: the `due` runs (`$1` destination, `$2` at most) are leased for `$3` seconds to
-/// owner `$4` and returned with their events, one row per event.
+/// A claim across destinations: for each (`$1` destination, `$2` at most, `$3` lease seconds),
+/// the `due` runs are leased to owner `$4` and returned with their events, one row per event,
+/// in one statement, so many destinations with a run or two each cost one round trip.
 macro_rules! claim {
     ($($due:tt)+) => {
         concat!(
-            "WITH due AS (",
+            r#"WITH wanted AS (
+    SELECT * FROM unnest($1::int[], $2::bigint[], $3::float8[]) AS w(destination_id, n, lease)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM paused_destinations p WHERE p.destination_id = w.destination_id)
+), due AS (
+    SELECT d.id, w.lease
+    FROM wanted w
+    CROSS JOIN LATERAL ("#,
             $($due)+,
-            r#"), claimed AS (
+            r#") d
+), claimed AS (
     UPDATE jobs j
-    SET run_at = now() + make_interval(secs => $3), attempts = j.attempts + 1, owner = $4
+    SET run_at = now() + make_interval(secs => due.lease), attempts = j.attempts + 1,
+        owner = $4
     FROM due
-    WHERE j.id = due.id
-    RETURNING j.id, j.day, j.event_ids, j.attempts, j.enqueued_at
+    -- Postgres cannot know how many rows `LIMIT w.n` leaves, guesses thousands, and would
+    -- then read the whole queue to join them; `= ANY` makes it fetch the claimed runs by key.
+    WHERE j.id = due.id AND j.id = ANY (ARRAY(SELECT id FROM due))
+    RETURNING j.id, j.destination_id, j.day, j.event_ids, j.attempts, j.enqueued_at
 )
-SELECT c.id, c.attempts, c.enqueued_at, e.id AS event_id, e.message_id, e.payload,
-       s.name AS source
+SELECT c.id, c.destination_id, c.attempts, c.enqueued_at, e.id AS event_id, e.message_id,
+       e.payload, s.name AS source
 FROM claimed c
 CROSS JOIN LATERAL unnest(c.event_ids) WITH ORDINALITY AS u(event_id, position)
 JOIN events e ON e.day = c.day AND e.id = u.event_id
@@ -96,15 +120,14 @@ macro_rules! oldest {
     ($lane:literal) => {
         claim!(concat!(
             "
-    SELECT id FROM jobs
-    WHERE destination_id = $1 AND ",
+        SELECT id FROM jobs
+        WHERE destination_id = w.destination_id AND ",
             $lane,
             " AND run_at <= now()
-      AND NOT EXISTS (SELECT 1 FROM paused_destinations WHERE destination_id = $1)
-    ORDER BY run_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-"
+        ORDER BY run_at
+        LIMIT w.n
+        FOR UPDATE SKIP LOCKED
+    "
         ))
     };
 }
@@ -115,23 +138,22 @@ macro_rules! oldest_per_user {
     ($lane:literal) => {
         claim!(concat!(
             "
-    SELECT j.id FROM jobs j
-    WHERE j.destination_id = $1 AND j.",
+        SELECT j.id FROM jobs j
+        WHERE j.destination_id = w.destination_id AND j.",
             $lane,
             " AND j.run_at <= now()
-      AND NOT EXISTS (SELECT 1 FROM paused_destinations WHERE destination_id = $1)
-      AND NOT EXISTS (
-          SELECT 1 FROM jobs earlier
-          WHERE earlier.destination_id = j.destination_id
-            AND earlier.",
+          AND NOT EXISTS (
+              SELECT 1 FROM jobs earlier
+              WHERE earlier.destination_id = j.destination_id
+                AND earlier.",
             $lane,
             "
-            AND earlier.order_key = j.order_key
-            AND earlier.id < j.id)
-    ORDER BY j.id
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-"
+                AND earlier.order_key = j.order_key
+                AND earlier.id < j.id)
+        ORDER BY j.id
+        LIMIT w.n
+        FOR UPDATE SKIP LOCKED
+    "
         ))
     };
 }
@@ -218,40 +240,72 @@ impl Store {
         ordered: bool,
         lane: Lane,
     ) -> Result<Vec<ClaimedRun>> {
-        let sql = match (lane, ordered) {
-            (Lane::Live, false) => CLAIM_LIVE,
-            (Lane::Replay, false) => CLAIM_REPLAY,
-            (Lane::Live, true) => CLAIM_LIVE_PER_USER,
-            (Lane::Replay, true) => CLAIM_REPLAY_PER_USER,
+        let ask = Ask {
+            destination_id,
+            limit,
+            lease,
+            ordered,
         };
-        let rows = sqlx::query(sql)
-            .bind(destination_id)
-            .bind(limit as i64)
-            .bind(lease.as_secs_f64())
-            .bind(owner)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut runs: Vec<ClaimedRun> = Vec::new();
-        for row in rows {
-            let id: i64 = row.get("id");
-            if runs.last().is_none_or(|run| run.id != id) {
-                runs.push(ClaimedRun {
-                    id,
-                    attempts: row.get("attempts"),
-                    enqueued_at: row.get("enqueued_at"),
-                    events: Vec::new(),
-                });
+        let mut claimed = self.claim_many(&[ask], owner, lane).await?;
+        Ok(claimed.remove(&destination_id).unwrap_or_default())
+    }
+
+    /// Claims for several destinations at once: at most two statements (one for those
+    /// delivering in per-user order), whatever the number of destinations. Runs come back per
+    /// destination, oldest first; a destination with nothing due is absent.
+    pub async fn claim_many(
+        &self,
+        asks: &[Ask],
+        owner: i32,
+        lane: Lane,
+    ) -> Result<HashMap<i32, Vec<ClaimedRun>>> {
+        let mut claimed: HashMap<i32, Vec<ClaimedRun>> = HashMap::new();
+        for ordered in [false, true] {
+            let asks: Vec<&Ask> = asks.iter().filter(|ask| ask.ordered == ordered).collect();
+            if asks.is_empty() {
+                continue;
             }
-            if let Some(run) = runs.last_mut() {
-                run.events.push(ClaimedEvent {
-                    id: row.get("event_id"),
-                    message_id: row.get("message_id"),
-                    payload: row.get("payload"),
-                    source: row.get("source"),
-                });
+            let sql = match (lane, ordered) {
+                (Lane::Live, false) => CLAIM_LIVE,
+                (Lane::Replay, false) => CLAIM_REPLAY,
+                (Lane::Live, true) => CLAIM_LIVE_PER_USER,
+                (Lane::Replay, true) => CLAIM_REPLAY_PER_USER,
+            };
+            let destinations: Vec<i32> = asks.iter().map(|ask| ask.destination_id).collect();
+            let limits: Vec<i64> = asks.iter().map(|ask| ask.limit as i64).collect();
+            let leases: Vec<f64> = asks.iter().map(|ask| ask.lease.as_secs_f64()).collect();
+            let rows = sqlx::query(sql)
+                .bind(&destinations)
+                .bind(&limits)
+                .bind(&leases)
+                .bind(owner)
+                .fetch_all(&self.pool)
+                .await?;
+            let mut last: Option<(i32, i64)> = None;
+            for row in rows {
+                let id: i64 = row.get("id");
+                let destination: i32 = row.get("destination_id");
+                let runs = claimed.entry(destination).or_default();
+                if last != Some((destination, id)) {
+                    runs.push(ClaimedRun {
+                        id,
+                        attempts: row.get("attempts"),
+                        enqueued_at: row.get("enqueued_at"),
+                        events: Vec::new(),
+                    });
+                    last = Some((destination, id));
+                }
+                if let Some(run) = runs.last_mut() {
+                    run.events.push(ClaimedEvent {
+                        id: row.get("event_id"),
+                        message_id: row.get("message_id"),
+                        payload: row.get("payload"),
+                        source: row.get("source"),
+                    });
+                }
             }
         }
-        Ok(runs)
+        Ok(claimed)
     }
 
     /// Records run outcomes of claims held by `owner` in one statement; returns how many runs

@@ -30,7 +30,7 @@ mod queue;
 mod replays;
 pub mod server;
 
-pub use claims::{storable, ClaimedEvent, ClaimedRun, Fate, Lane, RunOutcome};
+pub use claims::{storable, Ask, ClaimedEvent, ClaimedRun, Fate, Lane, RunOutcome};
 pub use dead_letters::DeadLetter;
 pub use instances::{Instance, DEAD_AFTER};
 pub use listen::{JobsListener, JobsNotice};
