@@ -91,7 +91,12 @@ impl Pipeline {
                     filtered: Default::default(),
                 })
                 .collect(),
+            source_ids.values().copied(),
         );
+        let routes = match previous {
+            Some(previous) => routes.carry_counts(&previous.routes),
+            None => routes,
+        };
         let mut gates = lane::gates(&enabled);
         let old_lanes: HashMap<&str, &Arc<Lane>> = previous
             .map(|p| {

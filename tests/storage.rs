@@ -649,10 +649,22 @@ async fn one_claim_serves_many_destinations_each_within_its_own_limit() {
     };
     // Separate commits, so each destination's runs are in ingest order.
     for batch in [
-        vec![event("m1", "a", "many", false), event("o1", "a", "one", false)],
-        vec![event("m2", "b", "many", false), event("p1", "a", "paused", false)],
-        vec![event("m3", "c", "many", false), event("u1", "a", "ordered", true)],
-        vec![event("u2", "a", "ordered", true), event("u3", "b", "ordered", true)],
+        vec![
+            event("m1", "a", "many", false),
+            event("o1", "a", "one", false),
+        ],
+        vec![
+            event("m2", "b", "many", false),
+            event("p1", "a", "paused", false),
+        ],
+        vec![
+            event("m3", "c", "many", false),
+            event("u1", "a", "ordered", true),
+        ],
+        vec![
+            event("u2", "a", "ordered", true),
+            event("u3", "b", "ordered", true),
+        ],
     ] {
         store.insert_events(&batch, true).await.unwrap();
     }
@@ -683,7 +695,10 @@ async fn one_claim_serves_many_destinations_each_within_its_own_limit() {
     };
     assert_eq!(got("many"), ["m1", "m2"], "the oldest, up to its limit");
     assert_eq!(got("one"), ["o1"]);
-    assert!(got("paused").is_empty(), "a paused destination gets nothing");
+    assert!(
+        got("paused").is_empty(),
+        "a paused destination gets nothing"
+    );
     assert_eq!(
         got("ordered"),
         ["u1", "u3"],

@@ -61,6 +61,7 @@ static LAST_SAMPLE: Mutex<Option<(Instant, Duration)>> = Mutex::new(None);
 /// leaves the last values.
 pub async fn sample(state: &AppState) {
     let pipeline = state.pipeline.load_full();
+    pipeline.routes.publish_counts();
     for lane in &pipeline.lanes {
         metrics::gauge!("switchyard_in_flight", "destination" => lane.config.name.clone())
             .set(lane.in_flight() as f64);
