@@ -521,17 +521,17 @@ async fn rows_read(db: &TestDatabase, tables: &str, after_scans: i64) -> (i64, i
     panic!("the statistics of {tables} did not move past {after_scans} scans");
 }
 
-/// Overload: with a deep backlog, a claim reads the runs it takes, not the whole queue. The due
-/// index once did not match the claims' lane condition, so each claim read and sorted every
-/// queued run, and while ingest went on at full speed delivery fell to a few hundred events a
-/// second.
-#[tokio::test]
-async fn a_claim_against_a_deep_backlog_reads_only_the_runs_it_takes() {
-    let db = TestDatabase::create("deep_backlog_claim").await;
-    let (store, source, destination) = migrated_store(&db).await;
-    let backlog = 20_000;
-    for chunk in 0..backlog / 2_000 {
-        let events: Vec<NewEvent> = (0..2_000)
+/// Queues `count` one-event runs for `destination`, closes `store`, and analyzes the queue as
+/// autovacuum would (so the planner knows how deep it is); returns `rows_read` of `jobs`.
+async fn queue_deep_backlog(
+    db: &TestDatabase,
+    store: Store,
+    source: i32,
+    destination: i32,
+    count: usize,
+) -> (i64, i64) {
+    for chunk in 0..count.div_ceil(2_000) {
+        let events: Vec<NewEvent> = (0..2_000.min(count - chunk * 2_000))
             .map(|i| NewEvent {
                 source_id: source,
                 message_id: format!("deep-{chunk}-{i}"),
@@ -548,9 +548,20 @@ async fn a_claim_against_a_deep_backlog_reads_only_the_runs_it_takes() {
         store.insert_events(&events, true).await.unwrap();
     }
     store.close().await;
-    // As autovacuum would, so the planner knows how deep the queue is.
     db.scalar("ANALYZE jobs").await;
-    let (scans, read_before) = rows_read(&db, "jobs", -1).await;
+    rows_read(db, "jobs", -1).await
+}
+
+/// Overload: with a deep backlog, a claim reads the runs it takes, not the whole queue. The due
+/// index once did not match the claims' lane condition, so each claim read and sorted every
+/// queued run, and while ingest went on at full speed delivery fell to a few hundred events a
+/// second.
+#[tokio::test]
+async fn a_claim_against_a_deep_backlog_reads_only_the_runs_it_takes() {
+    let db = TestDatabase::create("deep_backlog_claim").await;
+    let (store, source, destination) = migrated_store(&db).await;
+    let backlog = 20_000;
+    let (scans, read_before) = queue_deep_backlog(&db, store, source, destination, backlog).await;
 
     let store = Store::connect(&db.url, 1).await.unwrap();
     let lease = Duration::from_secs(60);
@@ -713,4 +724,27 @@ async fn one_claim_serves_many_destinations_each_within_its_own_limit() {
         .flat_map(|run| run.events.iter().map(|e| e.message_id.as_str()))
         .collect();
     assert_eq!(left, ["m3"]);
+}
+
+/// The scheduler's once-a-second look for due work asks each destination's due index, and
+/// reads no queue: asked without the lane's condition, no index applied, and with 100
+/// destinations each look took 224 ms while the scheduling loop waited on it.
+#[tokio::test]
+async fn looking_for_due_destinations_reads_no_queue() {
+    let db = TestDatabase::create("due_destinations").await;
+    let (store, source, busy) = migrated_store(&db).await;
+    let idle = store
+        .name_ids(NameTable::Destinations, &["idle".to_string()])
+        .await
+        .unwrap()["idle"];
+    let (scans, read_before) = queue_deep_backlog(&db, store, source, busy, 20_000).await;
+
+    let store = Store::connect(&db.url, 1).await.unwrap();
+    let due = store.due_destinations(&[busy, idle]).await.unwrap();
+    assert_eq!(due, [busy]);
+    store.close().await;
+
+    let (_, read_after) = rows_read(&db, "jobs", scans).await;
+    let read = read_after - read_before;
+    assert!(read < 100, "looking for due work read {read} queued runs");
 }

@@ -87,19 +87,19 @@ macro_rules! claim {
     WHERE NOT EXISTS (
         SELECT 1 FROM paused_destinations p WHERE p.destination_id = w.destination_id)
 ), due AS (
-    SELECT d.id, w.lease
+    SELECT d.id
     FROM wanted w
     CROSS JOIN LATERAL ("#,
             $($due)+,
             r#") d
 ), claimed AS (
     UPDATE jobs j
-    SET run_at = now() + make_interval(secs => due.lease), attempts = j.attempts + 1,
-        owner = $4
-    FROM due
-    -- Postgres cannot know how many rows `LIMIT w.n` leaves, guesses thousands, and would
-    -- then read the whole queue to join them; `= ANY` makes it fetch the claimed runs by key.
-    WHERE j.id = due.id AND j.id = ANY (ARRAY(SELECT id FROM due))
+    SET run_at = now() + make_interval(secs => $3[array_position($1, j.destination_id)]),
+        attempts = j.attempts + 1, owner = $4
+    -- By key, and joined to nothing: Postgres cannot know how many rows `LIMIT w.n` leaves,
+    -- and a join to them read the whole queue (guessing thousands) or probed the key once per
+    -- claimed run for every claimed run (guessing one).
+    WHERE j.id = ANY (ARRAY(SELECT id FROM due))
     RETURNING j.id, j.destination_id, j.day, j.event_ids, j.attempts, j.enqueued_at
 )
 SELECT c.id, c.destination_id, c.attempts, c.enqueued_at, e.id AS event_id, e.message_id,
@@ -163,69 +163,78 @@ const CLAIM_REPLAY: &str = oldest!("replay_id IS NOT NULL");
 const CLAIM_LIVE_PER_USER: &str = oldest_per_user!("replay_id IS NULL");
 const CLAIM_REPLAY_PER_USER: &str = oldest_per_user!("replay_id IS NOT NULL");
 
-/// Writes run outcomes. Only runs still held by this claim (`$11` owner, the attempt number)
+/// Writes run outcomes. Only runs still held by this claim (`$9` owner, the attempt number)
 /// are touched, so a late outcome never overwrites a newer claim's, and an event is never both
-/// delivered and dead-lettered. A run with events left to try keeps them and comes due after
-/// its delay; a run with none left is deleted; dead events go to the dead letters.
+/// delivered and dead-lettered. A run with events left to try keeps them (`left`, the ids as
+/// text since arrays of arrays must be rectangular) and comes due after its delay; a run with
+/// none left is deleted; dead events (`$10`..) go to the dead letters.
+///
+/// Every per-run figure comes in with the run, so `mine` carries them and nothing joins one
+/// list of the batch against another: Postgres takes such lists for ten rows, and joined
+/// 300 runs with 300 events by nested loops (28 ms a batch, most of the time of a thousand
+/// destinations' delivery).
 const FINISH: &str = r#"
 WITH r AS (
-    SELECT * FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::int[], $5::text[])
-        AS r(id, attempts, delay, status, error)
-), e AS (
-    SELECT * FROM unnest($6::bigint[], $7::bigint[], $8::smallint[], $9::int[], $10::text[])
-        AS e(run, event_id, fate, status, error)
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::int[], $5::text[],
+                         $6::text[], $7::int[], $8::int[])
+        AS r(id, attempts, delay, status, error, left_ids, delivered, failed)
 ), mine AS (
-    SELECT j.id, j.day, j.destination_id, j.attempts, j.replay_id
-    FROM jobs j JOIN r ON r.id = j.id AND r.attempts = j.attempts
-    WHERE j.owner = $11
+    SELECT j.id, j.day, j.destination_id, j.attempts, j.replay_id,
+           r.delay, r.status, r.error, r.left_ids::bigint[] AS left_ids, r.delivered, r.failed
+    FROM r JOIN jobs j ON j.id = r.id AND j.attempts = r.attempts
+    WHERE j.owner = $9
     FOR UPDATE OF j
-), left_over AS (
-    SELECT e.run, array_agg(e.event_id ORDER BY e.event_id) AS ids
-    FROM e JOIN mine ON mine.id = e.run
-    WHERE e.fate IN (1, 3)
-    GROUP BY e.run
 ), kept AS (
     UPDATE jobs j
-    SET event_ids = l.ids, run_at = now() + make_interval(secs => r.delay), owner = NULL,
-        last_status = coalesce(r.status, j.last_status),
-        last_error = coalesce(r.error, j.last_error)
-    FROM left_over l JOIN r ON r.id = l.run
-    WHERE j.id = l.run
+    SET event_ids = mine.left_ids, run_at = now() + make_interval(secs => mine.delay),
+        owner = NULL, last_status = coalesce(mine.status, j.last_status),
+        last_error = coalesce(mine.error, j.last_error)
+    FROM mine
+    WHERE j.id = mine.id AND mine.left_ids IS NOT NULL
     RETURNING j.id
 ), gone AS (
     DELETE FROM jobs j
     USING mine
-    WHERE j.id = mine.id AND NOT EXISTS (SELECT 1 FROM left_over l WHERE l.run = mine.id)
+    WHERE j.id = mine.id AND mine.left_ids IS NULL
     RETURNING j.id
 ), dead AS (
     INSERT INTO dead_letters (destination_id, source_id, message_id, attempts, last_status,
                               last_error, received_at, payload, order_key, replay_id)
     SELECT mine.destination_id, ev.source_id, ev.message_id, mine.attempts, e.status, e.error,
            ev.received_at, ev.payload, ev.order_key, mine.replay_id
-    FROM e
+    FROM unnest($10::bigint[], $11::bigint[], $12::int[], $13::text[])
+        AS e(run, event_id, status, error)
     JOIN mine ON mine.id = e.run
     JOIN events ev ON ev.day = mine.day AND ev.id = e.event_id
-    WHERE e.fate = 2
     RETURNING 1
 ), progress AS (
     UPDATE replays p
     SET delivered = p.delivered + c.delivered, failed = p.failed + c.failed
-    FROM (SELECT mine.replay_id,
-                 count(*) FILTER (WHERE e.fate = 0) AS delivered,
-                 count(*) FILTER (WHERE e.fate = 2) AS failed
-          FROM e JOIN mine ON mine.id = e.run
-          WHERE mine.replay_id IS NOT NULL
-          GROUP BY mine.replay_id) c
+    FROM (SELECT replay_id, sum(delivered) AS delivered, sum(failed) AS failed
+          FROM mine
+          WHERE replay_id IS NOT NULL
+          GROUP BY replay_id) c
     WHERE p.id = c.replay_id
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM mine) AS runs
 "#;
 
+/// Of `$1`, the destinations with a run due. Each is one probe of each lane's due index, asked
+/// in its own terms and in its order: asked as `EXISTS` without the lane, Postgres hashed
+/// every queued run for each look (224 ms a poll with 100 destinations, the scheduling loop
+/// waiting on it); without the order, it expects a scan of the table to find a row at once,
+/// and reads it all for a destination with nothing queued.
 const DUE_DESTINATIONS: &str = r#"
 SELECT d FROM unnest($1::int[]) AS d
-WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.destination_id = d AND j.run_at <= now())
-  AND NOT EXISTS (SELECT 1 FROM paused_destinations p WHERE p.destination_id = d)
+WHERE NOT EXISTS (SELECT 1 FROM paused_destinations p WHERE p.destination_id = d)
+  AND (coalesce((SELECT true FROM jobs j
+                 WHERE j.destination_id = d AND j.replay_id IS NULL AND j.run_at <= now()
+                 ORDER BY j.run_at LIMIT 1), false)
+       OR coalesce((SELECT true FROM jobs j
+                    WHERE j.destination_id = d AND j.replay_id IS NOT NULL
+                      AND j.run_at <= now()
+                    ORDER BY j.run_at LIMIT 1), false))
 "#;
 
 impl Store {
@@ -311,35 +320,47 @@ impl Store {
     /// Records run outcomes of claims held by `owner` in one statement; returns how many runs
     /// were still held (the others' outcomes are dropped: a newer claim owns them).
     pub async fn finish(&self, owner: i32, outcomes: &[RunOutcome]) -> Result<u64> {
-        let mut ids = Vec::with_capacity(outcomes.len());
-        let mut attempts = Vec::with_capacity(outcomes.len());
-        let mut delays = Vec::with_capacity(outcomes.len());
-        let mut statuses = Vec::with_capacity(outcomes.len());
-        let mut errors: Vec<Option<String>> = Vec::with_capacity(outcomes.len());
-        let mut event_run = Vec::new();
-        let mut event_ids = Vec::new();
-        let mut fates: Vec<i16> = Vec::new();
-        let mut event_status = Vec::new();
-        let mut event_error: Vec<Option<String>> = Vec::new();
+        let runs = outcomes.len();
+        let mut ids = Vec::with_capacity(runs);
+        let mut attempts = Vec::with_capacity(runs);
+        let mut delays = Vec::with_capacity(runs);
+        let mut statuses = Vec::with_capacity(runs);
+        let mut errors: Vec<Option<String>> = Vec::with_capacity(runs);
+        let mut left: Vec<Option<String>> = Vec::with_capacity(runs);
+        let mut delivered = Vec::with_capacity(runs);
+        let mut failed = Vec::with_capacity(runs);
+        let mut dead_run = Vec::new();
+        let mut dead_ids = Vec::new();
+        let mut dead_status = Vec::new();
+        let mut dead_error: Vec<String> = Vec::new();
         for outcome in outcomes {
             ids.push(outcome.id);
             attempts.push(outcome.attempts);
             delays.push(outcome.delay.as_secs_f64());
             statuses.push(outcome.status);
             errors.push(outcome.error.as_deref().map(storable));
+            let mut kept: Vec<i64> = Vec::new();
+            let (mut ok, mut dead) = (0, 0);
             for (event, fate) in &outcome.events {
-                event_run.push(outcome.id);
-                event_ids.push(*event);
-                let (code, status, error) = match fate {
-                    Fate::Delivered => (0, None, None),
-                    Fate::Retry => (1, None, None),
-                    Fate::Dead { status, error } => (2, *status, Some(storable(error))),
-                    Fate::Release => (3, None, None),
-                };
-                fates.push(code);
-                event_status.push(status);
-                event_error.push(error);
+                match fate {
+                    Fate::Delivered => ok += 1,
+                    Fate::Retry | Fate::Release => kept.push(*event),
+                    Fate::Dead { status, error } => {
+                        dead += 1;
+                        dead_run.push(outcome.id);
+                        dead_ids.push(*event);
+                        dead_status.push(*status);
+                        dead_error.push(storable(error));
+                    }
+                }
             }
+            kept.sort_unstable();
+            left.push((!kept.is_empty()).then(|| {
+                let ids: Vec<String> = kept.iter().map(i64::to_string).collect();
+                format!("{{{}}}", ids.join(","))
+            }));
+            delivered.push(ok);
+            failed.push(dead);
         }
         let held: i64 = sqlx::query_scalar(FINISH)
             .bind(&ids)
@@ -347,12 +368,14 @@ impl Store {
             .bind(&delays)
             .bind(&statuses)
             .bind(&errors)
-            .bind(&event_run)
-            .bind(&event_ids)
-            .bind(&fates)
-            .bind(&event_status)
-            .bind(&event_error)
+            .bind(&left)
+            .bind(&delivered)
+            .bind(&failed)
             .bind(owner)
+            .bind(&dead_run)
+            .bind(&dead_ids)
+            .bind(&dead_status)
+            .bind(&dead_error)
             .fetch_one(&self.pool)
             .await?;
         Ok(held as u64)
