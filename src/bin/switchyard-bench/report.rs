@@ -64,6 +64,8 @@ pub struct Baselines {
     pub backlog: Option<f64>,
     /// graphile-worker's best batched processing rate, measured in the same session.
     pub peer: Option<f64>,
+    /// `scale-1`: one destination, what the 10,000-key step is compared with.
+    pub one_destination: Option<f64>,
 }
 
 impl Baselines {
@@ -80,6 +82,7 @@ impl Baselines {
             commit: key("commit_events_per_sec"),
             backlog: ok("backlog-drain").map(|r| r.events_per_sec),
             peer: ok(PEER_ROW).map(|r| r.events_per_sec),
+            one_destination: ok("scale-1").map(|r| r.events_per_sec),
         }
     }
 }
@@ -173,6 +176,15 @@ fn verdict(row: &Row, base: &Baselines) -> Option<Verdict> {
                 ratio,
                 all(&[at_least(ratio, 0.75), rss_ok, live]),
             )
+        }
+        "scale-1000" => (
+            "p99 <= 100 ms @2k/s".to_owned(),
+            None,
+            Some(p99.is_some_and(|p| p <= 100.0)),
+        ),
+        "scale-10000-keys" => {
+            let ratio = of(base.one_destination, "scale-1");
+            (">= 0.50 scale-1".to_owned(), ratio, at_least(ratio, 0.5))
         }
         "soak" => (
             "flat: rate ±10%, size +25%".to_owned(),
