@@ -10,6 +10,7 @@ mod peer;
 mod replay;
 mod soak;
 mod traffic;
+mod waits;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

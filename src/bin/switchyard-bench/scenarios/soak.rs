@@ -6,12 +6,15 @@
 //! - the queue (`jobs`) at the end no more than 25% (or 8 MB) above its size after the first
 //!   minute: finished work is reclaimed (the archive grows by design, and is reported);
 //! - RSS at the end within 5 MB of the second minute's (after warm-up).
+//!
+//! Each minute also says what Postgres was waiting on ([`Waits`]), so a spike can be traced.
 
 use std::time::Duration;
 
 use serde_json::Value;
 
 use super::deliver::{self, Plan};
+use super::waits::Waits;
 use super::{note_log, wait_until, Env};
 use crate::events::EventMaker;
 use crate::loader::{self, per_sec, Endpoint, Load};
@@ -106,6 +109,8 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
     let mut live_jobs = Vec::new();
     let mut dead_jobs = Vec::new();
     let mut backlogs = Vec::new();
+    let mut waits = Vec::new();
+    let mut sampler = Waits::start(&database).await?;
     for _ in 0..minutes {
         let from = timing::now_ns();
         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -126,6 +131,7 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
         rss.push(procfs::rss_mb(switchyard.pid).unwrap_or(0.0));
         let sent = running_acked(&sink, rate, started);
         backlogs.push(sent);
+        waits.push(sampler.minute(6).await);
         eprintln!(
             "  soak minute {}: {:.0} events/s, p99 {:.0} ms, backlog {:.0} events, rss {:.1} MB, events {:.1} MB, jobs {:.1} MB ({} live, {} dead rows)",
             rates.len(),
@@ -138,7 +144,11 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
             live_jobs.last().copied().unwrap_or_default(),
             dead_jobs.last().copied().unwrap_or_default()
         );
+        if let Some(last) = waits.last() {
+            eprintln!("    postgres that minute: {last}");
+        }
     }
+    drop(sampler);
     let report = running.await?;
     row.cpu = Some(meter.finish());
     let ended = timing::now_ns();
@@ -202,6 +212,7 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
     row.set("events_size_growth_pct", round(events_growth, 1));
     row.set("jobs_size_growth_pct", round(jobs_growth, 1));
     row.set("per_minute_backlog_events", series(&backlogs, 0));
+    row.set("per_minute_postgres", waits);
     row.set("minutes", minutes);
     for rule in &broken {
         eprintln!("  soak not flat: {rule}");
