@@ -298,7 +298,9 @@ impl Routes {
             .as_ref()
             .is_some_and(|map| map.values().any(|v| v == &Value::Bool(false)));
         let counter = self.unsubscribed.indexed.get(&source_id);
-        if turns_off || counter.is_none() {
+        // With no `events` list anywhere every destination is a candidate: looking at each in
+        // turn costs no list per event, and there is nothing to count.
+        if turns_off || counter.is_none() || self.by_name.is_empty() {
             return None;
         }
         counter?.fetch_add(1, Ordering::Relaxed);
