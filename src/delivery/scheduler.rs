@@ -208,11 +208,10 @@ impl Scheduler {
                         free -= demand.requests;
                         asks.push((lane, demand));
                         if asks.len() == CLAIM_GROUP {
-                            for (id, visit) in self.claim_and_start(std::mem::take(&mut asks)).await
-                            {
-                                progressed |=
-                                    settle(id, visit, &mut ready, &mut queued, &mut timers);
-                            }
+                            let asks = std::mem::take(&mut asks);
+                            progressed |= self
+                                .claim_and_settle(asks, &mut ready, &mut queued, &mut timers)
+                                .await;
                         }
                         continue;
                     }
@@ -220,9 +219,9 @@ impl Scheduler {
                 progressed |= settle(id, visit, &mut ready, &mut queued, &mut timers);
             }
             if !asks.is_empty() {
-                for (id, visit) in self.claim_and_start(asks).await {
-                    progressed |= settle(id, visit, &mut ready, &mut queued, &mut timers);
-                }
+                progressed |= self
+                    .claim_and_settle(asks, &mut ready, &mut queued, &mut timers)
+                    .await;
             }
             if progressed {
                 continue;
@@ -495,6 +494,22 @@ impl Scheduler {
                 (lane.id, self.start(&lane, demand.requests, claimed_all))
             })
             .collect()
+    }
+
+    /// [`Scheduler::claim_and_start`], then files each destination after its visit; true if
+    /// any started something.
+    async fn claim_and_settle(
+        &self,
+        asks: Vec<(Arc<Lane>, Demand)>,
+        ready: &mut VecDeque<i32>,
+        queued: &mut HashSet<i32>,
+        timers: &mut BTreeMap<Instant, Vec<i32>>,
+    ) -> bool {
+        let mut progressed = false;
+        for (id, visit) in self.claim_and_start(asks).await {
+            progressed |= settle(id, visit, ready, queued, timers);
+        }
+        progressed
     }
 
     /// Starts up to `requests` requests from a destination's claimed events, each holding a
