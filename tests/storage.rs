@@ -34,17 +34,9 @@ async fn archive_days_past_retention_are_dropped_unless_a_run_needs_them() {
     let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
     let day = today();
     // Days past the retention, each with one event; the older one's run is done, the newer
-    // one's still waits for a retry. A dedup day older than yesterday, and one within.
+    // one's still waits for a retry.
     for old in [day - 6, day - 5] {
-        for table in ["events", "message_ids"] {
-            sqlx::query(&format!(
-                "CREATE TABLE {table}_d{old} PARTITION OF {table} FOR VALUES FROM ({old}) TO ({})",
-                old + 1
-            ))
-            .execute(&mut connection)
-            .await
-            .unwrap();
-        }
+        create_day(&mut connection, old).await;
     }
     sqlx::query(
         "WITH e AS (INSERT INTO events (day, source_id, message_id, received_at, order_key, payload) \
@@ -59,7 +51,6 @@ async fn archive_days_past_retention_are_dropped_unless_a_run_needs_them() {
     .unwrap();
     let report = store.upkeep(retention).await.unwrap();
     let events = partitions(&db, "events").await;
-    let dedup = partitions(&db, "message_ids").await;
     assert!(
         !events.contains(&format!("events_d{}", day - 6)),
         "{events:?} {report:?}"
@@ -68,17 +59,9 @@ async fn archive_days_past_retention_are_dropped_unless_a_run_needs_them() {
         events.contains(&format!("events_d{}", day - 5)),
         "a day a queued run refers to stays: {events:?}"
     );
-    assert!(
-        !dedup
-            .iter()
-            .any(|t| t.ends_with(&format!("_d{}", day - 6))
-                || t.ends_with(&format!("_d{}", day - 5))),
-        "{dedup:?}"
-    );
     // Days ahead are ready before they are needed.
     for d in day..=day + 2 {
         assert!(events.contains(&format!("events_d{d}")), "{events:?}");
-        assert!(dedup.contains(&format!("message_ids_d{d}")), "{dedup:?}");
     }
     // Once the run is done, its day goes too.
     sqlx::query("DELETE FROM jobs")
@@ -91,6 +74,30 @@ async fn archive_days_past_retention_are_dropped_unless_a_run_needs_them() {
         !events.contains(&format!("events_d{}", day - 5)),
         "{events:?}"
     );
+    // With the archive off, yesterday still stays: its messageIds are half the dedup window.
+    for old in [day - 2, day - 1] {
+        create_day(&mut connection, old).await;
+    }
+    store.upkeep(Duration::ZERO).await.unwrap();
+    let events = partitions(&db, "events").await;
+    assert!(
+        !events.contains(&format!("events_d{}", day - 2)),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&format!("events_d{}", day - 1)),
+        "{events:?}"
+    );
+}
+
+async fn create_day(connection: &mut sqlx::PgConnection, day: i32) {
+    sqlx::query(&format!(
+        "CREATE TABLE events_d{day} PARTITION OF events FOR VALUES FROM ({day}) TO ({})",
+        day + 1
+    ))
+    .execute(connection)
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -249,6 +256,106 @@ async fn migrated_store(db: &TestDatabase) -> (Store, i32, i32) {
         .await
         .unwrap();
     (store, sources["s"], destinations["d"])
+}
+
+fn message(source_id: i32, message_id: &str, targets: &[i32]) -> NewEvent {
+    NewEvent {
+        source_id,
+        message_id: message_id.into(),
+        received_at: time::OffsetDateTime::now_utc(),
+        user_key: "u".into(),
+        payload: format!(r#"{{"messageId":"{message_id}"}}"#).into_bytes(),
+        targets: targets
+            .iter()
+            .map(|&destination_id| Target {
+                destination_id,
+                ordered: false,
+                run_size: 100,
+            })
+            .collect(),
+    }
+}
+
+/// The dedup window is the archive's own rows: a messageId seen today or yesterday is a repeat,
+/// even one kept without its payload (no destination took it and the archive is off); a repeat
+/// is in no run, and a message kept only for dedup is not archived (no replay or export sees it).
+#[tokio::test]
+async fn the_archive_is_the_dedup_window_of_today_and_yesterday() {
+    let db = TestDatabase::create("dedup_window").await;
+    let (store, source, destination) = migrated_store(&db).await;
+    let day = today();
+    let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    create_day(&mut connection, day - 1).await;
+    create_day(&mut connection, day - 2).await;
+    for (old, id) in [(day - 1, "yesterday"), (day - 2, "two-days-ago")] {
+        sqlx::query(
+            "INSERT INTO events (day, source_id, message_id, received_at, order_key, payload) \
+             VALUES ($1, $2, $3, now() - interval '2 days', 0, '{}')",
+        )
+        .bind(old)
+        .bind(source)
+        .bind(id)
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    }
+    let unwanted = store
+        .insert_events(&[message(source, "no-destination", &[])], false)
+        .await
+        .unwrap();
+    assert_eq!((unwanted.fresh, unwanted.jobs), (1, 0));
+
+    let group = [
+        message(source, "yesterday", &[destination]),
+        message(source, "fresh-1", &[destination]),
+        message(source, "no-destination", &[destination]),
+        message(source, "two-days-ago", &[destination]),
+        message(source + 1, "yesterday", &[destination]),
+    ];
+    let committed = store.insert_events(&group, false).await.unwrap();
+    assert_eq!((committed.fresh, committed.jobs), (3, 3));
+    let runs: Vec<(i32, Vec<String>)> = sqlx::query_as(
+        "SELECT j.source_id, array_agg(e.message_id ORDER BY u.k) FROM jobs j \
+         CROSS JOIN LATERAL unnest(j.event_ids) WITH ORDINALITY AS u(id, k) \
+         JOIN events e ON e.day = j.day AND e.id = u.id GROUP BY j.id, j.source_id ORDER BY j.id",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .unwrap();
+    assert_eq!(
+        runs,
+        vec![
+            (
+                source,
+                vec!["fresh-1".to_string(), "two-days-ago".to_string()]
+            ),
+            (source + 1, vec!["yesterday".to_string()]),
+        ]
+    );
+    // The same group again is all repeats: nothing new, no run.
+    let again = store.insert_events(&group, false).await.unwrap();
+    assert_eq!((again.fresh, again.jobs), (0, 0));
+
+    let now = time::OffsetDateTime::now_utc();
+    let range = (
+        now - Duration::from_secs(3_600),
+        now + Duration::from_secs(60),
+    );
+    let archived: Vec<String> = store
+        .archive_page(range, Some(&[source]), (day - 1, 0), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|event| String::from_utf8(event.payload).unwrap())
+        .collect();
+    assert_eq!(
+        archived,
+        vec![
+            r#"{"messageId":"fresh-1"}"#.to_string(),
+            r#"{"messageId":"two-days-ago"}"#.to_string(),
+        ],
+        "the payload-less row of `no-destination` is not archived"
+    );
 }
 
 #[tokio::test]

@@ -1,5 +1,5 @@
-//! Day partitions of `events` and `message_ids`: made days ahead, dropped once past their
-//! use, with DDL that never waits long for a lock; and the one repair a commit may need.
+//! Day partitions of `events`: made days ahead, dropped once past their use, with DDL that
+//! never waits long for a lock; and the one repair a commit may need.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -32,8 +32,8 @@ pub(super) fn day_of(time: OffsetDateTime) -> i32 {
 
 impl Store {
     /// Partition upkeep, one process at a time: creates the day partitions of today and the
-    /// next two days, drops dedup days older than yesterday, and drops archive days older than
-    /// `retention` that no queued run refers to. Each DDL statement waits at most 50 ms for its
+    /// next two days, and drops archive days older than `retention` (and than yesterday: the
+    /// dedup window) that no queued run refers to. Each DDL statement waits at most 50 ms for its
     /// lock; one that cannot get it is skipped until the next pass (days are made ahead, so a
     /// skipped pass costs nothing), so a reader holding a lock never stalls ingest.
     pub async fn upkeep(&self, retention: Duration) -> Result<UpkeepReport> {
@@ -58,11 +58,7 @@ impl Store {
     /// commit that found its day missing (upkeep had not run yet).
     pub async fn prepare_today(&self) -> Result<()> {
         let mut conn = self.pool.acquire().await?;
-        let day = today();
-        for table in ["events", "message_ids"] {
-            create_day(&mut conn, table, day).await?;
-        }
-        Ok(())
+        create_day(&mut conn, today()).await
     }
 }
 
@@ -79,33 +75,22 @@ async fn upkeep_locked(conn: &mut PgConnection, retention: Duration) -> Result<U
     let mut report = UpkeepReport::default();
     sqlx::query(DDL_LOCK_TIMEOUT).execute(&mut *conn).await?;
     let day = today();
-    for table in ["events", "message_ids"] {
-        let existing = day_partitions(conn, table).await?;
-        for d in day..=day + 2 {
-            if existing.contains(&d) {
-                continue;
-            }
-            match create_day(conn, table, d).await {
-                Ok(()) => report.created += 1,
-                Err(error) if is_lock_timeout(&error) => report.deferred += 1,
-                Err(error) => return Err(error),
-            }
+    let existing = day_partitions(conn).await?;
+    for d in day..=day + 2 {
+        if existing.contains(&d) {
+            continue;
         }
-    }
-    // Dedup covers today and yesterday.
-    for old in day_partitions(conn, "message_ids").await? {
-        if old < day - 1 {
-            match drop_day(conn, "message_ids", old).await {
-                Ok(()) => report.dropped_days += 1,
-                Err(error) if is_lock_timeout(&error) => report.deferred += 1,
-                Err(error) => return Err(error),
-            }
+        match create_day(conn, d).await {
+            Ok(()) => report.created += 1,
+            Err(error) if is_lock_timeout(&error) => report.deferred += 1,
+            Err(error) => return Err(error),
         }
     }
     // An archive day goes once all of it is older than the retention and no run needs it.
+    // Today and yesterday stay whatever the retention: their messageIds are the dedup window.
     let retention_days = retention.as_secs().div_ceil(SECONDS_PER_DAY as u64) as i32;
-    for old in day_partitions(conn, "events").await? {
-        if old >= day - retention_days || old >= day {
+    for old in existing {
+        if old >= day - retention_days.max(1) {
             continue;
         }
         let needed: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM jobs WHERE day = $1)")
@@ -115,7 +100,7 @@ async fn upkeep_locked(conn: &mut PgConnection, retention: Duration) -> Result<U
         if needed {
             continue;
         }
-        match drop_day(conn, "events", old).await {
+        match drop_day(conn, old).await {
             Ok(()) => report.dropped_days += 1,
             Err(error) if is_lock_timeout(&error) => report.deferred += 1,
             Err(error) => return Err(error),
@@ -124,27 +109,25 @@ async fn upkeep_locked(conn: &mut PgConnection, retention: Duration) -> Result<U
     Ok(report)
 }
 
-/// The days of a table's partitions (`<table>_d<day>`).
-async fn day_partitions(conn: &mut PgConnection, table: &str) -> Result<Vec<i32>> {
+/// The days of the archive's partitions (`events_d<day>`).
+async fn day_partitions(conn: &mut PgConnection) -> Result<Vec<i32>> {
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_inherits i \
          JOIN pg_class c ON c.oid = i.inhrelid \
-         WHERE i.inhparent = $1::regclass",
+         WHERE i.inhparent = 'events'::regclass",
     )
-    .bind(table)
     .fetch_all(&mut *conn)
     .await?;
-    let prefix = format!("{table}_d");
     Ok(names
         .iter()
-        .filter_map(|name| name.strip_prefix(&prefix)?.parse().ok())
+        .filter_map(|name| name.strip_prefix("events_d")?.parse().ok())
         .collect())
 }
 
 // Statements naming a partition are not kept prepared: each names a different table.
-async fn create_day(conn: &mut PgConnection, table: &str, day: i32) -> Result<()> {
+async fn create_day(conn: &mut PgConnection, day: i32) -> Result<()> {
     let sql = format!(
-        "CREATE TABLE IF NOT EXISTS {table}_d{day} PARTITION OF {table} \
+        "CREATE TABLE IF NOT EXISTS events_d{day} PARTITION OF events \
          FOR VALUES FROM ({day}) TO ({next})",
         next = day + 1
     );
@@ -155,8 +138,8 @@ async fn create_day(conn: &mut PgConnection, table: &str, day: i32) -> Result<()
     Ok(())
 }
 
-async fn drop_day(conn: &mut PgConnection, table: &str, day: i32) -> Result<()> {
-    let sql = format!("DROP TABLE IF EXISTS {table}_d{day}");
+async fn drop_day(conn: &mut PgConnection, day: i32) -> Result<()> {
+    let sql = format!("DROP TABLE IF EXISTS events_d{day}");
     sqlx::query(&sql)
         .persistent(false)
         .execute(&mut *conn)

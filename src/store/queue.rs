@@ -42,54 +42,53 @@ pub struct Committed {
     pub jobs: u64,
 }
 
-/// One group commit: dedup by (source, messageId) with locks taken in key order (so that
-/// concurrent groups repeating the same ids queue up instead of deadlocking), the events into
-/// the archive, the runs, and a `NOTIFY` naming the destinations.
+/// One group commit, in one statement: each message gets its event id in ingest order; the
+/// fresh ones go into the archive, whose unique index per day is the dedup window (today by the
+/// index, yesterday by a lookup), inserted in key order so that concurrent groups repeating the
+/// same ids queue up instead of deadlocking; then the runs, cut by Switchyard and filled here
+/// with the fresh events' ids; and a `NOTIFY` naming the destinations.
 const INSERT_EVENTS: &str = r#"
-WITH input AS (
-    SELECT *
+WITH input AS MATERIALIZED (
+    SELECT nextval('events_id_seq2') AS id, t.*
     FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::bytea[], $5::bool[], $6::text[])
         WITH ORDINALITY AS t(source_id, message_id, received_at, payload, wanted, user_key, idx)
 ), fresh AS (
-    INSERT INTO message_ids (day, source_id, message_id)
-    SELECT $7, i.source_id, i.message_id
+    INSERT INTO events (day, id, source_id, message_id, received_at, order_key, payload)
+    SELECT $7, i.id, i.source_id, i.message_id, i.received_at, hashtextextended(i.user_key, 0),
+           CASE WHEN i.wanted OR $8 THEN i.payload END
     FROM input i
     WHERE NOT EXISTS (
-        SELECT 1 FROM message_ids m
-        WHERE m.day = $7 - 1 AND m.source_id = i.source_id AND m.message_id = i.message_id)
-    ORDER BY i.source_id, i.message_id
+        SELECT 1 FROM events e
+        WHERE e.day = $7 - 1 AND e.source_id = i.source_id
+          AND e.message_id COLLATE "C" = i.message_id COLLATE "C")
+    ORDER BY i.source_id, i.message_id COLLATE "C"
     ON CONFLICT DO NOTHING
-    RETURNING source_id, message_id
-), inserted AS (
-    -- Ordered by position so that ids (and so per-user order) follow ingest order.
-    INSERT INTO events (day, source_id, message_id, received_at, order_key, payload)
-    SELECT $7, i.source_id, i.message_id, i.received_at, hashtextextended(i.user_key, 0),
-           i.payload
-    FROM input i JOIN fresh f USING (source_id, message_id)
-    WHERE i.wanted OR $8
-    ORDER BY i.idx
-    RETURNING id, source_id, message_id, order_key
+    RETURNING id
 ), placed AS (
-    SELECT i.idx, ins.id, ins.order_key
-    FROM inserted ins JOIN input i USING (source_id, message_id)
+    -- The event id at each position, 0 for a repeat.
+    SELECT array_agg(CASE WHEN f.id IS NULL THEN 0 ELSE i.id END ORDER BY i.idx) AS ids
+    FROM input i LEFT JOIN fresh f ON f.id = i.id
 ), runs AS (
-    SELECT r.run, r.destination_id, r.source_id, r.ordered,
-           array_agg(p.id ORDER BY p.idx) AS ids, min(p.order_key) AS order_key
-    FROM unnest($9::int[], $10::int[]) AS m(run, idx)
-    JOIN placed p ON p.idx = m.idx
-    JOIN unnest($11::int[], $12::int[], $13::bool[])
-        WITH ORDINALITY AS r(destination_id, source_id, ordered, run) ON r.run = m.run
-    GROUP BY r.run, r.destination_id, r.source_id, r.ordered
+    SELECT r.run, r.destination_id, r.source_id, r.ordered, r.user_key,
+           ARRAY(SELECT p.ids[m.position]
+                 FROM unnest($9[r.first:r.last]) WITH ORDINALITY AS m(position, k)
+                 WHERE p.ids[m.position] <> 0
+                 ORDER BY m.k) AS ids
+    FROM unnest($10::int[], $11::int[], $12::bool[], $13::text[], $14::int[], $15::int[])
+        WITH ORDINALITY AS r(destination_id, source_id, ordered, user_key, first, last, run)
+    CROSS JOIN placed p
 ), queued AS (
     INSERT INTO jobs (destination_id, source_id, day, event_ids, order_key, run_at, enqueued_at)
-    SELECT destination_id, source_id, $7, ids, CASE WHEN ordered THEN order_key END, now(), now()
+    SELECT destination_id, source_id, $7, ids,
+           CASE WHEN ordered THEN hashtextextended(user_key, 0) END, now(), now()
     FROM runs
+    WHERE cardinality(ids) > 0
     ORDER BY run
     RETURNING cardinality(event_ids) AS events
 )
 SELECT (SELECT count(*) FROM fresh) AS fresh,
        (SELECT coalesce(sum(events), 0) FROM queued)::bigint AS jobs,
-       pg_notify($15, $14)
+       pg_notify($17, $16)
 "#;
 
 impl Store {
@@ -122,11 +121,13 @@ impl Store {
             .bind(&user_keys)
             .bind(today())
             .bind(archive)
-            .bind(&runs.member_run)
-            .bind(&runs.member_index)
+            .bind(&runs.positions)
             .bind(&runs.destination)
             .bind(&runs.source)
             .bind(&runs.ordered)
+            .bind(&runs.user_key)
+            .bind(&runs.first)
+            .bind(&runs.last)
             .bind(&notice)
             .bind(JOBS_CHANNEL)
             .fetch_one(&self.writes)
@@ -141,43 +142,49 @@ impl Store {
 /// How a group's deliveries are cut into runs: per destination and source, in ingest order,
 /// at most the destination's run size; for per-user ordering, one user per run.
 #[derive(Debug, Default)]
-struct Runs {
-    /// For each (run, event) membership: the run's number and the event's position (1-based).
-    member_run: Vec<i32>,
-    member_index: Vec<i32>,
-    /// Per run (numbered from 1 in this order).
+struct Runs<'a> {
+    /// The events' positions (1-based) in the group, run after run.
+    positions: Vec<i32>,
+    /// Per run (numbered from 1 in this order): where its positions are (1-based, inclusive).
+    first: Vec<i32>,
+    last: Vec<i32>,
     destination: Vec<i32>,
     source: Vec<i32>,
     ordered: Vec<bool>,
+    /// The user of a per-user run, else empty.
+    user_key: Vec<&'a str>,
 }
 
-impl Runs {
-    fn plan(events: &[NewEvent]) -> Runs {
+impl<'a> Runs<'a> {
+    fn plan(events: &'a [NewEvent]) -> Runs<'a> {
         let mut runs = Runs::default();
-        // The open run of each (destination, source, user if ordered), and its size so far.
-        let mut open: HashMap<(i32, i32, Option<&str>), (i32, usize)> = HashMap::new();
+        let mut members: Vec<Vec<i32>> = Vec::new();
+        // The open run of each (destination, source, user if ordered).
+        let mut open: HashMap<(i32, i32, Option<&str>), usize> = HashMap::new();
         for (position, event) in events.iter().enumerate() {
             for target in &event.targets {
                 let user = target.ordered.then_some(event.user_key.as_str());
                 let key = (target.destination_id, event.source_id, user);
                 let limit = target.run_size.clamp(1, MAX_RUN);
-                let run = match open.get_mut(&key) {
-                    Some((run, size)) if *size < limit => {
-                        *size += 1;
-                        *run
-                    }
+                let run = match open.get(&key) {
+                    Some(&run) if members[run].len() < limit => run,
                     _ => {
                         runs.destination.push(target.destination_id);
                         runs.source.push(event.source_id);
                         runs.ordered.push(target.ordered);
-                        let run = runs.destination.len() as i32;
-                        open.insert(key, (run, 1));
-                        run
+                        runs.user_key.push(user.unwrap_or_default());
+                        members.push(Vec::new());
+                        open.insert(key, members.len() - 1);
+                        members.len() - 1
                     }
                 };
-                runs.member_run.push(run);
-                runs.member_index.push(position as i32 + 1);
+                members[run].push(position as i32 + 1);
             }
+        }
+        for run in members {
+            runs.first.push(runs.positions.len() as i32 + 1);
+            runs.positions.extend(run);
+            runs.last.push(runs.positions.len() as i32);
         }
         runs
     }
@@ -252,8 +259,10 @@ mod tests {
         // 10: [1,2] [3] from source 1, [4] from source 2; 11: user a [1,3], user b [2].
         assert_eq!(runs.destination, vec![10, 11, 11, 10, 10]);
         assert_eq!(runs.source, vec![1, 1, 1, 1, 2]);
-        assert_eq!(runs.member_run, vec![1, 2, 1, 3, 4, 2, 5]);
-        assert_eq!(runs.member_index, vec![1, 1, 2, 2, 3, 3, 4]);
+        assert_eq!(runs.positions, vec![1, 2, 1, 3, 2, 3, 4]);
+        assert_eq!(runs.first, vec![1, 3, 5, 6, 7]);
+        assert_eq!(runs.last, vec![2, 4, 5, 6, 7]);
+        assert_eq!(runs.user_key, vec!["", "a", "b", "", ""]);
         assert_eq!(runs.destinations(), vec![10, 11]);
     }
 

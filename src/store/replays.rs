@@ -50,12 +50,13 @@ const REPLAY_COLUMNS: &str = "r.id, r.destination_id, d.name AS destination, r.f
     r.sources, r.state, r.events, r.selected, r.selection_done, r.cursor_day, r.cursor_id, \
     r.delivered, r.failed, r.created_at, r.finished_at";
 
-/// Archived events after a cursor, in (day, id) order, within a time range and sources.
+/// Archived events after a cursor, in (day, id) order, within a time range and sources. (A
+/// row without a payload is a messageId kept for dedup only: not archived.)
 const ARCHIVE_PAGE: &str = r#"
 SELECT day, id, source_id, order_key, received_at, payload
 FROM events
 WHERE day BETWEEN $1 AND $2 AND (day, id) > ($3, $4)
-  AND received_at >= $5 AND received_at < $6
+  AND received_at >= $5 AND received_at < $6 AND payload IS NOT NULL
   AND ($7::int[] IS NULL OR source_id = ANY($7))
 ORDER BY day, id
 LIMIT $8
@@ -74,7 +75,7 @@ impl Store {
     ) -> Result<Replay> {
         let events: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM events WHERE day BETWEEN $1 AND $2 \
-             AND received_at >= $3 AND received_at < $4 \
+             AND received_at >= $3 AND received_at < $4 AND payload IS NOT NULL \
              AND ($5::int[] IS NULL OR source_id = ANY($5))",
         )
         .bind(day_of(from))
