@@ -134,6 +134,12 @@ enum LogFormat {
     Json,
 }
 
+/// mimalloc rather than the system allocator: every request allocates and frees many small
+/// buffers across threads, where glibc's malloc spent about a seventh of the process's CPU
+/// (`perf`, `switchyard-bench --scenario ingest-single`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story; the service's info lines would bury it.
