@@ -148,7 +148,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         tracing::warn!(%error, "counting the queue failed");
     }
 
-    let (commit, writers) = GroupCommit::start(store.clone(), 4, !retention.is_zero());
+    let (commit, writers) = GroupCommit::start(store.clone(), !retention.is_zero());
     let state = Arc::new(AppState {
         store: store.clone(),
         pipeline,

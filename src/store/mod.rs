@@ -67,8 +67,8 @@ pub struct Store {
     writes: PgPool,
 }
 
-/// Connections of [`Store::writes`] (`serve` runs four group-commit writers).
-const WRITE_CONNECTIONS: u32 = 4;
+/// Connections of [`Store::writes`]: one per group-commit writer.
+const WRITE_CONNECTIONS: u32 = commit::WRITERS as u32;
 
 impl Store {
     /// Connects with a pool of `max_connections`, and a small one for the group commit.
