@@ -10,7 +10,18 @@
 
 ALTER TABLE events ALTER COLUMN payload DROP NOT NULL;
 
-CREATE UNIQUE INDEX events_message_id ON events (day, source_id, message_id COLLATE "C");
+-- A dead letter sent again is queued from a copy of its event, which may share its day with
+-- the original: copies take no part in dedup.
+ALTER TABLE events ADD COLUMN requeued bool NOT NULL DEFAULT false;
+UPDATE events SET requeued = true
+WHERE (day, id) IN (
+    SELECT day, id FROM (
+        SELECT day, id, row_number() OVER (PARTITION BY day, source_id, message_id ORDER BY id) AS n
+        FROM events) copies
+    WHERE n > 1);
+
+CREATE UNIQUE INDEX events_message_id ON events (day, source_id, message_id COLLATE "C")
+    WHERE NOT requeued;
 
 -- messageIds seen today or yesterday whose event was not archived carry over as rows without
 -- payload, in days made here if upkeep had dropped them.
@@ -30,7 +41,7 @@ SELECT m.day, m.source_id, m.message_id, now(), 0, NULL
 FROM message_ids m
 WHERE NOT EXISTS (
     SELECT 1 FROM events e
-    WHERE e.day = m.day AND e.source_id = m.source_id
+    WHERE e.day = m.day AND e.source_id = m.source_id AND NOT e.requeued
       AND e.message_id COLLATE "C" = m.message_id COLLATE "C");
 
 DROP TABLE message_ids;

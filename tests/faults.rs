@@ -612,16 +612,14 @@ async fn a_postgres_error_on_insert_answers_503_never_200() {
     let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
         .await
         .unwrap();
-    sqlx::query(
-        "ALTER TABLE message_ids ADD CONSTRAINT simulated_disk_full CHECK (false) NOT VALID",
-    )
-    .execute(&mut connection)
-    .await
-    .unwrap();
+    sqlx::query("ALTER TABLE events ADD CONSTRAINT simulated_disk_full CHECK (false) NOT VALID")
+        .execute(&mut connection)
+        .await
+        .unwrap();
     for id in ["fail-1", "fail-2", "fail-3"] {
         assert_eq!(post(id).await, (503, true), "{id}");
     }
-    sqlx::query("ALTER TABLE message_ids DROP CONSTRAINT simulated_disk_full")
+    sqlx::query("ALTER TABLE events DROP CONSTRAINT simulated_disk_full")
         .execute(&mut connection)
         .await
         .unwrap();

@@ -49,8 +49,9 @@ WITH picked AS (
     WHERE destination_id = $1 AND ($2::bigint[] IS NULL OR id = ANY($2))
     RETURNING source_id, message_id, received_at, payload, order_key
 ), inserted AS (
-    INSERT INTO events (day, source_id, message_id, received_at, order_key, payload)
-    SELECT $3, source_id, message_id, received_at, order_key, payload
+    -- A copy, outside dedup: the original may still be in today's archive.
+    INSERT INTO events (day, source_id, message_id, received_at, order_key, payload, requeued)
+    SELECT $3, source_id, message_id, received_at, order_key, payload, true
     FROM picked
     ORDER BY received_at
     RETURNING id, source_id, order_key

@@ -59,7 +59,7 @@ WITH input AS MATERIALIZED (
     FROM input i
     WHERE NOT EXISTS (
         SELECT 1 FROM events e
-        WHERE e.day = $7 - 1 AND e.source_id = i.source_id
+        WHERE e.day = $7 - 1 AND e.source_id = i.source_id AND NOT e.requeued
           AND e.message_id COLLATE "C" = i.message_id COLLATE "C")
     ORDER BY i.source_id, i.message_id COLLATE "C"
     ON CONFLICT DO NOTHING
