@@ -765,11 +765,19 @@ async fn one_claim_serves_many_destinations_each_within_its_own_limit() {
             run_size: 1,
         }],
     };
+    // One event for two destinations, each claimed with it.
+    let mut shared = event("s1", "c", "one", false);
+    shared.targets.push(Target {
+        destination_id: ids["ordered"],
+        ordered: true,
+        run_size: 1,
+    });
     // Separate commits, so each destination's runs are in ingest order.
     for batch in [
         vec![
             event("m1", "a", "many", false),
             event("o1", "a", "one", false),
+            shared,
         ],
         vec![
             event("m2", "b", "many", false),
@@ -812,14 +820,14 @@ async fn one_claim_serves_many_destinations_each_within_its_own_limit() {
             .unwrap_or_default()
     };
     assert_eq!(got("many"), ["m1", "m2"], "the oldest, up to its limit");
-    assert_eq!(got("one"), ["o1"]);
+    assert_eq!(got("one"), ["o1", "s1"]);
     assert!(
         got("paused").is_empty(),
         "a paused destination gets nothing"
     );
     assert_eq!(
         got("ordered"),
-        ["u1", "u3"],
+        ["s1", "u1", "u3"],
         "per-user order: user a's second run waits for its first"
     );
     assert!(!claimed.contains_key(&ids["idle"]));
