@@ -77,10 +77,8 @@ pub struct RunOutcome {
 }
 
 /// A claim across destinations: for each (`$1` destination, `$2` at most, `$3` lease seconds),
-/// the `due` runs are leased to owner `$4` and returned, in one statement, so many
-/// destinations with a run or two each cost one round trip. Their events are read next
-/// ([`EVENTS_OF_DAY`]): a join to the archive's partitions here made planning this statement
-/// cost as much again as running it, on every claim.
+/// the `due` runs are leased to owner `$4` and returned with their events, one row per event,
+/// in one statement, so many destinations with a run or two each cost one round trip.
 macro_rules! claim {
     ($($due:tt)+) => {
         concat!(
@@ -104,7 +102,13 @@ macro_rules! claim {
     WHERE j.id = ANY (ARRAY(SELECT id FROM due))
     RETURNING j.id, j.destination_id, j.day, j.event_ids, j.attempts, j.enqueued_at
 )
-SELECT id, destination_id, day, event_ids, attempts, enqueued_at FROM claimed ORDER BY id
+SELECT c.id, c.destination_id, c.attempts, c.enqueued_at, e.id AS event_id, e.message_id,
+       e.payload, s.name AS source
+FROM claimed c
+CROSS JOIN LATERAL unnest(c.event_ids) WITH ORDINALITY AS u(event_id, position)
+JOIN events e ON e.day = c.day AND e.id = u.event_id
+LEFT JOIN sources s ON s.id = e.source_id
+ORDER BY c.id, u.position
 "#
         )
     };
@@ -158,17 +162,6 @@ const CLAIM_LIVE: &str = oldest!("replay_id IS NULL");
 const CLAIM_REPLAY: &str = oldest!("replay_id IS NOT NULL");
 const CLAIM_LIVE_PER_USER: &str = oldest_per_user!("replay_id IS NULL");
 const CLAIM_REPLAY_PER_USER: &str = oldest_per_user!("replay_id IS NOT NULL");
-
-/// Claimed events of one archive day, by key.
-const EVENTS_OF_DAY: &str = r#"
-SELECT e.id, e.message_id, e.payload, s.name AS source
-FROM events e
-LEFT JOIN sources s ON s.id = e.source_id
-WHERE e.day = $1 AND e.id = ANY($2)
-"#;
-
-/// Gives claimed runs back at once (their events could not be read).
-const UNCLAIM: &str = "UPDATE jobs SET run_at = now() WHERE id = ANY($1) AND owner = $2";
 
 /// Writes run outcomes. Only runs still held by this claim (`$9` owner, the attempt number)
 /// are touched, so a late outcome never overwrites a newer claim's, and an event is never both
@@ -275,7 +268,7 @@ impl Store {
         owner: i32,
         lane: Lane,
     ) -> Result<HashMap<i32, Vec<ClaimedRun>>> {
-        let mut runs: Vec<(i32, i32, Vec<i64>, ClaimedRun)> = Vec::new();
+        let mut claimed: HashMap<i32, Vec<ClaimedRun>> = HashMap::new();
         for ordered in [false, true] {
             let asks: Vec<&Ask> = asks.iter().filter(|ask| ask.ordered == ordered).collect();
             if asks.is_empty() {
@@ -297,73 +290,31 @@ impl Store {
                 .bind(owner)
                 .fetch_all(&self.pool)
                 .await?;
-            runs.extend(rows.into_iter().map(|row| {
-                let run = ClaimedRun {
-                    id: row.get("id"),
-                    attempts: row.get("attempts"),
-                    enqueued_at: row.get("enqueued_at"),
-                    events: Vec::new(),
-                };
-                (
-                    row.get("destination_id"),
-                    row.get("day"),
-                    row.get("event_ids"),
-                    run,
-                )
-            }));
-        }
-        let events = match self.claimed_events(&runs).await {
-            Ok(events) => events,
-            Err(error) => {
-                let ids: Vec<i64> = runs.iter().map(|(_, _, _, run)| run.id).collect();
-                let _ = sqlx::query(UNCLAIM)
-                    .bind(&ids)
-                    .bind(owner)
-                    .execute(&self.pool)
-                    .await;
-                return Err(error);
+            let mut last: Option<(i32, i64)> = None;
+            for row in rows {
+                let id: i64 = row.get("id");
+                let destination: i32 = row.get("destination_id");
+                let runs = claimed.entry(destination).or_default();
+                if last != Some((destination, id)) {
+                    runs.push(ClaimedRun {
+                        id,
+                        attempts: row.get("attempts"),
+                        enqueued_at: row.get("enqueued_at"),
+                        events: Vec::new(),
+                    });
+                    last = Some((destination, id));
+                }
+                if let Some(run) = runs.last_mut() {
+                    run.events.push(ClaimedEvent {
+                        id: row.get("event_id"),
+                        message_id: row.get("message_id"),
+                        payload: row.get("payload"),
+                        source: row.get("source"),
+                    });
+                }
             }
-        };
-        let mut claimed: HashMap<i32, Vec<ClaimedRun>> = HashMap::new();
-        for (destination, day, ids, mut run) in runs {
-            // An event may be in runs of several destinations claimed together.
-            run.events = ids
-                .iter()
-                .filter_map(|id| events.get(&(day, *id)).cloned())
-                .collect();
-            claimed.entry(destination).or_default().push(run);
         }
         Ok(claimed)
-    }
-
-    /// The events of claimed runs, one statement per archive day they are in (nearly always
-    /// one: today).
-    async fn claimed_events(
-        &self,
-        runs: &[(i32, i32, Vec<i64>, ClaimedRun)],
-    ) -> Result<HashMap<(i32, i64), ClaimedEvent>> {
-        let mut by_day: HashMap<i32, Vec<i64>> = HashMap::new();
-        for (_, day, ids, _) in runs {
-            by_day.entry(*day).or_default().extend(ids);
-        }
-        let mut events = HashMap::new();
-        for (day, ids) in by_day {
-            let rows = sqlx::query(EVENTS_OF_DAY)
-                .bind(day)
-                .bind(&ids)
-                .fetch_all(&self.pool)
-                .await?;
-            for row in rows {
-                let event = ClaimedEvent {
-                    id: row.get("id"),
-                    message_id: row.get("message_id"),
-                    payload: row.get("payload"),
-                    source: row.get("source"),
-                };
-                events.insert((day, event.id), event);
-            }
-        }
-        Ok(events)
     }
 
     /// Records run outcomes of claims held by `owner` in one statement; returns how many runs
