@@ -443,13 +443,7 @@ async fn upkeep_behind_a_locking_reader_neither_waits_nor_stalls_ingest() {
     // An archive day past any retention, that upkeep will want to drop.
     let mut reader = sqlx::PgConnection::connect(&db.url).await.unwrap();
     let old = day - 30;
-    sqlx::query(&format!(
-        "CREATE TABLE events_d{old} PARTITION OF events FOR VALUES FROM ({old}) TO ({})",
-        old + 1
-    ))
-    .execute(&mut reader)
-    .await
-    .unwrap();
+    create_day(&mut reader, old).await;
     // A reader holds a lock on the archive, as pg_dump does.
     sqlx::query("BEGIN").execute(&mut reader).await.unwrap();
     sqlx::query("SELECT count(*) FROM events")
