@@ -2,7 +2,7 @@
 //! rate-limit key it shares), what it learns from each response, and its counters.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,12 @@ pub struct Lane {
     /// Claimed events not yet sent (a run may hold more events than there are free slots);
     /// a reload hands them to the lane that replaces this one.
     pub(super) pending: Mutex<VecDeque<Claimed>>,
+    /// Claims of replay runs out for it (see `Scheduler::claim_replays`), and the slots they
+    /// hold for the requests they may start.
+    pub(super) replay_claims: AtomicUsize,
+    pub(super) reserved: AtomicUsize,
+    /// Passed over while its replay claim was out.
+    pub(super) replay_missed: AtomicBool,
     /// Events per run in its last claim (0 before the first): how many runs the next claim
     /// needs for the requests it can start.
     run_fill: AtomicUsize,
@@ -99,6 +105,9 @@ impl Lane {
             in_flight: AtomicUsize::new(0),
             sender,
             pending: Mutex::default(),
+            replay_claims: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
+            replay_missed: AtomicBool::new(false),
             run_fill: AtomicUsize::new(0),
             stats: Arc::default(),
         }
@@ -151,7 +160,7 @@ impl Lane {
     pub(super) fn free_slots(&self) -> usize {
         self.concurrency
             .limit()
-            .saturating_sub(self.in_flight.load(Ordering::Acquire))
+            .saturating_sub(self.occupied())
     }
 
     /// What the admin API shows of this lane in this process.
@@ -168,6 +177,11 @@ impl Lane {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Slots taken: requests in flight and those set aside for replay claims still out.
+    pub(super) fn occupied(&self) -> usize {
+        self.in_flight() + self.reserved.load(Ordering::Acquire)
     }
 
     /// The in-flight limit in force (adaptive, at most `max_in_flight`).
