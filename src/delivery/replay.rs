@@ -27,18 +27,22 @@ const PAGE: i64 = 5_000;
 const AHEAD: i64 = 20_000;
 /// How often replays are looked at when none has anything to do.
 const IDLE: Duration = Duration::from_millis(250);
+/// How soon a replay that is [`AHEAD`] of delivery is looked at again: delivery takes that
+/// many events in a fraction of a second, and an idle pause would let its queue run dry.
+const AHEAD_PAUSE: Duration = Duration::from_millis(20);
 
 /// Selects the next pages of every replay until `stop`.
 pub async fn run(store: Store, pipeline: Arc<ArcSwap<Pipeline>>, stop: CancellationToken) {
     loop {
-        let busy = match step_all(&store, &pipeline).await {
-            Ok(busy) => busy,
+        let pause = match step_all(&store, &pipeline).await {
+            Ok(Step::Queued) => Duration::ZERO,
+            Ok(Step::Ahead) => AHEAD_PAUSE,
+            Ok(Step::Idle) => IDLE,
             Err(error) => {
                 tracing::warn!(%error, "selecting replay work failed; retrying");
-                false
+                IDLE
             }
         };
-        let pause = if busy { Duration::ZERO } else { IDLE };
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
@@ -46,10 +50,19 @@ pub async fn run(store: Store, pipeline: Arc<ArcSwap<Pipeline>>, stop: Cancellat
     }
 }
 
-/// One step of every replay still selecting; true when any queued something.
-async fn step_all(store: &Store, pipeline: &ArcSwap<Pipeline>) -> store::Result<bool> {
+/// What one step of every replay did.
+enum Step {
+    /// Some replay queued a page: the next may follow at once.
+    Queued,
+    /// Some replay is [`AHEAD`] of delivery: it is looked at again soon.
+    Ahead,
+    Idle,
+}
+
+/// One step of every replay still selecting.
+async fn step_all(store: &Store, pipeline: &ArcSwap<Pipeline>) -> store::Result<Step> {
     store.finish_replays().await?;
-    let mut busy = false;
+    let mut step = Step::Idle;
     for replay in store.selecting_replays().await? {
         let pipeline = pipeline.load();
         // A destination that is not configured (or disabled) now waits; its replay resumes
@@ -57,15 +70,21 @@ async fn step_all(store: &Store, pipeline: &ArcSwap<Pipeline>) -> store::Result<
         let Some(route) = pipeline.routes.route(replay.destination_id) else {
             continue;
         };
-        if store.replay_backlog(replay.id).await? >= AHEAD {
+        if replay.backlog() >= AHEAD {
+            if matches!(step, Step::Idle) {
+                step = Step::Ahead;
+            }
             continue;
         }
         let page = store.replay_page(&replay, PAGE).await?;
-        let step = plan(&replay, route, &page);
-        store.queue_replay_step(&replay, &step).await?;
-        busy |= !page.is_empty();
+        store
+            .queue_replay_step(&replay, &plan(&replay, route, &page))
+            .await?;
+        if !page.is_empty() {
+            step = Step::Queued;
+        }
     }
-    Ok(busy)
+    Ok(step)
 }
 
 /// The runs one page makes for a replay's destination, and where the cursor goes next.

@@ -26,6 +26,14 @@ pub struct Replay {
     pub finished_at: Option<OffsetDateTime>,
 }
 
+impl Replay {
+    /// Events it has queued and not finished yet, from its own counts (every outcome adds to
+    /// them): summing its queued runs instead took 2 ms a look, 50 looks a second.
+    pub fn backlog(&self) -> i64 {
+        self.selected - self.delivered - self.failed
+    }
+}
+
 /// An archived event, as replays and exports read it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ArchivedEvent {
@@ -127,16 +135,6 @@ impl Store {
              WHERE r.state IN ('queued', 'running') AND NOT r.selection_done ORDER BY r.id"
         );
         Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
-    }
-
-    /// Events a replay has queued and not finished yet.
-    pub async fn replay_backlog(&self, id: i64) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT coalesce(sum(cardinality(event_ids)), 0)::bigint FROM jobs WHERE replay_id = $1",
-        )
-        .bind(id)
-        .fetch_one(&self.pool)
-        .await?)
     }
 
     /// The next archived events of a replay's range after its cursor.
