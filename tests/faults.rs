@@ -575,10 +575,18 @@ async fn a_sink_that_never_answers_leaks_nothing_and_delays_no_one() {
             "threads stay bounded: {baseline:?} then {samples:?}"
         );
         assert!(
-            *rss <= baseline.0 + 5 * 1024,
-            "memory stays flat (kB): {baseline:?} then {samples:?}"
+            *rss <= baseline.0 + 10 * 1024,
+            "memory stays bounded (kB): {baseline:?} then {samples:?}"
         );
     }
+    // Flat: the allocator holds and returns memory in steps of about 2 MB, so a single sample
+    // rose 6 MB and fell back (seen in CI); a leak keeps every late sample high.
+    let late = samples.iter().rev().take(3).map(|(rss, _, _)| *rss);
+    let settled = late.min().unwrap_or(baseline.0);
+    assert!(
+        settled <= baseline.0 + 5 * 1024,
+        "memory stays flat (kB): {baseline:?} then {samples:?}"
+    );
     assert_eq!(
         sy.terminate(Duration::from_secs(20)).await,
         Some(0),

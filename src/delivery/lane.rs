@@ -158,9 +158,7 @@ impl Lane {
     }
 
     pub(super) fn free_slots(&self) -> usize {
-        self.concurrency
-            .limit()
-            .saturating_sub(self.occupied())
+        self.concurrency.limit().saturating_sub(self.occupied())
     }
 
     /// What the admin API shows of this lane in this process.
