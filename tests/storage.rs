@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use serde_json::json;
 use sqlx::Connection;
-use switchyard::store::{today, Ask, Fate, Lane, NameTable, NewEvent, RunOutcome, Store, Target};
+use switchyard::store::{
+    today, Ask, Fate, Lane, NameTable, NewEvent, ReplayStep, RunOutcome, Store, Target,
+};
 use switchyard::testkit::{start_switchyard, MockServer, Reply, TestDatabase};
 
 async fn partitions(db: &TestDatabase, parent: &str) -> Vec<String> {
@@ -615,6 +617,12 @@ async fn rows_read(db: &TestDatabase, tables: &str, after_scans: i64) -> (i64, i
     panic!("the statistics of {tables} did not move past {after_scans} scans");
 }
 
+/// Rows of `tables` read since `before` (a [`rows_read`] taken earlier).
+async fn rows_read_since(db: &TestDatabase, tables: &str, before: (i64, i64)) -> i64 {
+    let (_, after) = rows_read(db, tables, before.0).await;
+    after - before.1
+}
+
 /// `count` events, each queued for `destination` as a run of its own.
 fn one_event_runs(source: i32, destination: i32, prefix: &str, count: usize) -> Vec<NewEvent> {
     (0..count)
@@ -671,7 +679,7 @@ async fn a_claim_against_a_deep_backlog_reads_only_the_runs_it_takes() {
     let db = TestDatabase::create("deep_backlog_claim").await;
     let (store, source, destination) = migrated_store(&db).await;
     let backlog = 20_000;
-    let (scans, read_before) = queue_deep_backlog(&db, store, source, destination, backlog).await;
+    let before = queue_deep_backlog(&db, store, source, destination, backlog).await;
 
     let store = Store::connect(&db.url, 1).await.unwrap();
     let lease = Duration::from_secs(60);
@@ -686,8 +694,7 @@ async fn a_claim_against_a_deep_backlog_reads_only_the_runs_it_takes() {
     assert_eq!((live.len(), replay.len()), (10, 0));
     store.close().await;
 
-    let (_, read_after) = rows_read(&db, "jobs", scans).await;
-    let read = read_after - read_before;
+    let read = rows_read_since(&db, "jobs", before).await;
     assert!(
         read < 1_000,
         "two claims of 10 runs read {read} rows of a {backlog}-run queue"
@@ -738,17 +745,65 @@ async fn an_outcome_reads_only_its_runs_after_the_queue_grew() {
         .unwrap();
     assert_eq!(runs.len(), 10);
     claimer.close().await;
-    let (scans, read_before) = rows_read(&db, "jobs", -1).await;
+    let before = rows_read(&db, "jobs", -1).await;
 
     assert_eq!(store.finish(1, &delivered(&runs)).await.unwrap(), 10);
     store.close().await;
 
-    let (_, read_after) = rows_read(&db, "jobs", scans).await;
-    let read = read_after - read_before;
+    let read = rows_read_since(&db, "jobs", before).await;
     assert!(
         read < 1_000,
         "an outcome of 10 runs read {read} rows of a {backlog}-run queue"
     );
+}
+
+/// A replay's runs moved to the dead letters with their removed destination count as failed,
+/// so its progress adds up and, when the destination comes back, its backlog (what it may
+/// still select against) is what is really queued: counted without them, a replay with
+/// 20,000 such events would never select again.
+#[tokio::test]
+async fn retired_replay_runs_count_as_failed() {
+    let db = TestDatabase::create("retired_replay").await;
+    let (store, source, destination) = migrated_store(&db).await;
+    let now = time::OffsetDateTime::now_utc();
+    let events: Vec<NewEvent> = (0..30)
+        .map(|i| message(source, &format!("archived-{i}"), &[]))
+        .collect();
+    store.insert_events(&events, true).await.unwrap();
+    let replay = store
+        .create_replay(
+            destination,
+            now - time::Duration::minutes(1),
+            now + time::Duration::minutes(1),
+            None,
+        )
+        .await
+        .unwrap();
+    let page = store.replay_page(&replay, 100).await.unwrap();
+    assert_eq!(page.len(), 30);
+    let last = page.last().unwrap();
+    let step = ReplayStep {
+        runs: page
+            .chunks(10)
+            .map(|run| (run[0].day, source, run.iter().map(|e| e.id).collect(), None))
+            .collect(),
+        cursor: (last.day, last.id),
+        done: true,
+    };
+    assert_eq!(store.queue_replay_step(&replay, &step).await.unwrap(), 30);
+
+    assert_eq!(store.retire_removed(&[]).await.unwrap(), 30);
+    let replay = store.replay(replay.id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            replay.selected,
+            replay.delivered,
+            replay.failed,
+            replay.backlog()
+        ),
+        (30, 0, 30, 0)
+    );
+    store.close().await;
 }
 
 /// A replay of the last minutes reads a page of the archive, not the whole day. The page once
@@ -780,7 +835,7 @@ async fn a_page_of_fresh_archive_reads_only_that_page() {
     }
     store.close().await;
     let store = Store::connect(&db.url, 1).await.unwrap();
-    let (scans, read_before) = rows_read(&db, "events_d%", -1).await;
+    let before = rows_read(&db, "events_d%", -1).await;
     let range = (
         now - time::Duration::seconds(1),
         now + time::Duration::seconds(1),
@@ -793,8 +848,7 @@ async fn a_page_of_fresh_archive_reads_only_that_page() {
     assert!(page.iter().all(|event| event.received_at >= range.0));
     store.close().await;
 
-    let (_, read_after) = rows_read(&db, "events_d%", scans).await;
-    let read = read_after - read_before;
+    let read = rows_read_since(&db, "events_d%", before).await;
     assert!(
         read < 11_000,
         "a page of 100 read {read} rows of a 20,000-event day"
@@ -912,14 +966,13 @@ async fn looking_for_due_destinations_reads_no_queue() {
         .name_ids(NameTable::Destinations, &["idle".to_string()])
         .await
         .unwrap()["idle"];
-    let (scans, read_before) = queue_deep_backlog(&db, store, source, busy, 20_000).await;
+    let before = queue_deep_backlog(&db, store, source, busy, 20_000).await;
 
     let store = Store::connect(&db.url, 1).await.unwrap();
     let due = store.due_destinations(&[busy, idle]).await.unwrap();
     assert_eq!(due, [busy]);
     store.close().await;
 
-    let (_, read_after) = rows_read(&db, "jobs", scans).await;
-    let read = read_after - read_before;
+    let read = rows_read_since(&db, "jobs", before).await;
     assert!(read < 100, "looking for due work read {read} queued runs");
 }

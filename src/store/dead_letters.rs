@@ -23,7 +23,8 @@ pub struct DeadLetter {
 }
 
 /// Moves queued runs of destinations not in `$1` to the dead letters, except runs a live
-/// process has claimed (their outcomes are still coming).
+/// process has claimed (their outcomes are still coming). A replay's runs count as failed in
+/// its progress, as an outcome's dead events do.
 const RETIRE: &str = r#"
 WITH moved AS (
     DELETE FROM jobs j
@@ -31,6 +32,14 @@ WITH moved AS (
       AND (j.owner IS NULL OR j.run_at <= now()
            OR NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = j.owner))
     RETURNING j.day, j.event_ids, j.destination_id, j.attempts, j.last_status, j.replay_id
+), counted AS (
+    UPDATE replays p
+    SET failed = p.failed + c.events
+    FROM (SELECT replay_id, sum(cardinality(event_ids)) AS events
+          FROM moved
+          WHERE replay_id IS NOT NULL
+          GROUP BY replay_id) c
+    WHERE p.id = c.replay_id
 )
 INSERT INTO dead_letters (destination_id, source_id, message_id, attempts, last_status,
                           last_error, received_at, payload, order_key, replay_id)
