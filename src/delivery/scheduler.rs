@@ -532,13 +532,12 @@ impl Scheduler {
         for (lane, demand) in asks {
             match claimed.remove(&lane.id) {
                 Some(runs) => visits.push((lane.id, self.start_claimed(&lane, &demand, runs))),
-                // Its replay claim comes back as a wake-up.
-                None if lane.replay_claims.load(Ordering::Acquire) >= REPLAY_CLAIMS => {
-                    visits.push((lane.id, Visit::Idle))
-                }
+                // What a replay claim brings comes back as a wake-up.
                 None => {
                     visits.push((lane.id, Visit::Idle));
-                    replay.push((lane, demand));
+                    if lane.replay_claims.load(Ordering::Acquire) < REPLAY_CLAIMS {
+                        replay.push((lane, demand));
+                    }
                 }
             }
         }
