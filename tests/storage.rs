@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use serde_json::json;
 use sqlx::Connection;
+use switchyard::store::commit::GroupCommit;
 use switchyard::store::{
-    today, Ask, Fate, Lane, NameTable, NewEvent, ReplayStep, RunOutcome, Store, Target,
+    today, Ask, Fate, JobsNotice, Lane, NameTable, NewEvent, ReplayStep, RunOutcome, Store, Target,
 };
 use switchyard::testkit::{start_switchyard, MockServer, Reply, TestDatabase};
 
@@ -276,6 +277,52 @@ fn message(source_id: i32, message_id: &str, targets: &[i32]) -> NewEvent {
             })
             .collect(),
     }
+}
+
+/// Delivering processes hear of new work from a `NOTIFY` sent once the group is committed (in a
+/// transaction of its own): it names the destinations, and what it announces can be claimed.
+/// A group that queued nothing announces nothing, and the notifier stops with the writers.
+#[tokio::test]
+async fn a_group_commit_announces_its_destinations_once_committed() {
+    let db = TestDatabase::create("notices").await;
+    let (store, source, destination) = migrated_store(&db).await;
+    let mut listener = store.listen_jobs().await.unwrap();
+    let (commit, writers) = GroupCommit::start(store.clone(), true);
+
+    commit
+        .commit(vec![message(source, "archived only", &[])])
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1_500), listener.next())
+            .await
+            .is_err(),
+        "a group with no delivery announced work"
+    );
+    commit
+        .commit(vec![message(source, "queued", &[destination])])
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_millis(1_500), listener.next()).await {
+        Ok(Ok(JobsNotice::Destinations(ids))) => assert_eq!(ids, vec![destination]),
+        Ok(Ok(JobsNotice::All)) => panic!("the notice named no destination"),
+        other => panic!(
+            "no notice of the queued run: {:?}",
+            other.map(|r| r.is_ok())
+        ),
+    }
+    let lease = Duration::from_secs(60);
+    let runs = store
+        .claim(destination, 10, lease, 1, false, Lane::Live)
+        .await
+        .unwrap();
+    assert_eq!(runs.len(), 1, "the announced run is there to claim");
+
+    drop(commit);
+    tokio::time::timeout(Duration::from_secs(5), writers.join_all())
+        .await
+        .expect("the writers and the notifier stop once the handle is gone");
+    store.close().await;
 }
 
 /// The dedup window is the archive's own rows: a messageId seen today or yesterday is a repeat,

@@ -4,6 +4,10 @@
 //! draining whatever has piled up into one multi-row statement, so a burst of single-event
 //! requests costs one round trip and one fsync per group, not per request. A request is
 //! answered only after the statement that holds its messages has committed.
+//!
+//! Delivering processes hear of the new work from a notifier task: it sends one `NOTIFY` for
+//! every group committed while it sent the last, outside the writers' transactions (why, at
+//! [`Store::notify_jobs`]).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinSet;
 
-use crate::store::{Committed, NewEvent, Store, StoreError};
+use crate::store::{destinations, Committed, NewEvent, Store, StoreError};
 
 /// Writer tasks, each a connection of its own. Two, not more: while one waits for its commit
 /// to reach disk the other executes, and the fewer writers take turns, the more requests each
@@ -93,19 +97,27 @@ impl GroupCommit {
     /// Starts the [`WRITERS`] writer tasks. They stop once every handle is dropped and the
     /// queue is drained.
     /// With `archive`, every fresh message is kept, not only those with a destination.
+    /// The notifier stops after them, once it has sent what they committed.
     pub fn start(store: Store, archive: bool) -> (GroupCommit, JoinSet<()>) {
         let (queue, receiver) = mpsc::channel(4096);
         let receiver = Arc::new(Mutex::new(receiver));
         let health = Arc::new(Health::default());
+        // Unbounded, but each message is a group's destination ids, and the notifier takes
+        // every waiting one at each turn.
+        let (notices, announced) = mpsc::unbounded_channel();
         let mut tasks = JoinSet::new();
         for _ in 0..WRITERS {
             tasks.spawn(write_groups(
-                store.clone(),
+                Writer {
+                    store: store.clone(),
+                    health: health.clone(),
+                    notices: notices.clone(),
+                    archive,
+                },
                 receiver.clone(),
-                health.clone(),
-                archive,
             ));
         }
+        tasks.spawn(notify(store, announced));
         (GroupCommit { queue, health }, tasks)
     }
 
@@ -123,12 +135,17 @@ impl GroupCommit {
     }
 }
 
-async fn write_groups(
+/// What a writer task writes with.
+struct Writer {
     store: Store,
-    receiver: Arc<Mutex<mpsc::Receiver<Pending>>>,
     health: Arc<Health>,
+    /// The destinations of each committed group, for the notifier.
+    notices: mpsc::UnboundedSender<Vec<i32>>,
+    /// Keep every fresh message, not only those with a destination.
     archive: bool,
-) {
+}
+
+async fn write_groups(writer: Writer, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>) {
     loop {
         let group = {
             let mut receiver = receiver.lock().await;
@@ -148,33 +165,58 @@ async fn write_groups(
             }
             group
         };
-        write_group(&store, &health, group, archive).await;
+        writer.write(group).await;
     }
 }
 
-async fn write_group(store: &Store, health: &Health, group: Vec<Pending>, archive: bool) {
-    // A messageId repeated inside one group is written once; the SQL dedups against the past.
-    let mut seen = HashSet::new();
-    let rows: Vec<NewEvent> = group
-        .iter()
-        .flat_map(|pending| pending.events.iter())
-        .filter(|event| seen.insert((event.source_id, event.message_id.as_str())))
-        .cloned()
-        .collect();
-    let result = match insert(store, &rows, archive).await {
-        Ok(committed) => Ok(committed),
-        Err(error) => {
-            tracing::warn!(%error, messages = rows.len(), "group commit failed");
-            health.note(&error);
-            Err(error.to_string())
-        }
-    };
-    for pending in group {
-        let answer = match &result {
-            Ok(committed) => Ok(*committed),
-            Err(message) => Err(CommitError::Store(message.clone())),
+impl Writer {
+    async fn write(&self, group: Vec<Pending>) {
+        // A messageId repeated inside one group is written once; the SQL dedups against the past.
+        let mut seen = HashSet::new();
+        let rows: Vec<NewEvent> = group
+            .iter()
+            .flat_map(|pending| pending.events.iter())
+            .filter(|event| seen.insert((event.source_id, event.message_id.as_str())))
+            .cloned()
+            .collect();
+        let result = match insert(&self.store, &rows, self.archive).await {
+            Ok(committed) => {
+                let targets = destinations(&rows);
+                if committed.jobs > 0 && !targets.is_empty() {
+                    let _ = self.notices.send(targets);
+                }
+                Ok(committed)
+            }
+            Err(error) => {
+                tracing::warn!(%error, messages = rows.len(), "group commit failed");
+                self.health.note(&error);
+                Err(error.to_string())
+            }
         };
-        let _ = pending.done.send(answer);
+        for pending in group {
+            let answer = match &result {
+                Ok(committed) => Ok(*committed),
+                Err(message) => Err(CommitError::Store(message.clone())),
+            };
+            let _ = pending.done.send(answer);
+        }
+    }
+}
+
+/// Sends a `NOTIFY` for the groups committed since the last one, until every writer is gone.
+/// One that fails is logged and not retried: delivering processes also look for work on a
+/// timer.
+async fn notify(store: Store, mut announced: mpsc::UnboundedReceiver<Vec<i32>>) {
+    while let Some(first) = announced.recv().await {
+        let mut ids = first;
+        while let Ok(more) = announced.try_recv() {
+            ids.extend(more);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        if let Err(error) = store.notify_jobs(&ids).await {
+            tracing::warn!(%error, "announcing new work failed");
+        }
     }
 }
 

@@ -35,7 +35,7 @@ pub use dead_letters::DeadLetter;
 pub use instances::{Instance, DEAD_AFTER};
 pub use listen::{JobsListener, JobsNotice};
 pub use partitions::{today, UpkeepReport};
-pub use queue::{parse_notice, Committed, NewEvent, Target};
+pub use queue::{destinations, parse_notice, Committed, NewEvent, Target};
 pub use replays::{ArchivedEvent, Replay, ReplayStep};
 
 use std::collections::HashMap;

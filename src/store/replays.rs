@@ -3,7 +3,7 @@
 
 use time::OffsetDateTime;
 
-use super::{partitions::day_of, Result, Store, StoreError, JOBS_CHANNEL};
+use super::{partitions::day_of, Result, Store, StoreError};
 
 /// A replay as the admin API shows it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -105,11 +105,7 @@ impl Store {
         .bind(day_of(from) - 1)
         .fetch_one(&self.pool)
         .await?;
-        let _ = sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(JOBS_CHANNEL)
-            .bind(destination_id.to_string())
-            .execute(&self.pool)
-            .await;
+        let _ = self.notify_jobs(&[destination_id]).await;
         self.replay(id)
             .await?
             .ok_or(StoreError::Database(sqlx::Error::RowNotFound))
@@ -245,14 +241,13 @@ impl Store {
         .bind(step.done)
         .execute(&mut *tx)
         .await?;
-        if queued > 0 {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(JOBS_CHANNEL)
-                .bind(replay.destination_id.to_string())
-                .execute(&mut *tx)
-                .await?;
-        }
         tx.commit().await?;
+        // Committed either way: delivery also looks for work on a timer.
+        if queued > 0 {
+            if let Err(error) = self.notify_jobs(&[replay.destination_id]).await {
+                tracing::warn!(%error, "announcing replay work failed");
+            }
+        }
         Ok(queued as u64)
     }
 
