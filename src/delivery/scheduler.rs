@@ -30,10 +30,12 @@ use crate::store::{self, Fate, Store};
 
 /// Events claimed for one destination at most.
 const MAX_CLAIM: usize = 1000;
-/// Replay claims out at once for one destination at most. Two: each reads up to
-/// [`MAX_CLAIM`] archived events, and with one the destination waited for every read (the
-/// `replay` bench: 87,000 events/s with one, 105,000 with two, live p99 18 and 26 ms).
-const REPLAY_CLAIMS: usize = 2;
+/// Replay claims out at once for one destination at most. One: with two, the next read
+/// overlapping the last one's requests, a replay ran a fifth faster and took the machine from
+/// live traffic. On two cores of the `replay` bench, live events arriving at 1,000/s then
+/// waited up to a second for their commit (their clients fell behind), against 40 to 100 ms
+/// with one; on a faster machine, live p99 26 ms with two and 18 with one.
+const REPLAY_CLAIMS: usize = 1;
 /// Destinations claimed for in one statement at most.
 const CLAIM_GROUP: usize = 256;
 /// How often due work is looked for without a notification (retries coming due).
@@ -550,9 +552,8 @@ impl Scheduler {
     /// Claims replay runs for destinations with no live run due, in a task of its own: a claim
     /// of a thousand archived events takes milliseconds, and live events arriving meanwhile
     /// are claimed and sent without waiting for it. The permits and in-flight slots of the
-    /// requests it may start are set aside until it comes back ([`Wake::Replayed`]). Up to
-    /// [`REPLAY_CLAIMS`] are out per destination, so the next is being read while the last
-    /// one's requests are sent.
+    /// requests it may start are set aside until it comes back ([`Wake::Replayed`]). At most
+    /// [`REPLAY_CLAIMS`] are out per destination.
     fn claim_replays(&self, asks: Vec<(Arc<Lane>, Demand)>) {
         let requests: usize = asks.iter().map(|(_, demand)| demand.requests).sum();
         // Counted among the free permits of this pass, so they are there.
