@@ -181,9 +181,8 @@ impl Writer {
             .collect();
         let result = match insert(&self.store, &rows, self.archive).await {
             Ok(committed) => {
-                let targets = destinations(&rows);
-                if committed.jobs > 0 && !targets.is_empty() {
-                    let _ = self.notices.send(targets);
+                if committed.jobs > 0 {
+                    let _ = self.notices.send(destinations(&rows));
                 }
                 Ok(committed)
             }

@@ -144,8 +144,12 @@ impl Store {
     }
 
     /// Tells every delivering process that these destinations have new work (after the commit
-    /// that queued it, so they find it).
+    /// that queued it, so they find it). None is no notice: an empty one means "look at every
+    /// destination".
     pub async fn notify_jobs(&self, destinations: &[i32]) -> Result<()> {
+        if destinations.is_empty() {
+            return Ok(());
+        }
         sqlx::query(NOTIFY_JOBS)
             .bind(JOBS_CHANNEL)
             .bind(notice_payload(destinations))
