@@ -325,6 +325,40 @@ async fn a_group_commit_announces_its_destinations_once_committed() {
     store.close().await;
 }
 
+/// Replays make way for live traffic by what the writers record (`delivery::pace`): every
+/// committed request is counted once, with the longest wait among them.
+#[tokio::test]
+async fn a_group_commit_times_what_its_requests_waited() {
+    let db = TestDatabase::create("commit_times").await;
+    let (store, source, destination) = migrated_store(&db).await;
+    let (commit, writers) = GroupCommit::start(store.clone(), true);
+    let times = commit.times();
+
+    let started = std::time::Instant::now();
+    for n in 0..3 {
+        commit
+            .commit(vec![message(source, &format!("timed {n}"), &[destination])])
+            .await
+            .unwrap();
+    }
+    let took = started.elapsed();
+    let (requests, longest) = times.take();
+    assert_eq!(requests, 3);
+    assert!(
+        longest > Duration::ZERO && longest <= took,
+        "longest wait {longest:?} of requests that took {took:?} in all"
+    );
+    assert_eq!(
+        times.take(),
+        (0, Duration::ZERO),
+        "a look takes what it read"
+    );
+
+    drop(commit);
+    writers.join_all().await;
+    store.close().await;
+}
+
 /// The dedup window is the archive's own rows: a messageId seen today or yesterday is a repeat,
 /// even one kept without its payload (no destination took it and the archive is off); a repeat
 /// is in no run, and a message kept only for dedup is not archived (no replay or export sees it).

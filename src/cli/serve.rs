@@ -149,6 +149,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     }
 
     let (commit, writers) = GroupCommit::start(store.clone(), !retention.is_zero());
+    let commit_times = commit.times();
     let state = Arc::new(AppState {
         store: store.clone(),
         pipeline,
@@ -178,6 +179,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             lanes.clone(),
             config.limits.max_concurrent_deliveries,
             instance.id,
+            roles.ingest.then_some(commit_times),
         )
     });
 

@@ -33,6 +33,8 @@ pub struct Lane {
     pub(super) reserved: AtomicUsize,
     /// Passed over while its replay claim was out.
     pub(super) replay_missed: AtomicBool,
+    /// Its last replay claim found runs: it waits for the replay pace.
+    pub(super) replaying: AtomicBool,
     /// Events per run in its last claim (0 before the first): how many runs the next claim
     /// needs for the requests it can start.
     run_fill: AtomicUsize,
@@ -108,6 +110,7 @@ impl Lane {
             replay_claims: AtomicUsize::new(0),
             reserved: AtomicUsize::new(0),
             replay_missed: AtomicBool::new(false),
+            replaying: AtomicBool::new(false),
             run_fill: AtomicUsize::new(0),
             stats: Arc::default(),
         }

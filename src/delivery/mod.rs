@@ -5,6 +5,7 @@
 mod background;
 pub mod egress;
 pub mod lane;
+pub mod pace;
 pub mod replay;
 mod runs;
 pub mod scheduler;

@@ -24,9 +24,10 @@ use tokio_util::task::TaskTracker;
 use crate::config::{self};
 use crate::delivery::background;
 use crate::delivery::lane::{Lane, LaneSet};
+use crate::delivery::pace::{self, ReplayPace};
 use crate::delivery::runs::{complete, deliver, Claimed, OpenRuns, RunProgress, Settled};
 use crate::delivery::traffic::Closed;
-use crate::store::{self, Fate, Store};
+use crate::store::{self, CommitTimes, Fate, Store};
 
 /// Events claimed for one destination at most.
 const MAX_CLAIM: usize = 1000;
@@ -124,13 +125,25 @@ pub struct Pool {
 
 impl Pool {
     /// Starts the scheduling loop, the completer, the `LISTEN` task and the sweeper.
-    pub fn start(store: Store, lanes: LaneSet, max_concurrent: usize, instance: i32) -> Pool {
+    /// With `live`, the commit waits of this process's ingest requests, replays make way for
+    /// live traffic ([`pace`](crate::delivery::pace)).
+    pub fn start(
+        store: Store,
+        lanes: LaneSet,
+        max_concurrent: usize,
+        instance: i32,
+        live: Option<Arc<CommitTimes>>,
+    ) -> Pool {
         let (wake, woken) = mpsc::unbounded_channel();
         let (finished, outcomes) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let deliveries = TaskTracker::new();
         let mut tasks = tokio::task::JoinSet::new();
         let open = Arc::new(OpenRuns::default());
+        let pace = Arc::new(ReplayPace::default());
+        if let Some(live) = live {
+            tasks.spawn(pace::govern(pace.clone(), live, stop.clone()));
+        }
         let scheduler = Scheduler {
             store: store.clone(),
             open: open.clone(),
@@ -141,6 +154,7 @@ impl Pool {
             permits: Arc::new(Semaphore::new(max_concurrent)),
             pool_size: max_concurrent.max(1),
             instance,
+            pace,
             woken,
             wake: wake.clone(),
             finished: finished.clone(),
@@ -222,6 +236,8 @@ struct Scheduler {
     permits: Arc<Semaphore>,
     pool_size: usize,
     instance: i32,
+    /// When replay claims may start.
+    pace: Arc<ReplayPace>,
     woken: mpsc::UnboundedReceiver<Wake>,
     wake: mpsc::UnboundedSender<Wake>,
     finished: mpsc::UnboundedSender<Settled>,
@@ -534,13 +550,23 @@ impl Scheduler {
         for (lane, demand) in asks {
             match claimed.remove(&lane.id) {
                 Some(runs) => visits.push((lane.id, self.start_claimed(&lane, &demand, runs))),
-                // What a replay claim brings comes back as a wake-up.
-                None => {
-                    visits.push((lane.id, Visit::Idle));
-                    if lane.replay_claims.load(Ordering::Acquire) < REPLAY_CLAIMS {
-                        replay.push((lane, demand));
+                // What a replay claim brings comes back as a wake-up. A destination that is
+                // replaying waits while replays make way for live traffic, unless it is
+                // rate-limited: its limit bounds its replay, and the tokens this visit took
+                // would be lost.
+                None => match self.pace.held_until() {
+                    Some(until)
+                        if lane.replaying.load(Ordering::Acquire) && !lane.gate.is_limited() =>
+                    {
+                        visits.push((lane.id, Visit::WaitUntil(until)));
                     }
-                }
+                    _ => {
+                        visits.push((lane.id, Visit::Idle));
+                        if lane.replay_claims.load(Ordering::Acquire) < REPLAY_CLAIMS {
+                            replay.push((lane, demand));
+                        }
+                    }
+                },
             }
         }
         if !replay.is_empty() {
@@ -598,13 +624,20 @@ impl Scheduler {
     fn replay_claimed(&self, mut claim: ReplayClaim) -> Vec<(i32, Visit)> {
         let failed = claim.claimed.is_none();
         let mut claimed = claim.settle();
+        if !claimed.is_empty() {
+            self.pace.claimed();
+        }
         let mut visits = Vec::with_capacity(claim.asks.len());
         for (lane, demand) in &claim.asks {
             let current = self
                 .lanes
                 .get(&lane.id)
                 .is_some_and(|now| Arc::ptr_eq(now, lane));
-            let visit = match claimed.remove(&lane.id) {
+            let runs = claimed.remove(&lane.id);
+            if !failed {
+                lane.replaying.store(runs.is_some(), Ordering::Release);
+            }
+            let visit = match runs {
                 Some(runs) if current && !lane.stats.paused.load(Ordering::Acquire) => {
                     self.start_claimed(lane, demand, runs)
                 }

@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinSet;
@@ -43,6 +43,8 @@ pub enum CommitError {
 struct Pending {
     events: Vec<NewEvent>,
     done: oneshot::Sender<Result<Committed, CommitError>>,
+    /// When it was handed to the writers.
+    since: Instant,
 }
 
 /// The ingest side's handle.
@@ -50,6 +52,30 @@ struct Pending {
 pub struct GroupCommit {
     queue: mpsc::Sender<Pending>,
     health: Arc<Health>,
+    times: Arc<CommitTimes>,
+}
+
+/// How long committed requests waited for their commit since the last look: replays slow
+/// down while the longest wait grows (`delivery::pace`).
+#[derive(Debug, Default)]
+pub struct CommitTimes {
+    requests: AtomicU64,
+    longest_us: AtomicU64,
+}
+
+impl CommitTimes {
+    fn record(&self, wait: Duration) {
+        self.longest_us
+            .fetch_max(wait.as_micros() as u64, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests committed since the last call, and the longest wait among them.
+    pub fn take(&self) -> (u64, Duration) {
+        let requests = self.requests.swap(0, Ordering::Relaxed);
+        let longest = self.longest_us.swap(0, Ordering::Relaxed);
+        (requests, Duration::from_micros(longest))
+    }
 }
 
 /// Whether the database answered lately.
@@ -102,6 +128,7 @@ impl GroupCommit {
         let (queue, receiver) = mpsc::channel(4096);
         let receiver = Arc::new(Mutex::new(receiver));
         let health = Arc::new(Health::default());
+        let times = Arc::new(CommitTimes::default());
         // Unbounded, but each message is a group's destination ids, and the notifier takes
         // every waiting one at each turn.
         let (notices, announced) = mpsc::unbounded_channel();
@@ -111,6 +138,7 @@ impl GroupCommit {
                 Writer {
                     store: store.clone(),
                     health: health.clone(),
+                    times: times.clone(),
                     notices: notices.clone(),
                     archive,
                 },
@@ -118,7 +146,19 @@ impl GroupCommit {
             ));
         }
         tasks.spawn(notify(store, announced));
-        (GroupCommit { queue, health }, tasks)
+        (
+            GroupCommit {
+                queue,
+                health,
+                times,
+            },
+            tasks,
+        )
+    }
+
+    /// How long its requests wait for their commits.
+    pub fn times(&self) -> Arc<CommitTimes> {
+        self.times.clone()
     }
 
     /// Commits `events`; returns once they are durable.
@@ -128,7 +168,11 @@ impl GroupCommit {
         }
         let (done, answer) = oneshot::channel();
         self.queue
-            .send(Pending { events, done })
+            .send(Pending {
+                events,
+                done,
+                since: Instant::now(),
+            })
             .await
             .map_err(|_| CommitError::Closed)?;
         answer.await.map_err(|_| CommitError::Closed)?
@@ -139,6 +183,7 @@ impl GroupCommit {
 struct Writer {
     store: Store,
     health: Arc<Health>,
+    times: Arc<CommitTimes>,
     /// The destinations of each committed group, for the notifier.
     notices: mpsc::UnboundedSender<Vec<i32>>,
     /// Keep every fresh message, not only those with a destination.
@@ -194,7 +239,10 @@ impl Writer {
         };
         for pending in group {
             let answer = match &result {
-                Ok(committed) => Ok(*committed),
+                Ok(committed) => {
+                    self.times.record(pending.since.elapsed());
+                    Ok(*committed)
+                }
                 Err(message) => Err(CommitError::Store(message.clone())),
             };
             let _ = pending.done.send(answer);

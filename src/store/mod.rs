@@ -31,6 +31,7 @@ mod replays;
 pub mod server;
 
 pub use claims::{storable, Ask, ClaimedEvent, ClaimedRun, Fate, Lane, RunOutcome};
+pub use commit::CommitTimes;
 pub use dead_letters::DeadLetter;
 pub use instances::{Instance, DEAD_AFTER};
 pub use listen::{JobsListener, JobsNotice};
