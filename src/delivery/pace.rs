@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::store::CommitTimes;
 
 /// How often the live wait is read and the pace set.
-pub const WINDOW: Duration = Duration::from_millis(100);
+const WINDOW: Duration = Duration::from_millis(100);
 /// Live requests a window needs for its wait to count: fewer, and a replay has no live
 /// traffic to make way for.
 const MIN_SAMPLES: u64 = 10;
@@ -44,8 +44,9 @@ const RUNNING_FOR: Duration = Duration::from_secs(2);
 const PROBE_EVERY: Duration = Duration::from_secs(10);
 const PROBE: Duration = Duration::from_millis(400);
 const PROBE_READ: Duration = Duration::from_millis(200);
-/// Weight of a new window in the learnt wait.
+/// Weight of a new window in the learnt wait; of a window read in a probe, which is rarer.
 const LEARN: f64 = 0.25;
+const PROBE_LEARN: f64 = 0.5;
 
 /// When replay claims may start; read by the scheduler, set by [`govern`].
 pub struct ReplayPace {
@@ -90,11 +91,6 @@ impl ReplayPace {
         self.next_us.fetch_max(now + gap, Ordering::AcqRel);
     }
 
-    /// The current gap between replay claims.
-    pub fn gap(&self) -> Duration {
-        Duration::from_micros(self.gap_us.load(Ordering::Acquire))
-    }
-
     fn running(&self) -> bool {
         let last = self.last_us.load(Ordering::Acquire);
         last != 0 && self.now_us() - last < RUNNING_FOR.as_micros() as u64
@@ -128,16 +124,16 @@ pub async fn govern(pace: Arc<ReplayPace>, live: Arc<CommitTimes>, stop: Cancell
 
 /// What one window decided.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Step {
+struct Step {
     /// From a replay claim that found work to the next replay claim.
-    pub gap: Duration,
+    gap: Duration,
     /// Hold replay claims this long from now (a probe).
-    pub hold: Option<Duration>,
+    hold: Option<Duration>,
 }
 
 /// The pace's arithmetic, one window at a time.
 #[derive(Debug, Default)]
-pub struct Governor {
+struct Governor {
     /// The live wait without a replay, learnt.
     base: Option<Duration>,
     gap: Duration,
@@ -150,12 +146,12 @@ pub struct Governor {
 impl Governor {
     /// One window: `wait` is the longest commit wait of its live requests (`None` when it had
     /// too few), `replaying` whether a replay claim found work lately.
-    pub fn window(&mut self, wait: Option<Duration>, replaying: bool) -> Step {
+    fn window(&mut self, wait: Option<Duration>, replaying: bool) -> Step {
         if let Some(probed) = self.probing {
             let probed = probed + WINDOW;
             if probed > PROBE - PROBE_READ {
                 if let Some(wait) = wait {
-                    self.learn(wait, 0.5);
+                    self.learn(wait, PROBE_LEARN);
                 }
             }
             self.probing = (probed < PROBE).then_some(probed);
