@@ -98,6 +98,7 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
     )
     .events(EventMaker::single("Order Completed"));
     let started = timing::now_ns();
+    let load_start = tokio::time::Instant::now();
     let meter = env.meter(&[switchyard.pid], &database, Some(&sink));
     let running = tokio::spawn(loader::run(switchyard.addr, load));
     let mut connection = database.connect().await?;
@@ -111,13 +112,18 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
     let mut backlogs = Vec::new();
     let mut waits = Vec::new();
     let mut sampler = Waits::start(&database).await?;
-    for _ in 0..minutes {
-        let from = timing::now_ns();
-        tokio::time::sleep(Duration::from_secs(60)).await;
+    // Minutes are counted from the load's start, not from the end of the last minute's
+    // sampling: otherwise each minute's queries push the next window later, and the last one
+    // runs past the end of the load (an hour-long soak's last minute read as a stall).
+    let minute = Duration::from_secs(60);
+    let mut from = started;
+    for index in 1..=minutes as u32 {
+        tokio::time::sleep_until(load_start + minute * index).await;
         let to = timing::now_ns();
         let delivered = sink.all_arrived_between(from, to);
         rates.push(per_sec(delivered, Duration::from_nanos(to - from)));
         p99s.push(sink.all_latencies(from, to).percentile_ms(0.99));
+        from = to;
         for (table, sizes) in [("events", &mut events_mb), ("jobs", &mut jobs_mb)] {
             let bytes: i64 = sqlx::query_scalar(TABLE_BYTES)
                 .bind(table)
@@ -129,7 +135,7 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
         live_jobs.push(live);
         dead_jobs.push(dead);
         rss.push(procfs::rss_mb(switchyard.pid).unwrap_or(0.0));
-        let sent = running_acked(&sink, rate, started);
+        let sent = running_acked(&sink, rate, started, minute * minutes as u32);
         backlogs.push(sent);
         waits.push(sampler.minute(6).await);
         eprintln!(
@@ -227,10 +233,10 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
     Ok(row)
 }
 
-/// Events acknowledged by now (at the offered rate since `started`) that the sink has not
-/// seen yet: the backlog.
-fn running_acked(sink: &Sink, rate: f64, started: u64) -> f64 {
-    let elapsed = Duration::from_nanos(timing::now_ns().saturating_sub(started));
+/// Events sent by now (at the offered rate since `started`, for at most the load's `length`)
+/// that the sink has not seen yet: the backlog.
+fn running_acked(sink: &Sink, rate: f64, started: u64, length: Duration) -> f64 {
+    let elapsed = Duration::from_nanos(timing::now_ns().saturating_sub(started)).min(length);
     (rate * elapsed.as_secs_f64() - sink.delivered() as f64).max(0.0)
 }
 
