@@ -92,13 +92,19 @@ impl Store {
     /// (1,385 pages, 3.4 ms a statement in the `replay` bench, against 0.2 ms by the key).
     /// Their connections have sequential scans off.
     ///
+    /// No connection lets Postgres JIT-compile its statements. A claim is planned as costly
+    /// once the queue is deep (Postgres cannot know how few runs its `LIMIT` leaves), and above
+    /// `jit_above_cost` every claim spent 40 to 60 ms compiling itself: in a soak, a backlog of
+    /// a few seconds brought delivery down to 1,000 events a second, and the queue it left
+    /// kept it there. Switchyard's statements are short and repeated; none gains from JIT.
+    ///
     /// sqlx pings a connection (a round trip) both when it is taken from the pool and when it
     /// is given back. The second ping already drops a connection that died, so the first is
     /// skipped: a connection that died while idle fails one statement and is then dropped, and
     /// every caller treats a failed statement as retryable (ingest answers 503, delivery and
     /// replays try again).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
-        let options: PgConnectOptions = url.parse()?;
+        let options = url.parse::<PgConnectOptions>()?.options([("jit", "off")]);
         let pools = |max: u32| {
             PgPoolOptions::new()
                 .max_connections(max)
@@ -209,4 +215,66 @@ impl Store {
 pub enum NameTable {
     Sources,
     Destinations,
+}
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use sqlx::{Connection, PgConnection};
+
+    use super::*;
+    use crate::testkit::TestDatabase;
+
+    /// Whether Postgres JIT-compiled a statement it was made to plan as costly as a claim
+    /// against a deep queue.
+    async fn compiled<'c, E>(executor: E) -> bool
+    where
+        E: sqlx::PgExecutor<'c>,
+    {
+        let plan: String = sqlx::query_scalar(
+            "EXPLAIN (ANALYZE, FORMAT JSON) \
+             SELECT sum(x * 2 + 1) FROM generate_series(1, 1000) x",
+        )
+        .fetch_one(executor)
+        .await
+        .map(|plan: serde_json::Value| plan.to_string())
+        .expect("an explained statement");
+        plan.contains("\"JIT\"")
+    }
+
+    /// No pool of the store lets Postgres JIT-compile. A claim against a deep queue is planned
+    /// as costly (Postgres cannot know how few runs `LIMIT` leaves), and once the queue was deep
+    /// enough each claim spent 40 to 60 ms compiling itself: delivery fell to 1,000 events a
+    /// second and, the queue growing, stayed there.
+    #[tokio::test]
+    async fn no_connection_compiles_its_statements() {
+        let db = TestDatabase::create("no_jit").await;
+        db.scalar(&format!(
+            "ALTER DATABASE {} SET jit_above_cost = 0",
+            server::quote_identifier(&db.name)
+        ))
+        .await;
+        let mut plain = PgConnection::connect(&db.url).await.unwrap();
+        let available: bool = sqlx::query_scalar("SELECT pg_jit_available()")
+            .fetch_one(&mut plain)
+            .await
+            .unwrap();
+        assert_eq!(
+            compiled(&mut plain).await,
+            available,
+            "a plain connection compiles when the server can"
+        );
+
+        let store = Store::connect(&db.url, 2).await.unwrap();
+        for (name, pool) in [
+            ("main", &store.pool),
+            ("writes", &store.writes),
+            ("finishes", &store.finishes),
+        ] {
+            assert!(
+                !compiled(pool).await,
+                "the {name} pool compiled a statement"
+            );
+        }
+        store.close().await;
+    }
 }
