@@ -364,8 +364,7 @@ impl Scheduler {
                 Wake::All => everyone = true,
                 Wake::Replayed(claim) => {
                     for (id, visit) in self.replay_claimed(claim) {
-                        queued.insert(id);
-                        progressed |= settle(id, visit, ready, queued, timers);
+                        progressed |= settle_replayed(id, visit, ready, queued, timers);
                     }
                 }
             }
@@ -805,6 +804,26 @@ fn settle(
     false
 }
 
+/// Files a destination after a replay claim of its came back. Unlike a visit of the loop's,
+/// this one may find the destination ready already (new work woke it meanwhile): it is then
+/// left where it is, once. Filed a second time, it was visited twice in one pass, the second
+/// claim found nothing (the first had taken it all) and filed it as idle while it was still
+/// ready, and from then on every wake-up added another copy: with a deep queue, each pass
+/// claimed for one destination two and three times over.
+fn settle_replayed(
+    id: i32,
+    visit: Visit,
+    ready: &mut VecDeque<i32>,
+    queued: &mut HashSet<i32>,
+    timers: &mut BTreeMap<Instant, Vec<i32>>,
+) -> bool {
+    if queued.insert(id) {
+        settle(id, visit, ready, queued, timers)
+    } else {
+        matches!(visit, Visit::Dispatched { .. })
+    }
+}
+
 /// Moves destinations whose timers have come to the ready queue.
 fn fire_timers(
     timers: &mut BTreeMap<Instant, Vec<i32>>,
@@ -821,5 +840,85 @@ fn fire_timers(
                 ready.push_back(id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The loop's bookkeeping: destinations ready to visit, and which ones those are.
+    #[derive(Default)]
+    struct Rounds {
+        ready: VecDeque<i32>,
+        queued: HashSet<i32>,
+        timers: BTreeMap<Instant, Vec<i32>>,
+    }
+
+    impl Rounds {
+        fn wake(&mut self, id: i32) {
+            if self.queued.insert(id) {
+                self.ready.push_back(id);
+            }
+        }
+
+        /// One pass of the loop, each ready destination visited with `visit`.
+        fn pass(&mut self, visit: impl Fn(i32) -> Visit) -> Vec<i32> {
+            let mut visited = Vec::new();
+            for _ in 0..self.ready.len() {
+                let Some(id) = self.ready.pop_front() else {
+                    break;
+                };
+                visited.push(id);
+                settle(
+                    id,
+                    visit(id),
+                    &mut self.ready,
+                    &mut self.queued,
+                    &mut self.timers,
+                );
+            }
+            visited
+        }
+
+        fn replayed(&mut self, id: i32, visit: Visit) -> bool {
+            settle_replayed(
+                id,
+                visit,
+                &mut self.ready,
+                &mut self.queued,
+                &mut self.timers,
+            )
+        }
+    }
+
+    #[test]
+    fn a_replay_claim_coming_back_to_a_ready_destination_leaves_it_ready_once() {
+        let mut rounds = Rounds::default();
+        // Its live claim found nothing: idle, and a replay claim goes out.
+        rounds.wake(1);
+        assert_eq!(rounds.pass(|_| Visit::Idle), [1]);
+        assert!(rounds.ready.is_empty());
+        // New live work wakes it before the replay claim is back.
+        rounds.wake(1);
+        assert!(rounds.replayed(1, Visit::Dispatched { more: true }));
+        assert_eq!(rounds.ready, [1], "ready once");
+        // Visited once per pass from then on, however often it is woken.
+        assert_eq!(rounds.pass(|_| Visit::Dispatched { more: true }), [1]);
+        rounds.wake(1);
+        assert_eq!(rounds.pass(|_| Visit::Dispatched { more: true }), [1]);
+        assert_eq!(rounds.ready, [1]);
+    }
+
+    #[test]
+    fn a_replay_claim_coming_back_to_an_idle_destination_files_it() {
+        let mut rounds = Rounds::default();
+        assert!(rounds.replayed(2, Visit::Dispatched { more: true }));
+        assert_eq!(rounds.ready, [2]);
+        assert!(!rounds.replayed(3, Visit::Idle));
+        assert!(!rounds.queued.contains(&3));
+        let until = Instant::now() + Duration::from_secs(1);
+        assert!(!rounds.replayed(4, Visit::WaitUntil(until)));
+        assert_eq!(rounds.timers.get(&until), Some(&vec![4]));
     }
 }
