@@ -99,6 +99,8 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
     .events(EventMaker::single("Order Completed"));
     let started = timing::now_ns();
     let load_start = tokio::time::Instant::now();
+    // What the probe delivered to the same sink is not the soak's.
+    let delivered_before = sink.delivered();
     let meter = env.meter(&[switchyard.pid], &database, Some(&sink));
     let running = tokio::spawn(loader::run(switchyard.addr, load));
     let mut connection = database.connect().await?;
@@ -135,7 +137,13 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
         live_jobs.push(live);
         dead_jobs.push(dead);
         rss.push(procfs::rss_mb(switchyard.pid).unwrap_or(0.0));
-        let sent = running_acked(&sink, rate, started, minute * minutes as u32);
+        let sent = behind(
+            &sink,
+            delivered_before,
+            rate,
+            started,
+            minute * minutes as u32,
+        );
         backlogs.push(sent);
         waits.push(sampler.minute(6).await);
         eprintln!(
@@ -234,10 +242,12 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
 }
 
 /// Events sent by now (at the offered rate since `started`, for at most the load's `length`)
-/// that the sink has not seen yet: the backlog.
-fn running_acked(sink: &Sink, rate: f64, started: u64, length: Duration) -> f64 {
+/// that the sink has not seen yet: the backlog. `before` is what the sink had seen when the
+/// load began.
+fn behind(sink: &Sink, before: u64, rate: f64, started: u64, length: Duration) -> f64 {
     let elapsed = Duration::from_nanos(timing::now_ns().saturating_sub(started)).min(length);
-    (rate * elapsed.as_secs_f64() - sink.delivered() as f64).max(0.0)
+    let delivered = sink.delivered().saturating_sub(before);
+    (rate * elapsed.as_secs_f64() - delivered as f64).max(0.0)
 }
 
 fn series(values: &[f64], digits: i32) -> Vec<Value> {
