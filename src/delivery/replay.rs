@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ingest::{Message, Route};
 use crate::pipeline::Pipeline;
-use crate::store::{self, ArchivedEvent, Replay, ReplayStep, Store};
+use crate::store::{self, ArchivedEvent, ClaimedEvent, Replay, ReplayStep, Store};
 
 /// Archived events read per step.
 const PAGE: i64 = 5_000;
@@ -77,24 +77,38 @@ async fn step_all(store: &Store, pipeline: &ArcSwap<Pipeline>) -> store::Result<
             continue;
         }
         let page = store.replay_page(&replay, PAGE).await?;
+        let read = page.len();
+        let names: HashMap<i32, &str> = pipeline
+            .sources
+            .sources()
+            .into_iter()
+            .map(|source| (source.id, source.name.as_str()))
+            .collect();
         store
-            .queue_replay_step(&replay, &plan(&replay, route, &page))
+            .queue_replay_step(&replay, plan(&replay, route, page, &names))
             .await?;
-        if !page.is_empty() {
+        if read > 0 {
             step = Step::Queued;
         }
     }
     Ok(step)
 }
 
-/// The runs one page makes for a replay's destination, and where the cursor goes next.
-pub fn plan(replay: &Replay, route: &Route, page: &[ArchivedEvent]) -> ReplayStep {
+/// The runs one page makes for a replay's destination, and where the cursor goes next; with
+/// the events taken, for delivery, when `names` has their source's name.
+pub fn plan(
+    replay: &Replay,
+    route: &Route,
+    page: Vec<ArchivedEvent>,
+    names: &HashMap<i32, &str>,
+) -> ReplayStep {
     let done = (page.len() as i64) < PAGE;
     let cursor = page
         .last()
         .map_or((replay.cursor_day, replay.cursor_id), |e| (e.day, e.id));
     let mut runs: Vec<(i32, i32, Vec<i64>, Option<i64>)> = Vec::new();
     let mut open: HashMap<(i32, i32, Option<i64>), usize> = HashMap::new();
+    let mut events = Vec::with_capacity(page.len());
     for event in page {
         let Some(message) = Message::from_stored(&event.payload) else {
             continue;
@@ -119,6 +133,20 @@ pub fn plan(replay: &Replay, route: &Route, page: &[ArchivedEvent]) -> ReplaySte
                 runs.push((event.day, event.source_id, vec![event.id], user));
             }
         }
+        if let Some(source) = names.get(&event.source_id) {
+            let read = ClaimedEvent {
+                id: event.id,
+                message_id: event.message_id,
+                payload: event.payload,
+                source: Some((*source).to_owned()),
+            };
+            events.push((event.day, read));
+        }
     }
-    ReplayStep { runs, cursor, done }
+    ReplayStep {
+        runs,
+        cursor,
+        done,
+        events,
+    }
 }

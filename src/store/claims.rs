@@ -3,6 +3,7 @@
 //! written in one statement per batch, and only while the claim still holds.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use sqlx::Row;
@@ -50,6 +51,72 @@ pub struct ClaimedEvent {
     pub source: Option<String>,
 }
 
+/// Runs with their events from a claim's rows (one per event, in run order), by destination.
+fn gather_events(rows: Vec<sqlx::postgres::PgRow>, claimed: &mut HashMap<i32, Vec<ClaimedRun>>) {
+    let mut last: Option<(i32, i64)> = None;
+    for row in rows {
+        let id: i64 = row.get("id");
+        let destination: i32 = row.get("destination_id");
+        let runs = claimed.entry(destination).or_default();
+        if last != Some((destination, id)) {
+            runs.push(ClaimedRun {
+                id,
+                attempts: row.get("attempts"),
+                enqueued_at: row.get("enqueued_at"),
+                events: Vec::new(),
+            });
+            last = Some((destination, id));
+        }
+        if let Some(run) = runs.last_mut() {
+            run.events.push(ClaimedEvent {
+                id: row.get("event_id"),
+                message_id: row.get("message_id"),
+                payload: row.get("payload"),
+                source: row.get("source"),
+            });
+        }
+    }
+}
+
+/// Archived events a replay selected in this process, with what delivery needs of them, kept
+/// from its read of the archive until a claim takes their runs: a replay claim then reads no
+/// event again. Reading them twice made a replayed event cost Postgres two and a half times
+/// what an event of a backlog costs. It is only a cache: an event not in it (selected by
+/// another process, before a restart, or dropped here) is read from the archive.
+#[derive(Debug, Default)]
+pub(crate) struct Selected {
+    events: Mutex<HashMap<(i32, i64), ClaimedEvent>>,
+}
+
+/// Events [`Selected`] holds at most: replays stay a bounded number of events ahead of
+/// delivery, so it only fills up with events it will never be asked for (a replay cancelled,
+/// runs claimed by another process), and it is then emptied.
+const SELECTED_MAX: usize = 100_000;
+
+impl Selected {
+    /// Keeps events (by day and id) for the claim of their runs.
+    pub(crate) fn keep(&self, events: impl IntoIterator<Item = (i32, ClaimedEvent)>) {
+        let mut kept = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        for (day, event) in events {
+            if kept.len() >= SELECTED_MAX {
+                kept.clear();
+            }
+            kept.insert((day, event.id), event);
+        }
+    }
+
+    /// Takes out the events of `keys` it holds.
+    fn take(
+        &self,
+        keys: impl IntoIterator<Item = (i32, i64)>,
+    ) -> HashMap<(i32, i64), ClaimedEvent> {
+        let mut kept = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.into_iter()
+            .filter_map(|key| kept.remove(&key).map(|event| (key, event)))
+            .collect()
+    }
+}
+
 /// What became of one event of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fate {
@@ -80,7 +147,7 @@ pub struct RunOutcome {
 /// the `due` runs are leased to owner `$4` and returned with their events, one row per event,
 /// in one statement, so many destinations with a run or two each cost one round trip.
 macro_rules! claim {
-    ($($due:tt)+) => {
+    ($select:ident; $($due:tt)+) => {
         concat!(
             r#"WITH wanted AS (
     SELECT * FROM unnest($1::int[], $2::bigint[], $3::float8[]) AS w(destination_id, n, lease)
@@ -102,6 +169,16 @@ macro_rules! claim {
     WHERE j.id = ANY (ARRAY(SELECT id FROM due))
     RETURNING j.id, j.destination_id, j.day, j.event_ids, j.attempts, j.enqueued_at
 )
+"#,
+            $select!()
+        )
+    };
+}
+
+/// The end of a live claim: the claimed runs with their events, one row per event.
+macro_rules! with_events {
+    () => {
+        r#"
 SELECT c.id, c.destination_id, c.attempts, c.enqueued_at, e.id AS event_id, e.message_id,
        e.payload, s.name AS source
 FROM claimed c
@@ -110,15 +187,24 @@ JOIN events e ON e.day = c.day AND e.id = u.event_id
 LEFT JOIN sources s ON s.id = e.source_id
 ORDER BY c.id, u.position
 "#
-        )
+    };
+}
+
+/// The end of a replay claim: the claimed runs alone. Their events were mostly read by the
+/// replay that queued them, a moment before ([`Store::claim_many`]).
+macro_rules! runs_only {
+    () => {
+        r#"
+SELECT id, destination_id, day, event_ids, attempts, enqueued_at FROM claimed ORDER BY id
+"#
     };
 }
 
 /// The oldest due runs of a destination; `$lane` picks live runs or replays, written as the
 /// due indexes' own conditions so that a claim reads only the runs it takes.
 macro_rules! oldest {
-    ($lane:literal) => {
-        claim!(concat!(
+    ($lane:literal, $select:ident) => {
+        claim!($select; concat!(
             "
         SELECT id FROM jobs
         WHERE destination_id = w.destination_id AND ",
@@ -135,8 +221,8 @@ macro_rules! oldest {
 /// Per-user ordering: only the oldest run of each user is claimable, so while it is in flight
 /// or waiting to be retried, that user's later runs wait and other users' do not.
 macro_rules! oldest_per_user {
-    ($lane:literal) => {
-        claim!(concat!(
+    ($lane:literal, $select:ident) => {
+        claim!($select; concat!(
             "
         SELECT j.id FROM jobs j
         WHERE j.destination_id = w.destination_id AND j.",
@@ -158,10 +244,10 @@ macro_rules! oldest_per_user {
     };
 }
 
-const CLAIM_LIVE: &str = oldest!("replay_id IS NULL");
-const CLAIM_REPLAY: &str = oldest!("replay_id IS NOT NULL");
-const CLAIM_LIVE_PER_USER: &str = oldest_per_user!("replay_id IS NULL");
-const CLAIM_REPLAY_PER_USER: &str = oldest_per_user!("replay_id IS NOT NULL");
+const CLAIM_LIVE: &str = oldest!("replay_id IS NULL", with_events);
+const CLAIM_REPLAY: &str = oldest!("replay_id IS NOT NULL", runs_only);
+const CLAIM_LIVE_PER_USER: &str = oldest_per_user!("replay_id IS NULL", with_events);
+const CLAIM_REPLAY_PER_USER: &str = oldest_per_user!("replay_id IS NOT NULL", runs_only);
 
 /// Writes run outcomes. Only runs still held by this claim (`$9` owner, the attempt number)
 /// are touched, so a late outcome never overwrites a newer claim's, and an event is never both
@@ -293,31 +379,92 @@ impl Store {
                 .bind(owner)
                 .fetch_all(&self.pool)
                 .await?;
-            let mut last: Option<(i32, i64)> = None;
-            for row in rows {
-                let id: i64 = row.get("id");
-                let destination: i32 = row.get("destination_id");
-                let runs = claimed.entry(destination).or_default();
-                if last != Some((destination, id)) {
-                    runs.push(ClaimedRun {
-                        id,
-                        attempts: row.get("attempts"),
-                        enqueued_at: row.get("enqueued_at"),
-                        events: Vec::new(),
-                    });
-                    last = Some((destination, id));
-                }
-                if let Some(run) = runs.last_mut() {
-                    run.events.push(ClaimedEvent {
-                        id: row.get("event_id"),
-                        message_id: row.get("message_id"),
-                        payload: row.get("payload"),
-                        source: row.get("source"),
-                    });
-                }
+            match lane {
+                Lane::Live => gather_events(rows, &mut claimed),
+                Lane::Replay => self.gather_replayed(rows, &mut claimed).await?,
             }
         }
         Ok(claimed)
+    }
+
+    /// Fills the replay runs of a claim (one row per run) with their events: those the replay
+    /// selecting them read in this process are taken from [`Selected`], the rest (a replay
+    /// selected by another process or before a restart, a run retried) read in one statement.
+    async fn gather_replayed(
+        &self,
+        rows: Vec<sqlx::postgres::PgRow>,
+        claimed: &mut HashMap<i32, Vec<ClaimedRun>>,
+    ) -> Result<()> {
+        let mut runs: Vec<(i32, i32, ClaimedRun, Vec<i64>)> = Vec::with_capacity(rows.len());
+        for row in rows {
+            runs.push((
+                row.get("destination_id"),
+                row.get("day"),
+                ClaimedRun {
+                    id: row.get("id"),
+                    attempts: row.get("attempts"),
+                    enqueued_at: row.get("enqueued_at"),
+                    events: Vec::new(),
+                },
+                row.get("event_ids"),
+            ));
+        }
+        // How often each event is asked for: two replays to one destination may both have
+        // queued it, and a claim may take both runs.
+        let mut uses: HashMap<(i32, i64), usize> = HashMap::new();
+        for (_, day, _, ids) in &runs {
+            for &id in ids {
+                *uses.entry((*day, id)).or_default() += 1;
+            }
+        }
+        let mut found = self.selected.take(uses.keys().copied());
+        let (days, ids): (Vec<i32>, Vec<i64>) = uses
+            .keys()
+            .filter(|key| !found.contains_key(key))
+            .copied()
+            .unzip();
+        if !ids.is_empty() {
+            let rows = sqlx::query(
+                "SELECT u.day, e.id, e.message_id, e.payload, s.name AS source \
+                 FROM unnest($1::int[], $2::bigint[]) AS u(day, id) \
+                 JOIN events e ON e.day = u.day AND e.id = u.id \
+                 LEFT JOIN sources s ON s.id = e.source_id",
+            )
+            .bind(&days)
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+            for row in rows {
+                found.insert(
+                    (row.get("day"), row.get("id")),
+                    ClaimedEvent {
+                        id: row.get("id"),
+                        message_id: row.get("message_id"),
+                        payload: row.get("payload"),
+                        source: row.get("source"),
+                    },
+                );
+            }
+        }
+        // An event no longer archived (its day dropped) is left out, as a claim joining the
+        // archive leaves it out.
+        for (destination, day, mut run, ids) in runs {
+            run.events = ids
+                .into_iter()
+                .filter_map(|id| {
+                    let key = (day, id);
+                    let left = uses.get_mut(&key)?;
+                    *left -= 1;
+                    if *left == 0 {
+                        found.remove(&key)
+                    } else {
+                        found.get(&key).cloned()
+                    }
+                })
+                .collect();
+            claimed.entry(destination).or_default().push(run);
+        }
+        Ok(())
     }
 
     /// Records run outcomes of claims held by `owner` in one statement; returns how many runs

@@ -40,6 +40,7 @@ pub use queue::{destinations, parse_notice, Committed, NewEvent, Target};
 pub use replays::{ArchivedEvent, Replay, ReplayStep};
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -68,6 +69,8 @@ pub struct Store {
     writes: PgPool,
     /// The completer's connections: run outcomes are written there, never by a table scan.
     finishes: PgPool,
+    /// Archived events this process's replays selected, until their runs are claimed.
+    selected: Arc<claims::Selected>,
 }
 
 /// Connections of [`Store::writes`]: one per group-commit writer.
@@ -127,6 +130,7 @@ impl Store {
             pool,
             writes,
             finishes,
+            selected: Arc::default(),
         })
     }
 

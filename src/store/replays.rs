@@ -3,7 +3,7 @@
 
 use time::OffsetDateTime;
 
-use super::{partitions::day_of, Result, Store, StoreError};
+use super::{partitions::day_of, ClaimedEvent, Result, Store, StoreError};
 
 /// A replay as the admin API shows it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -39,6 +39,7 @@ impl Replay {
 pub struct ArchivedEvent {
     pub day: i32,
     pub id: i64,
+    pub message_id: String,
     pub source_id: i32,
     pub order_key: i64,
     pub received_at: OffsetDateTime,
@@ -52,6 +53,9 @@ pub struct ReplayStep {
     pub runs: Vec<(i32, i32, Vec<i64>, Option<i64>)>,
     pub cursor: (i32, i64),
     pub done: bool,
+    /// The events of `runs` (by day) as delivery needs them, kept for the claim of their runs
+    /// so that it need not read them again; those left out are read then.
+    pub events: Vec<(i32, ClaimedEvent)>,
 }
 
 const REPLAY_COLUMNS: &str = "r.id, r.destination_id, d.name AS destination, r.from_at, r.to_at, \
@@ -61,7 +65,7 @@ const REPLAY_COLUMNS: &str = "r.id, r.destination_id, d.name AS destination, r.f
 /// Archived events after a cursor, in (day, id) order, within a time range and sources. (A
 /// row without a payload is a messageId kept for dedup only: not archived.)
 const ARCHIVE_PAGE: &str = r#"
-SELECT day, id, source_id, order_key, received_at, payload
+SELECT day, id, message_id, source_id, order_key, received_at, payload
 FROM events
 WHERE day BETWEEN $1 AND $2 AND (day, id) > ($3, $4)
   AND received_at >= $5 AND received_at < $6 AND payload IS NOT NULL
@@ -181,7 +185,7 @@ impl Store {
 
     /// Queues one step of a replay and moves its cursor, in one transaction, unless it was
     /// cancelled meanwhile. Returns the events queued.
-    pub async fn queue_replay_step(&self, replay: &Replay, step: &ReplayStep) -> Result<u64> {
+    pub async fn queue_replay_step(&self, replay: &Replay, step: ReplayStep) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
         // Only from the cursor this step was read at: another process that selected the same
         // page first wins, and this step is dropped rather than queued twice.
@@ -241,6 +245,8 @@ impl Store {
         .bind(step.done)
         .execute(&mut *tx)
         .await?;
+        // Kept before the commit: a claim may take the runs the moment it is done.
+        self.selected.keep(step.events);
         tx.commit().await?;
         // Committed either way: delivery also looks for work on a timer.
         if queued > 0 {
