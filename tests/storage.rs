@@ -916,6 +916,33 @@ async fn queue_replay(
     selector.replay(replay.id).await.unwrap().unwrap()
 }
 
+/// Archives `read-0` to `read-19` of `source`, the first ten received 30 s ago and the others
+/// 10 s ago; returns instants before, between and after the two.
+async fn archive_twice_ten(
+    store: &Store,
+    source: i32,
+) -> (
+    time::OffsetDateTime,
+    time::OffsetDateTime,
+    time::OffsetDateTime,
+) {
+    let now = time::OffsetDateTime::now_utc();
+    let events: Vec<NewEvent> = (0..20)
+        .map(|i| {
+            let mut event = message(source, &format!("read-{i}"), &[]);
+            event.received_at = now - time::Duration::seconds(if i < 10 { 30 } else { 10 });
+            event
+        })
+        .collect();
+    store.insert_events(&events, true).await.unwrap();
+    let (early, middle, late) = (
+        now - time::Duration::minutes(1),
+        now - time::Duration::seconds(20),
+        now + time::Duration::minutes(1),
+    );
+    (early, middle, late)
+}
+
 /// The message ids and payloads of claimed runs, run by run.
 fn contents(runs: &[switchyard::store::ClaimedRun]) -> Vec<Vec<(String, String)>> {
     runs.iter()
@@ -940,20 +967,7 @@ fn contents(runs: &[switchyard::store::ClaimedRun]) -> Vec<Vec<(String, String)>
 async fn a_replay_claim_takes_what_its_replay_read() {
     let db = TestDatabase::create("replay_claim_read").await;
     let (store, source, destination) = migrated_store(&db).await;
-    let now = time::OffsetDateTime::now_utc();
-    let events: Vec<NewEvent> = (0..20)
-        .map(|i| {
-            let mut event = message(source, &format!("read-{i}"), &[]);
-            event.received_at = now - time::Duration::seconds(if i < 10 { 30 } else { 10 });
-            event
-        })
-        .collect();
-    store.insert_events(&events, true).await.unwrap();
-    let (early, middle, late) = (
-        now - time::Duration::minutes(1),
-        now - time::Duration::seconds(20),
-        now + time::Duration::minutes(1),
-    );
+    let (early, middle, late) = archive_twice_ten(&store, source).await;
     // The first ten are replayed by this process, the last ten by another one.
     queue_replay(&store, source, destination, (early, middle)).await;
     let elsewhere = Store::connect(&db.url, 1).await.unwrap();
@@ -990,6 +1004,50 @@ async fn a_replay_claim_takes_what_its_replay_read() {
         .unwrap();
     let halves = vec![expected(0..10, &again), expected(10..20, &again)];
     assert_eq!(contents(&runs), [halves.clone(), halves].concat());
+    store.close().await;
+}
+
+/// A cancelled replay's runs are never claimed, so what its process kept of their events is
+/// let go at once, and not after others' replays have filled the store up; what another
+/// replay kept stays.
+#[tokio::test]
+async fn a_cancelled_replay_lets_go_of_what_it_read() {
+    let db = TestDatabase::create("replay_cancel_read").await;
+    let (store, source, destination) = migrated_store(&db).await;
+    let (early, middle, late) = archive_twice_ten(&store, source).await;
+    let cancelled = queue_replay(&store, source, destination, (early, middle)).await;
+    queue_replay(&store, source, destination, (middle, late)).await;
+    assert!(store.cancel_replay(cancelled.id).await.unwrap());
+    db.scalar(r#"UPDATE events SET payload = convert_to('{"read":"again"}', 'UTF8')"#)
+        .await;
+    // The cancelled replay's events again, selected by another process.
+    let elsewhere = Store::connect(&db.url, 1).await.unwrap();
+    queue_replay(&elsewhere, source, destination, (early, middle)).await;
+    elsewhere.close().await;
+
+    let runs = store
+        .claim(
+            destination,
+            10,
+            Duration::from_secs(60),
+            1,
+            false,
+            Lane::Replay,
+        )
+        .await
+        .unwrap();
+    let kept: Vec<_> = (10..20)
+        .map(|i| {
+            (
+                format!("read-{i}"),
+                format!(r#"{{"messageId":"read-{i}"}}"#),
+            )
+        })
+        .collect();
+    let read_again: Vec<_> = (0..10)
+        .map(|i| (format!("read-{i}"), r#"{"read":"again"}"#.to_string()))
+        .collect();
+    assert_eq!(contents(&runs), vec![kept, read_again]);
     store.close().await;
 }
 

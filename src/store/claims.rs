@@ -85,23 +85,24 @@ fn gather_events(rows: Vec<sqlx::postgres::PgRow>, claimed: &mut HashMap<i32, Ve
 /// another process, before a restart, or dropped here) is read from the archive.
 #[derive(Debug, Default)]
 pub(crate) struct Selected {
-    events: Mutex<HashMap<(i32, i64), ClaimedEvent>>,
+    /// By day and id: the event, and the replay that selected it.
+    events: Mutex<HashMap<(i32, i64), (i64, ClaimedEvent)>>,
 }
 
 /// Events [`Selected`] holds at most: replays stay a bounded number of events ahead of
-/// delivery, so it only fills up with events it will never be asked for (a replay cancelled,
-/// runs claimed by another process), and it is then emptied.
+/// delivery, so it only fills up with events it will never be asked for (runs another process
+/// claimed, a replay another process cancelled), and it is then emptied.
 const SELECTED_MAX: usize = 100_000;
 
 impl Selected {
-    /// Keeps events (by day and id) for the claim of their runs.
-    pub(crate) fn keep(&self, events: impl IntoIterator<Item = (i32, ClaimedEvent)>) {
+    /// Keeps events a replay selected (by day) for the claim of their runs.
+    pub(crate) fn keep(&self, replay: i64, events: impl IntoIterator<Item = (i32, ClaimedEvent)>) {
         let mut kept = self.events.lock().unwrap_or_else(PoisonError::into_inner);
         for (day, event) in events {
             if kept.len() >= SELECTED_MAX {
                 kept.clear();
             }
-            kept.insert((day, event.id), event);
+            kept.insert((day, event.id), (replay, event));
         }
     }
 
@@ -112,8 +113,16 @@ impl Selected {
     ) -> HashMap<(i32, i64), ClaimedEvent> {
         let mut kept = self.events.lock().unwrap_or_else(PoisonError::into_inner);
         keys.into_iter()
-            .filter_map(|key| kept.remove(&key).map(|event| (key, event)))
+            .filter_map(|key| kept.remove(&key).map(|(_, event)| (key, event)))
             .collect()
+    }
+
+    /// Lets go of what a replay selected: it was cancelled, and its runs will not be claimed.
+    pub(crate) fn forget(&self, replay: i64) {
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, (selected_by, _)| *selected_by != replay);
     }
 }
 

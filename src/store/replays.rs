@@ -246,7 +246,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         // Kept before the commit: a claim may take the runs the moment it is done.
-        self.selected.keep(step.events);
+        self.selected.keep(replay.id, step.events);
         tx.commit().await?;
         // Committed either way: delivery also looks for work on a timer.
         if queued > 0 {
@@ -287,6 +287,9 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        // Its runs are gone; what this process kept of their events would stay until the
+        // ceiling empties the whole store of them. (Another process's copy goes that way.)
+        self.selected.forget(id);
         Ok(found)
     }
 }
