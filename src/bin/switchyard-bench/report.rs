@@ -359,20 +359,25 @@ pub fn json(rows: &[Row]) -> Value {
 
 /// CPU time per event, in microseconds: unlike events/s, it hardly moves when other work on
 /// the machine takes cores away.
-struct CostPerEvent {
-    switchyard: f64,
-    postgres: f64,
+pub struct CostPerEvent {
+    pub switchyard: f64,
+    pub postgres: f64,
     /// The loader and the sinks.
-    bench: f64,
+    pub bench: f64,
 }
 
 fn cpu_per_event(row: &Row) -> Option<CostPerEvent> {
-    let cpu = row.cpu?;
-    if row.events_per_sec <= 0.0 {
+    cost_per_event(&row.cpu?, row.events_per_sec)
+}
+
+/// CPU per event, in microseconds, of a window whose split was `cpu` while `events_per_sec`
+/// went through.
+pub fn cost_per_event(cpu: &CpuSplit, events_per_sec: f64) -> Option<CostPerEvent> {
+    if events_per_sec <= 0.0 {
         return None;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let micros = |pct: f64| pct / 100.0 * cores / row.events_per_sec * 1e6;
+    let micros = |pct: f64| pct / 100.0 * cores / events_per_sec * 1e6;
     Some(CostPerEvent {
         switchyard: micros(cpu.switchyard),
         postgres: micros(cpu.postgres),

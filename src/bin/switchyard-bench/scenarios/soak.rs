@@ -19,7 +19,7 @@ use super::{note_log, wait_until, Env};
 use crate::events::EventMaker;
 use crate::loader::{self, per_sec, Endpoint, Load};
 use crate::procfs;
-use crate::report::{round, Row};
+use crate::report::{self, round, Row};
 use crate::sink::Sink;
 use crate::switchyard::{Role, Webhook};
 use crate::timing;
@@ -102,6 +102,11 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
     // What the probe delivered to the same sink is not the soak's.
     let delivered_before = sink.delivered();
     let meter = env.meter(&[switchyard.pid], &database, Some(&sink));
+    // Each minute's CPU per event too: over an hour, a falling rate at a rising cost per event
+    // is Switchyard or Postgres doing more per event; at the same cost, the machine giving less.
+    let mut minute_meter = env.meter(&[switchyard.pid], &database, Some(&sink));
+    let mut costs = Vec::new();
+    let mut busy = Vec::new();
     let running = tokio::spawn(loader::run(switchyard.addr, load));
     let mut connection = database.connect().await?;
     let mut rates = Vec::new();
@@ -122,8 +127,13 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
     for index in 1..=minutes as u32 {
         tokio::time::sleep_until(load_start + minute * index).await;
         let to = timing::now_ns();
+        let split = minute_meter.finish();
+        minute_meter = env.meter(&[switchyard.pid], &database, Some(&sink));
         let delivered = sink.all_arrived_between(from, to);
         rates.push(per_sec(delivered, Duration::from_nanos(to - from)));
+        let cost = report::cost_per_event(&split, rates.last().copied().unwrap_or_default());
+        costs.push(cost.map_or((0.0, 0.0), |c| (c.switchyard, c.postgres)));
+        busy.push(split.switchyard + split.postgres + split.loader + split.sink + split.other);
         p99s.push(sink.all_latencies(from, to).percentile_ms(0.99));
         from = to;
         for (table, sizes) in [("events", &mut events_mb), ("jobs", &mut jobs_mb)] {
@@ -158,6 +168,11 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
             live_jobs.last().copied().unwrap_or_default(),
             dead_jobs.last().copied().unwrap_or_default()
         );
+        if let (Some((sy, pg)), Some(busy)) = (costs.last(), busy.last()) {
+            eprintln!(
+                "    cpu that minute: {sy:.1} µs/event Switchyard, {pg:.1} Postgres; machine {busy:.0}% busy"
+            );
+        }
         if let Some(last) = waits.last() {
             eprintln!("    postgres that minute: {last}");
         }
@@ -227,6 +242,15 @@ pub async fn run(env: &Env, done: &[Row]) -> anyhow::Result<Row> {
     row.set("jobs_size_growth_pct", round(jobs_growth, 1));
     row.set("per_minute_backlog_events", series(&backlogs, 0));
     row.set("per_minute_postgres", waits);
+    row.set(
+        "per_minute_cpu_us_per_event_switchyard",
+        series(&costs.iter().map(|c| c.0).collect::<Vec<_>>(), 1),
+    );
+    row.set(
+        "per_minute_cpu_us_per_event_postgres",
+        series(&costs.iter().map(|c| c.1).collect::<Vec<_>>(), 1),
+    );
+    row.set("per_minute_machine_busy_pct", series(&busy, 0));
     row.set("minutes", minutes);
     for rule in &broken {
         eprintln!("  soak not flat: {rule}");
