@@ -153,8 +153,9 @@ pub struct RunOutcome {
 }
 
 /// A claim across destinations: for each (`$1` destination, `$2` at most, `$3` lease seconds),
-/// the `due` runs are leased to owner `$4` and returned with their events, one row per event,
-/// in one statement, so many destinations with a run or two each cost one round trip.
+/// the `due` runs are leased to owner `$4` and returned as `$select` says (a live claim's with
+/// their events, one row per event; a replay claim's alone), in one statement, so many
+/// destinations with a run or two each cost one round trip.
 macro_rules! claim {
     ($select:ident; $($due:tt)+) => {
         concat!(
