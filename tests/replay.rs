@@ -73,6 +73,18 @@ fn around_now() -> (String, String) {
     )
 }
 
+/// Asks for a replay to `destination` of everything sent in the test; the status and answer.
+async fn replay_everything(base: &str, destination: &str) -> (u16, Value) {
+    let (from, to) = around_now();
+    admin(
+        base,
+        reqwest::Method::POST,
+        "/admin/v1/replays",
+        Some(json!({"destination": destination, "from": from, "to": to})),
+    )
+    .await
+}
+
 async fn wait_state(base: &str, id: i64, state: &str) -> Value {
     let mut last = Value::Null;
     for _ in 0..300 {
@@ -126,14 +138,7 @@ async fn a_destination_added_later_gets_the_archived_history_and_only_what_its_f
     .unwrap();
     let (status, body) = admin(&base, reqwest::Method::POST, "/admin/v1/reload", None).await;
     assert_eq!(status, 200, "{body}");
-    let (from, to) = around_now();
-    let (status, body) = admin(
-        &base,
-        reqwest::Method::POST,
-        "/admin/v1/replays",
-        Some(json!({"destination": "later", "from": from, "to": to})),
-    )
-    .await;
+    let (status, body) = replay_everything(&base, "later").await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["events"], 500, "every archived event in range: {body}");
     let id = body["id"].as_i64().unwrap();
@@ -164,18 +169,13 @@ async fn a_destination_added_later_gets_the_archived_history_and_only_what_its_f
     )
     .await;
     assert_eq!(status, 404);
-    let (status, body) = admin(
-        &base,
-        reqwest::Method::POST,
-        "/admin/v1/replays",
-        Some(json!({"destination": "nope", "from": from, "to": to})),
-    )
-    .await;
+    let (status, body) = replay_everything(&base, "nope").await;
     assert_eq!(
         (status, body["code"].as_str().is_some()),
         (404, true),
         "{body}"
     );
+    let (from, to) = around_now();
     let (status, body) = admin(
         &base,
         reqwest::Method::POST,
@@ -462,5 +462,89 @@ async fn live_events_overtake_two_replays_that_share_the_destinations_rate_limit
     );
     // The other destination got nothing twice.
     assert_eq!(other.message_ids().len(), 160);
+    sy.shutdown().await.unwrap();
+}
+
+/// Live traffic first, on a slow destination: a replay's requests never take every in-flight
+/// slot, so a live event is sent while they are all still waiting for their answers, not
+/// after the first of them ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_event_is_sent_while_the_replays_requests_hold_their_slots() {
+    const HOLD: Duration = Duration::from_secs(6);
+    let db = TestDatabase::create("replay_slots").await;
+    let hook = MockServer::scripted(|_, request| {
+        let live = request.json()["messageId"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("live-"));
+        if live {
+            Reply::ok()
+        } else {
+            Reply::ok().after(HOLD)
+        }
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("sy-replay-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("switchyard.toml");
+    let settings = "max_in_flight = 4\nbatch_size = 1\ntimeout = \"30s\"";
+    // The history is archived while the destination takes none of it.
+    let before = format!("{settings}\nevents = [\"Live\"]");
+    std::fs::write(
+        &path,
+        config(&[destination("hook", &hook.url("/in"), &before)]),
+    )
+    .unwrap();
+    let sy = start_switchyard_from(&path, &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    send(&base, "hist", "History", 50).await;
+    std::fs::write(
+        &path,
+        config(&[destination("hook", &hook.url("/in"), settings)]),
+    )
+    .unwrap();
+    let (status, body) = admin(&base, reqwest::Method::POST, "/admin/v1/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = replay_everything(&base, "hook").await;
+    assert_eq!((status, &body["events"]), (202, &json!(50)), "{body}");
+    let id = body["id"].as_i64().unwrap();
+    // The replay's first requests are out, and held.
+    assert!(
+        hook.wait_until(Duration::from_secs(20), |s| !s.received().is_empty())
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send(&base, "live", "Live", 1).await;
+    assert!(
+        hook.wait_until(Duration::from_secs(30), |s| s
+            .message_ids()
+            .contains(&"live-0".to_owned()))
+            .await,
+        "the live event never arrived"
+    );
+
+    let received = hook.received();
+    let first = received[0].at;
+    let live = received
+        .iter()
+        .position(|r| r.json()["messageId"] == "live-0")
+        .unwrap();
+    assert!(
+        received[live].at < first + HOLD,
+        "the live event came {:?} after the replay's first request, which was held {HOLD:?}: \
+         it waited for a replay request to end",
+        received[live].at - first
+    );
+    assert!(
+        live <= 3,
+        "{live} replay requests were out before the live event: every slot of 4"
+    );
+    let (status, _) = admin(
+        &base,
+        reqwest::Method::DELETE,
+        &format!("/admin/v1/replays/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
     sy.shutdown().await.unwrap();
 }

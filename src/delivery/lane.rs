@@ -13,6 +13,54 @@ use crate::delivery::traffic::{Concurrency, KeyGate};
 use crate::destination::{Destination, EndpointStats, Outcome};
 use crate::{rates, store};
 
+/// A lane's claimed events not yet sent: live ones apart from a replay's, and sent first.
+#[derive(Default)]
+pub(super) struct Pending {
+    live: VecDeque<Claimed>,
+    replay: VecDeque<Claimed>,
+}
+
+impl Pending {
+    pub(super) fn push(&mut self, claimed: Claimed, replay: bool) {
+        if replay {
+            self.replay.push_back(claimed);
+        } else {
+            self.live.push_back(claimed);
+        }
+    }
+
+    /// Events a request could take now: the live ones, and the replay's with `replay_room`.
+    pub(super) fn startable(&self, replay_room: bool) -> usize {
+        self.live.len() + if replay_room { self.replay.len() } else { 0 }
+    }
+
+    /// Up to `batch` events for one request, live ones first, and whether they are a
+    /// replay's. A request never mixes the two.
+    pub(super) fn next_request(&mut self, batch: usize, replay_room: bool) -> (Vec<Claimed>, bool) {
+        if !self.live.is_empty() {
+            let take = batch.min(self.live.len());
+            (self.live.drain(..take).collect(), false)
+        } else if replay_room {
+            let take = batch.min(self.replay.len());
+            (self.replay.drain(..take).collect(), true)
+        } else {
+            (Vec::new(), false)
+        }
+    }
+
+    pub(super) fn append(&mut self, mut other: Pending) {
+        self.live.append(&mut other.live);
+        self.replay.append(&mut other.replay);
+    }
+
+    /// Every event, to be given back.
+    pub(super) fn take_all(&mut self) -> Vec<Claimed> {
+        let mut all: Vec<Claimed> = std::mem::take(&mut self.live).into();
+        all.extend(std::mem::take(&mut self.replay));
+        all
+    }
+}
+
 /// One destination's live state.
 pub struct Lane {
     pub id: i32,
@@ -26,7 +74,9 @@ pub struct Lane {
     pub(super) sender: Sender,
     /// Claimed events not yet sent (a run may hold more events than there are free slots);
     /// a reload hands them to the lane that replaces this one.
-    pub(super) pending: Mutex<VecDeque<Claimed>>,
+    pub(super) pending: Mutex<Pending>,
+    /// Requests in flight with a replay's events.
+    pub(super) replay_in_flight: AtomicUsize,
     /// Claims of replay runs out for it (see `Scheduler::claim_replays`), and the slots they
     /// hold for the requests they may start.
     pub(super) replay_claims: AtomicUsize,
@@ -107,6 +157,7 @@ impl Lane {
             in_flight: AtomicUsize::new(0),
             sender,
             pending: Mutex::default(),
+            replay_in_flight: AtomicUsize::new(0),
             replay_claims: AtomicUsize::new(0),
             reserved: AtomicUsize::new(0),
             replay_missed: AtomicBool::new(false),
@@ -142,14 +193,36 @@ impl Lane {
         self.run_fill.store(fill.max(1), Ordering::Relaxed);
     }
 
-    pub(super) fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<Claimed>> {
+    pub(super) fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().expect("pending lock")
     }
 
     /// Takes over the unsent events of the lane this one replaces.
     pub(super) fn adopt(&self, old: &Lane) {
         let moved = std::mem::take(&mut *old.pending());
-        self.pending().extend(moved);
+        self.pending().append(moved);
+    }
+
+    /// How many more requests a replay may have out or set aside. A replay leaves a quarter
+    /// of the in-flight limit (at least one slot, when there are two) to live events, so one
+    /// that arrives while its requests are out is sent at once instead of after one of them.
+    /// A rate-limited destination's replay may use every slot: its limit is what bounds it.
+    pub(super) fn replay_room(&self) -> usize {
+        let limit = self.concurrency_limit();
+        let live = if self.gate.is_limited() || limit < 2 {
+            0
+        } else {
+            (limit / 4).max(1)
+        };
+        (limit - live).saturating_sub(
+            self.replay_in_flight.load(Ordering::Acquire) + self.reserved.load(Ordering::Acquire),
+        )
+    }
+
+    /// Events that a request could take now: live ones, and a replay's while it has room.
+    pub(super) fn startable(&self) -> usize {
+        let replay_room = self.replay_room() > 0;
+        self.pending().startable(replay_room)
     }
 
     /// Carries the counters of the lane this one replaces.

@@ -399,7 +399,7 @@ impl Scheduler {
             }
             // Lanes holding claimed events need no query to be due.
             for (id, lane) in &self.lanes {
-                if !lane.pending().is_empty() && queued.insert(*id) {
+                if lane.startable() > 0 && queued.insert(*id) {
                     ready.push_back(*id);
                 }
             }
@@ -435,7 +435,7 @@ impl Scheduler {
 
     /// Gives a lane's claimed but unsent events back to the queue, to be claimed again.
     fn release_pending(&self, lane: &Lane) {
-        let unsent = std::mem::take(&mut *lane.pending());
+        let unsent = lane.pending().take_all();
         for claimed in unsent {
             if let Some(outcome) = claimed.run.record(claimed.position, Fate::Release, None) {
                 self.open.remove(claimed.run.id);
@@ -470,7 +470,7 @@ impl Scheduler {
             .free_slots()
             .min(free)
             .min(share.saturating_sub(lane.occupied()));
-        let waiting = lane.pending().len();
+        let waiting = lane.startable();
         // While requests are in flight, wait until a quarter of the slots are free: one claim
         // then starts several requests, instead of one query per finished request.
         let worth_a_claim = (lane.concurrency_limit() / 4).max(1);
@@ -548,7 +548,9 @@ impl Scheduler {
         let mut replay = Vec::new();
         for (lane, demand) in asks {
             match claimed.remove(&lane.id) {
-                Some(runs) => visits.push((lane.id, self.start_claimed(&lane, &demand, runs))),
+                Some(runs) => {
+                    visits.push((lane.id, self.start_claimed(&lane, &demand, runs, false)))
+                }
                 // What a replay claim brings comes back as a wake-up. A destination that is
                 // replaying waits while replays make way for live traffic, unless it is
                 // rate-limited: its limit bounds its replay, and the tokens this visit took
@@ -562,7 +564,9 @@ impl Scheduler {
                     _ => {
                         visits.push((lane.id, Visit::Idle));
                         if lane.replay_claims.load(Ordering::Acquire) < REPLAY_CLAIMS {
-                            replay.push((lane, demand));
+                            if let Some(demand) = replay_share(&lane, demand) {
+                                replay.push((lane, demand));
+                            }
                         }
                     }
                 },
@@ -638,7 +642,7 @@ impl Scheduler {
             }
             let visit = match runs {
                 Some(runs) if current && !lane.stats.paused.load(Ordering::Acquire) => {
-                    self.start_claimed(lane, demand, runs)
+                    self.start_claimed(lane, demand, runs, true)
                 }
                 // Reloaded away or paused meanwhile: back to the queue.
                 Some(runs) => {
@@ -673,6 +677,7 @@ impl Scheduler {
         lane: &Arc<Lane>,
         demand: &Demand,
         runs: Vec<store::ClaimedRun>,
+        replay: bool,
     ) -> Visit {
         let claimed_all = runs.len() == demand.ask.limit;
         let events: usize = runs.iter().map(|run| run.events.len()).sum();
@@ -683,11 +688,12 @@ impl Scheduler {
                 let (progress, events) = RunProgress::start(run, lane.id, demand.ask.ordered);
                 self.open.insert(progress.clone());
                 for (position, event) in events.into_iter().enumerate() {
-                    pending.push_back(Claimed {
+                    let claimed = Claimed {
                         run: progress.clone(),
                         position,
                         event,
-                    });
+                    };
+                    pending.push(claimed, replay);
                 }
             }
         }
@@ -715,11 +721,8 @@ impl Scheduler {
     fn start(&self, lane: &Arc<Lane>, requests: usize, claimed_all: bool) -> Visit {
         let batch = lane.config.batch_size.max(1);
         for _ in 0..requests {
-            let claimed: Vec<Claimed> = {
-                let mut pending = lane.pending();
-                let take = batch.min(pending.len());
-                pending.drain(..take).collect()
-            };
+            let replay_room = lane.replay_room() > 0;
+            let (claimed, replay) = lane.pending().next_request(batch, replay_room);
             if claimed.is_empty() {
                 break;
             }
@@ -728,12 +731,18 @@ impl Scheduler {
                 unreachable!("permits were counted before claiming");
             };
             lane.in_flight.fetch_add(1, Ordering::AcqRel);
+            if replay {
+                lane.replay_in_flight.fetch_add(1, Ordering::AcqRel);
+            }
             let lane = lane.clone();
             let finished = self.finished.clone();
             let wake = self.wake.clone();
             let open = self.open.clone();
             self.deliveries.spawn(async move {
                 let settled = deliver(&lane, &open, claimed).await;
+                if replay {
+                    lane.replay_in_flight.fetch_sub(1, Ordering::AcqRel);
+                }
                 lane.in_flight.fetch_sub(1, Ordering::AcqRel);
                 drop(permit);
                 for settled in settled {
@@ -742,9 +751,23 @@ impl Scheduler {
                 let _ = wake.send(Wake::Destinations(vec![lane.id]));
             });
         }
-        let more = claimed_all || !lane.pending().is_empty();
+        let more = claimed_all || lane.startable() > 0;
         Visit::Dispatched { more }
     }
+}
+
+/// A replay claim's demand, cut to the slots a replay may take ([`Lane::replay_room`]); none
+/// when it has none left.
+fn replay_share(lane: &Lane, mut demand: Demand) -> Option<Demand> {
+    let room = lane.replay_room();
+    if room == 0 {
+        return None;
+    }
+    if room < demand.requests {
+        demand.ask.limit = (demand.ask.limit * room).div_ceil(demand.requests).max(1);
+        demand.requests = room;
+    }
+    Some(demand)
 }
 
 /// What a destination can take in this pass.
