@@ -37,15 +37,15 @@ impl Pending {
     /// Up to `batch` events for one request, live ones first, and whether they are a
     /// replay's. A request never mixes the two.
     pub(super) fn next_request(&mut self, batch: usize, replay_room: bool) -> (Vec<Claimed>, bool) {
-        if !self.live.is_empty() {
-            let take = batch.min(self.live.len());
-            (self.live.drain(..take).collect(), false)
+        let (queue, replay) = if !self.live.is_empty() {
+            (&mut self.live, false)
         } else if replay_room {
-            let take = batch.min(self.replay.len());
-            (self.replay.drain(..take).collect(), true)
+            (&mut self.replay, true)
         } else {
-            (Vec::new(), false)
-        }
+            return (Vec::new(), false);
+        };
+        let take = batch.min(queue.len());
+        (queue.drain(..take).collect(), replay)
     }
 
     pub(super) fn append(&mut self, mut other: Pending) {
@@ -212,7 +212,7 @@ impl Lane {
         let live = if self.gate.is_limited() || limit < 2 {
             0
         } else {
-            (limit / 4).max(1)
+            self.quarter_of_slots()
         };
         (limit - live).saturating_sub(
             self.replay_in_flight.load(Ordering::Acquire) + self.reserved.load(Ordering::Acquire),
@@ -261,6 +261,12 @@ impl Lane {
     /// The in-flight limit in force (adaptive, at most `max_in_flight`).
     pub fn concurrency_limit(&self) -> usize {
         self.concurrency.limit()
+    }
+
+    /// A quarter of the in-flight limit, at least one: the free slots a live claim waits for
+    /// while requests are in flight, and so what a replay leaves to live events.
+    pub(super) fn quarter_of_slots(&self) -> usize {
+        (self.concurrency_limit() / 4).max(1)
     }
 
     /// A claim's lease: the rounds of requests its events need at the current concurrency,

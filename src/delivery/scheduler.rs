@@ -473,7 +473,7 @@ impl Scheduler {
         let waiting = lane.startable();
         // While requests are in flight, wait until a quarter of the slots are free: one claim
         // then starts several requests, instead of one query per finished request.
-        let worth_a_claim = (lane.concurrency_limit() / 4).max(1);
+        let worth_a_claim = lane.quarter_of_slots();
         if slots == 0 || (waiting == 0 && slots < worth_a_claim && lane.occupied() > 0) {
             return Plan::Now(Visit::Busy);
         }
