@@ -16,6 +16,25 @@ const DDL_LOCK_TIMEOUT: &str = "SET lock_timeout = '50ms'";
 
 const SECONDS_PER_DAY: i64 = 86_400;
 
+/// Storage parameter of an archive day. A day is only ever inserted into, then dropped whole:
+/// insert-driven autovacuum would read its newest pages again and rewrite them to set their
+/// visibility bits, all day long, on the table ingest writes to. Postgres still vacuums a day
+/// that lives long enough to near transaction ID wraparound (`autovacuum_freeze_max_age`). A
+/// day also takes the statistics targets of `events` (migration 0007): Postgres analyzes it
+/// from 3,000 rows instead of 30,000 random pages of a day larger than memory. In an hour's
+/// soak each of the two stalled delivery once the day held 13 to 15 GB.
+const ARCHIVE_DAY_OPTIONS: &str = "autovacuum_vacuum_insert_threshold = -1";
+
+/// How `pg_class.reloptions` spells [`ARCHIVE_DAY_OPTIONS`]. A day without it has not been
+/// given its settings yet.
+const ARCHIVE_DAY_RELOPTION: &str = "autovacuum_vacuum_insert_threshold=-1";
+
+/// The column clauses giving a day the statistics targets `events` declares.
+const PARENT_STATISTICS: &str = "\
+SELECT coalesce(string_agg(format(', ALTER COLUMN %I SET STATISTICS %s', attname, attstattarget), ''), '')
+FROM pg_attribute
+WHERE attrelid = 'events'::regclass AND attnum > 0 AND NOT attisdropped AND attstattarget >= 0";
+
 /// The UTC day number (days since the epoch) of now.
 pub fn today() -> i32 {
     let seconds = SystemTime::now()
@@ -32,10 +51,11 @@ pub(super) fn day_of(time: OffsetDateTime) -> i32 {
 
 impl Store {
     /// Partition upkeep, one process at a time: creates the day partitions of today and the
-    /// next two days, and drops archive days older than `retention` (and than yesterday: the
-    /// dedup window) that no queued run refers to. Each DDL statement waits at most 50 ms for its
-    /// lock; one that cannot get it is skipped until the next pass (days are made ahead, so a
-    /// skipped pass costs nothing), so a reader holding a lock never stalls ingest.
+    /// next two days, gives days an older process made the archive's storage parameters, and
+    /// drops archive days older than `retention` (and than yesterday: the dedup window) that
+    /// no queued run refers to. Each DDL statement waits at most 50 ms for its lock; one that
+    /// cannot get it is skipped until the next pass (days are made ahead, so a skipped pass
+    /// costs nothing), so a reader holding a lock never stalls ingest.
     pub async fn upkeep(&self, retention: Duration) -> Result<UpkeepReport> {
         let mut conn = self.pool.acquire().await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
@@ -58,7 +78,8 @@ impl Store {
     /// commit that found its day missing (upkeep had not run yet).
     pub async fn prepare_today(&self) -> Result<()> {
         let mut conn = self.pool.acquire().await?;
-        create_day(&mut conn, today()).await
+        create_day(&mut conn, today()).await?;
+        set_day_options(&mut conn, today()).await
     }
 }
 
@@ -75,13 +96,31 @@ async fn upkeep_locked(conn: &mut PgConnection, retention: Duration) -> Result<U
     let mut report = UpkeepReport::default();
     sqlx::query(DDL_LOCK_TIMEOUT).execute(&mut *conn).await?;
     let day = today();
-    let existing = day_partitions(conn).await?;
+    let partitions = day_partitions(conn).await?;
+    let existing: Vec<i32> = partitions.iter().map(|&(day, _)| day).collect();
+    // Days made below, by a pass whose settings timed out, or by an older process during a
+    // rolling upgrade (migration 0007 set the days before it).
+    let mut unsettled: Vec<i32> = partitions
+        .iter()
+        .filter(|(_, settled)| !settled)
+        .map(|&(day, _)| day)
+        .collect();
     for d in day..=day + 2 {
         if existing.contains(&d) {
             continue;
         }
         match create_day(conn, d).await {
-            Ok(()) => report.created += 1,
+            Ok(()) => {
+                report.created += 1;
+                unsettled.push(d);
+            }
+            Err(error) if is_lock_timeout(&error) => report.deferred += 1,
+            Err(error) => return Err(error),
+        }
+    }
+    for d in unsettled {
+        match set_day_options(conn, d).await {
+            Ok(()) => {}
             Err(error) if is_lock_timeout(&error) => report.deferred += 1,
             Err(error) => return Err(error),
         }
@@ -109,38 +148,55 @@ async fn upkeep_locked(conn: &mut PgConnection, retention: Duration) -> Result<U
     Ok(report)
 }
 
-/// The days of the archive's partitions (`events_d<day>`).
-async fn day_partitions(conn: &mut PgConnection) -> Result<Vec<i32>> {
-    let names: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_inherits i \
-         JOIN pg_class c ON c.oid = i.inhrelid \
+/// The days of the archive's partitions (`events_d<day>`), each with whether it has been given
+/// its settings ([`set_day_options`]).
+async fn day_partitions(conn: &mut PgConnection) -> Result<Vec<(i32, bool)>> {
+    let rows: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT c.relname::text, coalesce($1 = ANY (c.reloptions), false) \
+         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
          WHERE i.inhparent = 'events'::regclass",
     )
+    .bind(ARCHIVE_DAY_RELOPTION)
     .fetch_all(&mut *conn)
     .await?;
-    Ok(names
-        .iter()
-        .filter_map(|name| name.strip_prefix("events_d")?.parse().ok())
+    Ok(rows
+        .into_iter()
+        .filter_map(|(name, options)| Some((name.strip_prefix("events_d")?.parse().ok()?, options)))
         .collect())
 }
 
-// Statements naming a partition are not kept prepared: each names a different table.
 async fn create_day(conn: &mut PgConnection, day: i32) -> Result<()> {
-    let sql = format!(
-        "CREATE TABLE IF NOT EXISTS events_d{day} PARTITION OF events \
-         FOR VALUES FROM ({day}) TO ({next})",
-        next = day + 1
-    );
-    sqlx::query(&sql)
-        .persistent(false)
-        .execute(&mut *conn)
+    ddl(
+        conn,
+        &format!(
+            "CREATE TABLE IF NOT EXISTS events_d{day} PARTITION OF events \
+             FOR VALUES FROM ({day}) TO ({next})",
+            next = day + 1
+        ),
+    )
+    .await
+}
+
+/// Gives a day [`ARCHIVE_DAY_OPTIONS`] and the statistics targets of `events` (which a new
+/// partition does not inherit), in one statement: a day with the option has both.
+async fn set_day_options(conn: &mut PgConnection, day: i32) -> Result<()> {
+    let statistics: String = sqlx::query_scalar(PARENT_STATISTICS)
+        .fetch_one(&mut *conn)
         .await?;
-    Ok(())
+    ddl(
+        conn,
+        &format!("ALTER TABLE events_d{day} SET ({ARCHIVE_DAY_OPTIONS}){statistics}"),
+    )
+    .await
 }
 
 async fn drop_day(conn: &mut PgConnection, day: i32) -> Result<()> {
-    let sql = format!("DROP TABLE IF EXISTS events_d{day}");
-    sqlx::query(&sql)
+    ddl(conn, &format!("DROP TABLE IF EXISTS events_d{day}")).await
+}
+
+// Statements naming a partition are not kept prepared: each names a different table.
+async fn ddl(conn: &mut PgConnection, sql: &str) -> Result<()> {
+    sqlx::query(sql)
         .persistent(false)
         .execute(&mut *conn)
         .await?;
