@@ -5,7 +5,9 @@
 //! (its backends and autovacuum workers, plus that server's WAL writer, checkpointer and
 //! background writer, which every database on it shares), the bench process itself split into loader and sink thread, and the
 //! rest of the machine's busy time ("other": other processes and kernel work no process is
-//! charged for).
+//! charged for). A backend that exits inside the window (a pool recycles its connections every
+//! 30 minutes) still counts: the postmaster is charged its children's time once it reaps them,
+//! so every exited child counts as Postgres's, whatever database it served.
 
 use std::collections::HashMap;
 use std::fs;
@@ -30,13 +32,23 @@ fn status_kb(pid: u32, field: &str) -> Option<u64> {
 
 /// utime + stime of a process or thread (`/proc/.../stat`), in clock ticks.
 fn cpu_ticks(stat_path: &str) -> Option<u64> {
+    stat_ticks(stat_path, 11)
+}
+
+/// cutime + cstime of a process: the time of the children it has reaped, in clock ticks.
+fn reaped_children_ticks(pid: u32) -> Option<u64> {
+    stat_ticks(&format!("/proc/{pid}/stat"), 13)
+}
+
+/// The sum of two adjacent tick fields of a `stat` file, counted after the command name.
+fn stat_ticks(stat_path: &str, first: usize) -> Option<u64> {
     let stat = fs::read_to_string(stat_path).ok()?;
     // Fields after the command name, which may itself hold spaces and parentheses.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    let user: u64 = fields.get(first)?.parse().ok()?;
+    let system: u64 = fields.get(first + 1)?.parse().ok()?;
+    Some(user + system)
 }
 
 /// (busy, all) ticks of every core, from the first line of `/proc/stat`.
@@ -104,6 +116,8 @@ struct Sample {
     machine_all: u64,
     switchyard: u64,
     postgres: HashMap<u32, u64>,
+    /// The postmaster's reaped children's ticks.
+    postgres_exited: u64,
     bench: u64,
     sink: u64,
 }
@@ -162,6 +176,11 @@ impl CpuMeter {
                 .postmaster
                 .map(|pid| postgres_ticks(pid, &self.watched.database))
                 .unwrap_or_default(),
+            postgres_exited: self
+                .watched
+                .postmaster
+                .and_then(reaped_children_ticks)
+                .unwrap_or_default(),
             bench: cpu_ticks("/proc/self/stat").unwrap_or_default(),
             sink: self
                 .watched
@@ -179,12 +198,25 @@ impl CpuMeter {
             return CpuSplit::default();
         }
         let share = |ticks: u64| ticks as f64 * 100.0 / all as f64;
-        // Processes that started during the window count from zero.
-        let postgres: u64 = end
+        // Processes that started during the window count from zero. One that exited counts
+        // its whole life through the postmaster, less what it had used before the window.
+        let running: u64 = end
             .postgres
             .iter()
             .map(|(pid, t)| t.saturating_sub(*self.start.postgres.get(pid).unwrap_or(&0)))
             .sum();
+        let exited_before_window: u64 = self
+            .start
+            .postgres
+            .iter()
+            .filter(|(pid, _)| !end.postgres.contains_key(pid))
+            .map(|(_, t)| t)
+            .sum();
+        let exited = end
+            .postgres_exited
+            .saturating_sub(self.start.postgres_exited)
+            .saturating_sub(exited_before_window);
+        let postgres = running + exited;
         let switchyard = end.switchyard.saturating_sub(self.start.switchyard);
         let sink = end.sink.saturating_sub(self.start.sink);
         let bench = end.bench.saturating_sub(self.start.bench);
@@ -210,5 +242,19 @@ mod tests {
         assert!(peak_rss_mb(std::process::id()).is_some_and(|mb| mb > 0.0));
         let (busy, all) = machine_ticks().expect("/proc/stat");
         assert!(busy <= all);
+    }
+
+    #[test]
+    fn a_child_that_exits_is_charged_to_its_parent() {
+        let me = std::process::id();
+        let before = reaped_children_ticks(me).expect("/proc/self/stat");
+        // A child that burns about a second of CPU, then exits and is reaped.
+        let status = std::process::Command::new("sh")
+            .args(["-c", "i=0; end=$(($(date +%s) + 1)); while [ $(date +%s) -lt $end ]; do i=$((i+1)); done"])
+            .status()
+            .expect("sh");
+        assert!(status.success());
+        let after = reaped_children_ticks(me).expect("/proc/self/stat");
+        assert!(after > before, "{before} -> {after}");
     }
 }

@@ -12,9 +12,13 @@ use crate::database::Database;
 
 /// Each sample: the scenario database's active backends, and the server's checkpointer, WAL
 /// writer and autovacuum workers when they are doing something, by what they wait on
-/// (`running` when on CPU).
+/// (`running` when on CPU); an autovacuum worker by what it does and to which table
+/// (`autovacuum VACUUM events_d20422 IO:DataFileRead`).
 const SAMPLE: &str = r#"
-SELECT CASE WHEN backend_type = 'client backend' THEN '' ELSE backend_type || ' ' END
+SELECT CASE WHEN backend_type = 'client backend' THEN ''
+            WHEN backend_type = 'autovacuum worker'
+                THEN replace(replace(query, 'autovacuum: ', 'autovacuum '), 'public.', '') || ' '
+            ELSE backend_type || ' ' END
        || coalesce(wait_event_type || ':' || wait_event, 'running') AS what,
        count(*)::bigint
 FROM pg_stat_activity
