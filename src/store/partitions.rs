@@ -23,11 +23,9 @@ const SECONDS_PER_DAY: i64 = 86_400;
 /// day also takes the statistics targets of `events` (migration 0007): Postgres analyzes it
 /// from 3,000 rows instead of 30,000 random pages of a day larger than memory. In an hour's
 /// soak each of the two stalled delivery once the day held 13 to 15 GB.
-const ARCHIVE_DAY_OPTIONS: &str = "autovacuum_vacuum_insert_threshold = -1";
-
-/// How `pg_class.reloptions` spells [`ARCHIVE_DAY_OPTIONS`]. A day without it has not been
-/// given its settings yet.
-const ARCHIVE_DAY_RELOPTION: &str = "autovacuum_vacuum_insert_threshold=-1";
+/// Spelled as `pg_class.reloptions` lists it: a day without it there has not been given its
+/// settings yet.
+const ARCHIVE_DAY_OPTIONS: &str = "autovacuum_vacuum_insert_threshold=-1";
 
 /// The column clauses giving a day the statistics targets `events` declares.
 const PARENT_STATISTICS: &str = "\
@@ -78,8 +76,14 @@ impl Store {
     /// commit that found its day missing (upkeep had not run yet).
     pub async fn prepare_today(&self) -> Result<()> {
         let mut conn = self.pool.acquire().await?;
-        create_day(&mut conn, today()).await?;
-        set_day_options(&mut conn, today()).await
+        let day = today();
+        create_day(&mut conn, day).await?;
+        // A settled day is left alone: its `ALTER` would wait on any vacuum of the day and
+        // make every connection plan its statements on it again.
+        if !day_partitions(&mut conn).await?.contains(&(day, true)) {
+            set_day_options(&mut conn, day).await?;
+        }
+        Ok(())
     }
 }
 
@@ -156,7 +160,7 @@ async fn day_partitions(conn: &mut PgConnection) -> Result<Vec<(i32, bool)>> {
          FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
          WHERE i.inhparent = 'events'::regclass",
     )
-    .bind(ARCHIVE_DAY_RELOPTION)
+    .bind(ARCHIVE_DAY_OPTIONS)
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows
