@@ -67,6 +67,11 @@ async fn destinations(addr: std::net::SocketAddr) -> Vec<Value> {
         .unwrap()
 }
 
+/// How many requests over its limit a vendor may see in one second: one that the bucket let go
+/// up to 20 ms early (a key woken late catches up), and one for the jitter of each request's
+/// claim and connection, which the receiver's clock sees.
+const OVER_THE_LIMIT: usize = 2;
+
 /// Requests per second between the first and the last request, and the most requests seen in
 /// any one-second window.
 fn rate_of(requests: &[Received]) -> (f64, usize) {
@@ -109,7 +114,10 @@ async fn a_rate_limit_holds_without_bursts() {
         (rate - 20.0).abs() <= 20.0 * 0.05,
         "delivered {rate:.2}/s against a limit of 20/s"
     );
-    assert!(peak <= 21, "{peak} requests in one second against 20/s");
+    assert!(
+        peak <= 20 + OVER_THE_LIMIT,
+        "{peak} requests in one second against 20/s"
+    );
     let limited = &destinations(sy.addr).await[0];
     assert_eq!(limited["rate_limit"], "20/s");
     assert!(
@@ -145,13 +153,20 @@ async fn destinations_sharing_a_key_share_one_bucket() {
     backlog(sy.addr, "s", "E", 200).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let received = sink.received();
-    assert!(received.iter().any(|r| r.path == "/a") && received.iter().any(|r| r.path == "/b"));
+    // Both have a backlog, so they take turns at the key's tokens.
+    let to = |path: &str| received.iter().filter(|r| r.path == path).count();
+    assert!(
+        to("/a").abs_diff(to("/b")) <= 2,
+        "a got {} and b {}: one key's tokens go to its destinations in turn",
+        to("/a"),
+        to("/b")
+    );
     let (rate, peak) = rate_of(&received);
     assert!(
         (rate - 15.0).abs() <= 15.0 * 0.07,
         "both together ran at {rate:.2}/s against 15/s"
     );
-    assert!(peak <= 16, "{peak} in one second");
+    assert!(peak <= 15 + OVER_THE_LIMIT, "{peak} in one second");
     sy.shutdown().await.unwrap();
 }
 
@@ -800,7 +815,7 @@ async fn two_processes_hold_one_limit_in_total() {
         (18.0..=21.0).contains(&rate),
         "two processes delivered {rate:.2}/s against 20/s"
     );
-    assert!(peak <= 22, "{peak} in one second");
+    assert!(peak <= 20 + OVER_THE_LIMIT, "{peak} in one second");
     let ids: Vec<String> = sink.message_ids();
     let unique: std::collections::HashSet<&String> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "no event delivered twice");
