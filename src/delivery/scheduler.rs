@@ -847,22 +847,25 @@ fn settle_replayed(
     }
 }
 
-/// Moves destinations whose timers have come to the ready queue.
+/// Moves destinations whose timers have come to the front of the ready queue, in the order
+/// they were set aside. They waited for a token or a pause: a destination ready again after
+/// a claim that ran past another's timer, visited first, took the token that timer was set
+/// for, and got two turns in a row on a key the two share.
 fn fire_timers(
     timers: &mut BTreeMap<Instant, Vec<i32>>,
     ready: &mut VecDeque<i32>,
     queued: &mut HashSet<i32>,
 ) {
     let now = Instant::now();
+    let mut fired = Vec::new();
     while let Some(entry) = timers.first_entry() {
         if *entry.key() > now {
             break;
         }
-        for id in entry.remove() {
-            if queued.insert(id) {
-                ready.push_back(id);
-            }
-        }
+        fired.extend(entry.remove().into_iter().filter(|id| queued.insert(*id)));
+    }
+    for id in fired.into_iter().rev() {
+        ready.push_front(id);
     }
 }
 
@@ -931,6 +934,29 @@ mod tests {
         rounds.wake(1);
         assert_eq!(rounds.pass(|_| Visit::Dispatched { more: true }), [1]);
         assert_eq!(rounds.ready, [1]);
+    }
+
+    #[test]
+    fn destinations_whose_timers_came_go_before_those_ready_again() {
+        let mut rounds = Rounds::default();
+        let (earlier, later) = (
+            Instant::now() - Duration::from_millis(2),
+            Instant::now() - Duration::from_millis(1),
+        );
+        // 1 took the key's token and is ready again after its claim; 3 and then 2 were told to
+        // wait for the next, which has come by the next pass.
+        for id in [1, 3, 2] {
+            rounds.wake(id);
+        }
+        rounds.pass(|id| match id {
+            1 => Visit::Dispatched { more: true },
+            3 => Visit::WaitUntil(earlier),
+            _ => Visit::WaitUntil(later),
+        });
+        assert_eq!(rounds.ready, [1]);
+        fire_timers(&mut rounds.timers, &mut rounds.ready, &mut rounds.queued);
+        assert_eq!(rounds.ready, [3, 2, 1]);
+        assert!(rounds.timers.is_empty());
     }
 
     #[test]

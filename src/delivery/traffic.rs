@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use governor::clock::{Clock, DefaultClock, Reference};
+use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
@@ -47,6 +47,9 @@ pub struct KeyGate {
 
 struct GateState {
     bucket: Option<Bucket>,
+    /// The next token's instant on the bucket's clock, and the `Instant` every destination
+    /// waiting for it was told.
+    told: Option<(<DefaultClock as Clock>::Instant, Instant)>,
     factor: f64,
     last_decrease: Option<Instant>,
     paused_until: Option<Instant>,
@@ -73,6 +76,7 @@ impl KeyGate {
             owned: AtomicBool::new(limit.is_none()),
             state: Mutex::new(GateState {
                 bucket,
+                told: None,
                 factor: 1.0,
                 last_decrease: None,
                 paused_until: None,
@@ -104,16 +108,27 @@ impl KeyGate {
         if !self.owned() {
             return Err(Closed::NotOwned);
         }
-        let state = self.state.lock().expect("gate lock");
+        let mut state = self.state.lock().expect("gate lock");
         if let Some(until) = state.paused_until.filter(|until| *until > now) {
             return Err(Closed::Until(until));
         }
-        match &state.bucket {
-            None => Ok(want),
-            Some(bucket) => bucket
-                .take(want)
-                .map_err(|next| Closed::Until(bucket.started + next)),
-        }
+        let Some(bucket) = &state.bucket else {
+            return Ok(want);
+        };
+        let (next, wait) = match bucket.take(want) {
+            Ok(granted) => return Ok(granted),
+            Err(next) => next,
+        };
+        // Every destination waiting for one token is told the same instant, so the scheduler's
+        // timer wakes them in the order they asked. Reading the clock anew for each let a few
+        // microseconds' noise decide, always the same way: of two destinations sharing a key,
+        // one got every token and the other none.
+        let until = match state.told {
+            Some((told, at)) if told == next => at,
+            _ => now + wait,
+        };
+        state.told = Some((next, until));
+        Err(Closed::Until(until))
     }
 
     /// The vendor asked for a pause (`Retry-After`): no request goes out on this key until then.
@@ -137,6 +152,7 @@ impl KeyGate {
         state.last_decrease = Some(now);
         state.factor = (state.factor * 0.5).max(MIN_RATE_FACTOR);
         state.bucket = Some(Bucket::new(limit, state.factor, DefaultClock::default()));
+        state.told = None;
     }
 
     /// A request went through: win back a little of the rate.
@@ -151,6 +167,7 @@ impl KeyGate {
         // Rebuild the bucket only on a step worth it (or on full recovery).
         if state.factor >= 1.0 || (state.factor / before) >= 1.05 || state.factor - before > 0.05 {
             state.bucket = Some(Bucket::new(limit, state.factor, DefaultClock::default()));
+            state.told = None;
         }
     }
 
@@ -167,19 +184,10 @@ impl KeyGate {
 /// by as much, and the rate would fall short by the scheduler's lateness. It stays under one
 /// request's interval there, so no second-long window holds more than one request above the
 /// limit.
-///
-/// Every destination told to wait for the same token is told the same instant, to the
-/// nanosecond, so the scheduler's timer wakes them in the order they asked: reading the
-/// clock anew for each (its `now` plus the wait) made a few microseconds' noise decide, and it
-/// always decided the same way. One of two destinations sharing a key got every token, the
-/// other none.
 struct Bucket<C: Clock = DefaultClock> {
     limiter: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>,
     /// Requests granted at once, at most.
     burst: u32,
-    /// When the bucket was made, on its clock and as an `Instant`.
-    origin: C::Instant,
-    started: Instant,
 }
 
 impl<C: Clock> Bucket<C> {
@@ -193,26 +201,22 @@ impl<C: Clock> Bucket<C> {
             .expect("a positive period")
             .allow_burst(NonZeroU32::new(capacity).expect("capacity is at least one request"));
         Bucket {
-            origin: clock.now(),
-            started: Instant::now(),
             limiter: RateLimiter::direct_with_clock(quota, clock),
             burst: capacity / CELLS_PER_REQUEST,
         }
     }
 
     /// Takes up to `want` requests' tokens now: how many were granted (at least one), or when
-    /// the next will be, after the bucket was made.
-    fn take(&self, want: usize) -> Result<usize, Duration> {
+    /// the next will be, on the bucket's clock and from now.
+    fn take(&self, want: usize) -> Result<usize, (C::Instant, Duration)> {
         let mut ask = (want as u32).clamp(1, self.burst);
         loop {
             let cells = NonZeroU32::new(ask * CELLS_PER_REQUEST).expect("ask is at least 1");
             match self.limiter.check_n(cells) {
                 Ok(Ok(())) => return Ok(ask as usize),
                 Ok(Err(not_until)) if ask == 1 => {
-                    return Err(not_until
-                        .earliest_possible()
-                        .duration_since(self.origin)
-                        .into());
+                    let wait = not_until.wait_time_from(self.limiter.clock().now());
+                    return Err((not_until.earliest_possible(), wait));
                 }
                 _ => ask = (ask / 2).max(1),
             }
@@ -302,8 +306,8 @@ mod tests {
         while now < Duration::from_secs(10) {
             match bucket.take(want) {
                 Ok(n) => granted.extend(std::iter::repeat_n(now, n)),
-                Err(next) => {
-                    let step = next.saturating_sub(now) + late(granted.len());
+                Err((_, wait)) => {
+                    let step = wait + late(granted.len());
                     clock.advance(step);
                     now += step;
                 }
