@@ -384,8 +384,14 @@ pub(super) async fn complete(
             _ = drained.cancelled() => None,
         };
         let Some(first) = first else {
+            // The drain: every run still open was just closed, thousands with many
+            // destinations. Written in one statement, 10,000 webhooks' runs took Postgres
+            // over 30 s, and `serve` outlived the supervisor's patience for SIGTERM.
             while let Ok(last) = outcomes.try_recv() {
                 absorb(last, &mut pending, &mut woken);
+                if events_in(&pending).max(pending.len()) >= MAX_FINISH_BATCH {
+                    flush(&store, instance, &mut pending).await;
+                }
             }
             break;
         };
