@@ -55,6 +55,15 @@ struct GateState {
     paused_until: Option<Instant>,
 }
 
+impl GateState {
+    /// A new bucket for `limit` at the current factor. What waiters were told was of the old
+    /// bucket's tokens.
+    fn rebuild(&mut self, limit: RateLimit) {
+        self.bucket = Some(Bucket::new(limit, self.factor, DefaultClock::default()));
+        self.told = None;
+    }
+}
+
 /// Why a gate said no.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Closed {
@@ -151,8 +160,7 @@ impl KeyGate {
         }
         state.last_decrease = Some(now);
         state.factor = (state.factor * 0.5).max(MIN_RATE_FACTOR);
-        state.bucket = Some(Bucket::new(limit, state.factor, DefaultClock::default()));
-        state.told = None;
+        state.rebuild(limit);
     }
 
     /// A request went through: win back a little of the rate.
@@ -166,8 +174,7 @@ impl KeyGate {
         state.factor = (state.factor + RATE_RECOVERY).min(1.0);
         // Rebuild the bucket only on a step worth it (or on full recovery).
         if state.factor >= 1.0 || (state.factor / before) >= 1.05 || state.factor - before > 0.05 {
-            state.bucket = Some(Bucket::new(limit, state.factor, DefaultClock::default()));
-            state.told = None;
+            state.rebuild(limit);
         }
     }
 
@@ -295,7 +302,7 @@ mod tests {
         }
     }
 
-    /// Drives a bucket on a fake clock for `seconds`: each request is taken `late` after the
+    /// Drives a bucket on a fake clock for 10 s: each request is taken `late` after the
     /// bucket said it could be (the scheduler's timer and loop), up to `want` at a time.
     /// Returns when each request was granted, from the start.
     fn drive(limit: u32, want: usize, late: impl Fn(usize) -> Duration) -> Vec<Duration> {
