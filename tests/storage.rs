@@ -885,6 +885,51 @@ async fn a_claim_against_a_deep_backlog_reads_only_the_runs_it_takes() {
     );
 }
 
+/// A claim's connection keeps the plan it made first. Made while the queue and the archive were
+/// empty, it read the whole day of events for every run it claimed once the queue was deep
+/// (43 s for 10 runs of 100 events in a day of 300,000), until each event was looked up by key.
+#[tokio::test]
+async fn a_claim_planned_on_an_empty_queue_reads_only_its_events_once_deep() {
+    let db = TestDatabase::create("claim_planned_empty").await;
+    let (store, source, destination) = migrated_store(&db).await;
+    db.scalar("ANALYZE").await;
+    let store = {
+        store.close().await;
+        Store::connect(&db.url, 1).await.unwrap()
+    };
+    let lease = Duration::from_secs(60);
+    let first = store
+        .claim(destination, 10, lease, 1, false, Lane::Live)
+        .await
+        .unwrap();
+    assert!(first.is_empty());
+    let backlog = 20_000;
+    let events: Vec<NewEvent> = (0..backlog)
+        .map(|i| message(source, &format!("deep-{i}"), &[destination]))
+        .collect();
+    // Queued from other connections, closed so that only the claim's reads are counted.
+    let writer = Store::connect(&db.url, 1).await.unwrap();
+    for chunk in events.chunks(2_000) {
+        writer.insert_events(chunk, true).await.unwrap();
+    }
+    writer.close().await;
+    let before = rows_read(&db, "events_d%", -1).await;
+
+    let runs = store
+        .claim(destination, 10, lease, 1, false, Lane::Live)
+        .await
+        .unwrap();
+    store.close().await;
+
+    let claimed: usize = runs.iter().map(|run| run.events.len()).sum();
+    assert_eq!((runs.len(), claimed), (10, 1_000));
+    let read = rows_read_since(&db, "events_d%", before).await;
+    assert!(
+        read < 10_000,
+        "a claim of {claimed} events read {read} archived events of {backlog}"
+    );
+}
+
 /// Outcomes find their runs by key, however small the queue was when their plan was made.
 /// A connection keeps the plan it made after a few outcomes against a short queue (a scan of
 /// it, then the cheapest way): once the queue grew, every outcome read all of it, 3.4 ms a

@@ -193,7 +193,11 @@ SELECT c.id, c.destination_id, c.attempts, c.enqueued_at, e.id AS event_id, e.me
        e.payload, s.name AS source
 FROM claimed c
 CROSS JOIN LATERAL unnest(c.event_ids) WITH ORDINALITY AS u(event_id, position)
-JOIN events e ON e.day = c.day AND e.id = u.event_id
+-- `LIMIT` keeps it a lookup by key: as a join, a day guessed small was read whole per run.
+CROSS JOIN LATERAL (
+    SELECT e.id, e.message_id, e.payload, e.source_id
+    FROM events e WHERE e.day = c.day AND e.id = u.event_id LIMIT 1
+) e
 LEFT JOIN sources s ON s.id = e.source_id
 ORDER BY c.id, u.position
 "#
@@ -388,12 +392,15 @@ impl Store {
             let destinations: Vec<i32> = asks.iter().map(|ask| ask.destination_id).collect();
             let limits: Vec<i64> = asks.iter().map(|ask| ask.limit as i64).collect();
             let leases: Vec<f64> = asks.iter().map(|ask| ask.lease.as_secs_f64()).collect();
+            // Per-user claims keep custom plans: their look for each user's earlier runs is
+            // not written to stay a lookup by key on a plan made for a short queue.
+            let pool = if ordered { &self.pool } else { &self.claims };
             let rows = sqlx::query(sql)
                 .bind(&destinations)
                 .bind(&limits)
                 .bind(&leases)
                 .bind(owner)
-                .fetch_all(&self.pool)
+                .fetch_all(pool)
                 .await?;
             match lane {
                 Lane::Live => gather_events(rows, &mut claimed),

@@ -69,6 +69,8 @@ pub struct Store {
     writes: PgPool,
     /// The completer's connections: run outcomes are written there, never by a table scan.
     finishes: PgPool,
+    /// Claims in ingest order (not per user) run there, on generic plans, never by a table scan.
+    claims: PgPool,
     /// Archived events this process's replays selected, until their runs are claimed.
     selected: Arc<claims::Selected>,
 }
@@ -77,23 +79,31 @@ pub struct Store {
 const WRITE_CONNECTIONS: u32 = commit::WRITERS as u32;
 /// Connections of [`Store::finishes`]: one completer writes outcomes, one batch at a time.
 const FINISH_CONNECTIONS: u32 = 2;
+/// Connections of [`Store::claims`]: the scheduler claims live runs one claim at a time, and a
+/// few replay claims may be out beside it.
+const CLAIM_CONNECTIONS: u32 = 4;
 
 impl Store {
     /// Connects with a pool of `max_connections`, and small ones for the group commit and for
     /// run outcomes.
     ///
-    /// The group commit's statement runs on its generic plan, made once per connection. With
-    /// Postgres's default (`plan_cache_mode = auto`) it was planned again on most calls: under
-    /// single-event traffic its arrays hold a few events, so each custom plan looks cheaper
-    /// than the generic one, and planning took as long as executing (0.32 ms of 0.66 ms per
-    /// group in `ingest-single`, from `pg_stat_statements`). Only there: the claim's generic
-    /// plan is far slower than its custom ones.
+    /// The group commit's statement, claims and run outcomes run on their generic plans, made
+    /// once per connection. With Postgres's default (`plan_cache_mode = auto`) they were
+    /// planned again on most calls, each custom plan looking cheaper for the few rows its
+    /// arrays hold, and planning took as long as executing or longer: 0.32 ms of 0.66 ms per
+    /// group in `ingest-single`; in `deliver-e2e`, 0.43 ms per claim against 0.33 ms of
+    /// execution and 0.41 ms per outcome batch against 0.09 ms, a third of Postgres's time
+    /// (`pg_stat_statements`, `track_planning`). Claims and outcomes are written so that their
+    /// generic plans look every row up by key, whatever the statistics said when the plan
+    /// was made: a claim's plan made while the queue was empty read the whole day of events
+    /// for every run it claimed once the queue was deep (43 s for 10 runs of 100 events in a
+    /// day of 300,000), before its events were looked up one by one.
     ///
     /// Run outcomes find their runs by primary key, but a connection keeps the plan it made
     /// after its first few outcomes: made while the queue was short (a replay's start), it
     /// scanned the queue, and went on scanning it whole for every outcome once it had grown
     /// (1,385 pages, 3.4 ms a statement in the `replay` bench, against 0.2 ms by the key).
-    /// Their connections have sequential scans off.
+    /// Their connections, and the claims', have sequential scans off.
     ///
     /// No connection lets Postgres JIT-compile its statements. A claim is planned as costly
     /// once the queue is deep (Postgres cannot know how few runs its `LIMIT` leaves), and above
@@ -123,13 +133,19 @@ impl Store {
                     .options([("plan_cache_mode", "force_generic_plan")]),
             )
             .await?;
+        let by_key = options.options([
+            ("plan_cache_mode", "force_generic_plan"),
+            ("enable_seqscan", "off"),
+        ]);
         let finishes = pools(FINISH_CONNECTIONS)
-            .connect_with(options.options([("enable_seqscan", "off")]))
+            .connect_with(by_key.clone())
             .await?;
+        let claims = pools(CLAIM_CONNECTIONS).connect_with(by_key).await?;
         Ok(Store {
             pool,
             writes,
             finishes,
+            claims,
             selected: Arc::default(),
         })
     }
@@ -148,6 +164,7 @@ impl Store {
     pub async fn close(&self) {
         self.writes.close().await;
         self.finishes.close().await;
+        self.claims.close().await;
         self.pool.close().await;
     }
 
@@ -273,6 +290,7 @@ mod tests {
             ("main", &store.pool),
             ("writes", &store.writes),
             ("finishes", &store.finishes),
+            ("claims", &store.claims),
         ] {
             assert!(
                 !compiled(pool).await,
