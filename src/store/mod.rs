@@ -84,8 +84,8 @@ const FINISH_CONNECTIONS: u32 = 2;
 const CLAIM_CONNECTIONS: u32 = 4;
 
 impl Store {
-    /// Connects with a pool of `max_connections`, and small ones for the group commit and for
-    /// run outcomes.
+    /// Connects with a pool of `max_connections`, and small ones for the group commit, for
+    /// claims in ingest order and for run outcomes.
     ///
     /// The group commit's statement, claims and run outcomes run on their generic plans, made
     /// once per connection. With Postgres's default (`plan_cache_mode = auto`) they were
