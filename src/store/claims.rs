@@ -9,7 +9,7 @@ use std::time::Duration;
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use super::{Result, Store, JOBS_CHANNEL};
+use super::{payload, Result, Store, JOBS_CHANNEL};
 
 /// Which of a destination's queues: live traffic, or replays of the archive (which yield to
 /// live traffic).
@@ -71,7 +71,7 @@ fn gather_events(rows: Vec<sqlx::postgres::PgRow>, claimed: &mut HashMap<i32, Ve
             run.events.push(ClaimedEvent {
                 id: row.get("event_id"),
                 message_id: row.get("message_id"),
-                payload: row.get("payload"),
+                payload: payload::unpack(row.get("payload")),
                 source: row.get("source"),
             });
         }
@@ -463,7 +463,7 @@ impl Store {
                     ClaimedEvent {
                         id: row.get("id"),
                         message_id: row.get("message_id"),
-                        payload: row.get("payload"),
+                        payload: payload::unpack(row.get("payload")),
                         source: row.get("source"),
                     },
                 );

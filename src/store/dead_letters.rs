@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use super::{partitions::today, Result, Store, JOBS_CHANNEL};
+use super::{partitions::today, payload, Result, Store, JOBS_CHANNEL};
 
 /// A dead letter as stored: a timestamp, and the event as its raw payload bytes. (The admin
 /// API answers with its own shape, made from this one: RFC 3339 time, the event parsed.)
@@ -114,7 +114,7 @@ impl Store {
                 last_status: row.get(4),
                 last_error: row.get(5),
                 failed_at: row.get(6),
-                payload: row.get(7),
+                payload: payload::unpack(row.get(7)),
             })
             .collect())
     }

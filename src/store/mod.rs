@@ -18,7 +18,8 @@
 //! One file per concern: [`queue`] (the group commit's insert and dedup), [`claims`] (claiming
 //! and finishing runs, pauses), [`dead_letters`], [`replays`] of the archive, [`instances`]
 //! (liveness and rate-limit key leases), [`partitions`] (day partitions and their upkeep),
-//! [`commit`] (group commit batching) and [`listen`] (the `NOTIFY` wake-ups).
+//! [`payload`] (payloads stored compressed), [`commit`] (group commit batching) and [`listen`]
+//! (the `NOTIFY` wake-ups).
 
 mod claims;
 pub mod commit;
@@ -26,6 +27,7 @@ mod dead_letters;
 mod instances;
 mod listen;
 mod partitions;
+mod payload;
 mod queue;
 mod replays;
 pub mod server;

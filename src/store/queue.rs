@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use super::{partitions::today, Result, Store, JOBS_CHANNEL, MAX_RUN};
+use super::{partitions::today, payload, Result, Store, JOBS_CHANNEL, MAX_RUN};
 
 /// A message ready to commit.
 #[derive(Debug, Clone)]
@@ -107,14 +107,14 @@ impl Store {
         let mut source_ids = Vec::with_capacity(events.len());
         let mut message_ids = Vec::with_capacity(events.len());
         let mut received = Vec::with_capacity(events.len());
-        let mut payloads = Vec::with_capacity(events.len());
+        let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(events.len());
         let mut wanted = Vec::with_capacity(events.len());
         let mut user_keys = Vec::with_capacity(events.len());
         for event in events {
             source_ids.push(event.source_id);
             message_ids.push(event.message_id.as_str());
             received.push(event.received_at);
-            payloads.push(event.payload.as_slice());
+            payloads.push(payload::pack(&event.payload));
             wanted.push(!event.targets.is_empty());
             user_keys.push(event.user_key.as_str());
         }

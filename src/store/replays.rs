@@ -3,7 +3,7 @@
 
 use time::OffsetDateTime;
 
-use super::{partitions::day_of, ClaimedEvent, Result, Store, StoreError};
+use super::{partitions::day_of, payload, ClaimedEvent, Result, Store, StoreError};
 
 /// A replay as the admin API shows it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -168,7 +168,7 @@ impl Store {
         )
         .execute(&mut *tx)
         .await?;
-        let page = sqlx::query_as(ARCHIVE_PAGE)
+        let mut page: Vec<ArchivedEvent> = sqlx::query_as(ARCHIVE_PAGE)
             .bind(day_of(range.0))
             .bind(day_of(range.1))
             .bind(cursor.0)
@@ -180,6 +180,9 @@ impl Store {
             .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
+        for event in &mut page {
+            event.payload = payload::unpack(std::mem::take(&mut event.payload));
+        }
         Ok(page)
     }
 
