@@ -37,7 +37,8 @@ pub fn pack(json: &[u8]) -> Vec<u8> {
 }
 
 /// The JSON of a stored payload. One that does not decode (the database damaged it) is logged
-/// and handed on as stored: delivery then reports the event as unreadable.
+/// and handed on as stored: delivery then gives destinations `null` for it, as for any payload
+/// that is not JSON, and they fail it.
 pub fn unpack(stored: Vec<u8>) -> Vec<u8> {
     if stored.first() != Some(&TAG) {
         return stored;

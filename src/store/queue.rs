@@ -114,8 +114,13 @@ impl Store {
             source_ids.push(event.source_id);
             message_ids.push(event.message_id.as_str());
             received.push(event.received_at);
-            payloads.push(payload::pack(&event.payload));
-            wanted.push(!event.targets.is_empty());
+            let wants = !event.targets.is_empty();
+            // What the statement keeps no payload of (`wanted OR archive`) is not compressed.
+            payloads.push(match wants || archive {
+                true => payload::pack(&event.payload),
+                false => Vec::new(),
+            });
+            wanted.push(wants);
             user_keys.push(event.user_key.as_str());
         }
         let runs = Runs::plan(events);
