@@ -94,6 +94,34 @@ async fn archive_days_past_retention_are_dropped_unless_a_run_needs_them() {
     );
 }
 
+// `[archive] retention = "3000000000d"` passes the config's checks (it is a duration); its
+// count of days does not fit an `i32`, and upkeep once wrapped it to a negative number, read
+// that as one day, and dropped every older day of the archive it was asked to keep forever.
+#[tokio::test]
+async fn a_retention_longer_than_any_calendar_keeps_every_day() {
+    let db = TestDatabase::create("retention_huge").await;
+    let store = Store::connect(&db.url, 4).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let day = today();
+    for old in [day - 400, day - 6] {
+        create_day(&mut connection, old).await;
+    }
+    for days in [3_000_000_000_u64, 5_000_000_000, u64::MAX / 86_400] {
+        store
+            .upkeep(Duration::from_secs(days * 86_400))
+            .await
+            .unwrap();
+        let events = partitions(&db, "events").await;
+        for old in [day - 400, day - 6] {
+            assert!(
+                events.contains(&format!("events_d{old}")),
+                "retention of {days} days dropped day {old}: {events:?}"
+            );
+        }
+    }
+}
+
 /// Each archive day with its storage parameters and its columns' statistics targets
 /// (`column=target`, for those set).
 async fn archive_day_settings(db: &TestDatabase) -> Vec<(String, Vec<String>, Vec<String>)> {

@@ -319,11 +319,25 @@ pub fn format_rate(rate: &RateLimit) -> String {
     }
 }
 
+/// The longest duration any key takes. Times computed from a longer one (`now() + timeout`
+/// for a claim's lease) leave Postgres's range, and the claim that hits one fails for every
+/// destination at once; no real setting comes near it.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// Parses a duration such as `"10s"`, `"500ms"`, `"10m"` or `"4h"`; zero is refused.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(s).map_err(|e| format!("bad duration `{s}`: {e}"))?;
+    let duration = parse_duration_or_zero(s)?;
     if duration.is_zero() {
         return Err(format!("bad duration `{s}`: must be longer than zero"));
+    }
+    Ok(duration)
+}
+
+/// [`parse_duration`] that takes zero (`[archive] retention = "0s"` turns the archive off).
+pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(s).map_err(|e| format!("bad duration `{s}`: {e}"))?;
+    if duration > MAX_DURATION {
+        return Err(format!("bad duration `{s}`: longer than 100 years"));
     }
     Ok(duration)
 }

@@ -118,9 +118,7 @@ impl Reader<'_> {
         };
         self.unknown_keys(table, ARCHIVE_KEYS);
         // Zero is allowed here: it turns the archive off.
-        let retention = self.parsed(table, "retention", A_DURATION, |text| {
-            humantime::parse_duration(text).map_err(|e| format!("bad duration `{text}`: {e}"))
-        });
+        let retention = self.parsed(table, "retention", A_DURATION, parse_duration_or_zero);
         ArchiveConfig {
             retention: retention.unwrap_or(defaults.retention),
         }

@@ -472,3 +472,36 @@ fn durations() {
     assert!(parse_duration("10").is_err());
     assert!(parse_duration("soon").is_err());
 }
+
+// A duration past any calendar passed `switchyard check`, and a destination with
+// `timeout = "5000000000d"` then made every claim fail ("timestamp out of range"): no
+// destination got anything. Such durations are refused where they are written.
+#[test]
+fn durations_past_a_hundred_years_are_refused_where_they_are_written() {
+    let text = r#"
+[archive]
+retention = "3000000000d"
+
+[[sources]]
+name = "web"
+write_key = "wk_web_123"
+
+[[destinations]]
+name = "down"
+kind = "webhook"
+url = "http://127.0.0.1:9001/in"
+timeout = "5000000000d"
+retry = { max_age = "101y", max_backoff = "36600d" }
+"#;
+    assert_eq!(
+        errors(text),
+        [
+            "switchyard.toml:3:13: bad duration `3000000000d`: longer than 100 years",
+            "switchyard.toml:13:11: bad duration `5000000000d`: longer than 100 years",
+            "switchyard.toml:14:21: bad duration `101y`: longer than 100 years",
+            "switchyard.toml:14:43: bad duration `36600d`: longer than 100 years",
+        ]
+    );
+    assert_eq!(parse_duration("36500d"), Ok(MAX_DURATION));
+    assert_eq!(parse_duration_or_zero("0s"), Ok(Duration::ZERO));
+}

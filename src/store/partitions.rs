@@ -131,9 +131,12 @@ async fn upkeep_locked(conn: &mut PgConnection, retention: Duration) -> Result<U
     }
     // An archive day goes once all of it is older than the retention and no run needs it.
     // Today and yesterday stay whatever the retention: their messageIds are the dedup window.
-    let retention_days = retention.as_secs().div_ceil(SECONDS_PER_DAY as u64) as i32;
+    // A retention past `i32::MAX` days (the config takes any duration) keeps every day.
+    let retention_days = i32::try_from(retention.as_secs().div_ceil(SECONDS_PER_DAY as u64))
+        .unwrap_or(i32::MAX)
+        .max(1);
     for old in existing {
-        if old >= day - retention_days.max(1) {
+        if old >= day.saturating_sub(retention_days) {
             continue;
         }
         let needed: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM jobs WHERE day = $1)")
