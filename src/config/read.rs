@@ -66,6 +66,11 @@ const SERVER_KEYS: &[&str] = &["public_url", "trusted_proxies", "event_trail"];
 
 const DEFAULT_MAX_IN_FLIGHT: usize = 32;
 
+/// The most requests `max_in_flight` and `limits.max_concurrent_deliveries` may allow at once:
+/// far past what one process can hold open, and below what a semaphore can count (a larger
+/// value passed `switchyard check`, then made `serve` panic at start).
+const MAX_CONCURRENCY: i64 = 100_000;
+
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 const DEFAULT_TRANSFORM_TIMEOUT: Duration = Duration::from_millis(50);
@@ -188,7 +193,7 @@ impl Reader<'_> {
         let events = self.strings(table, "events");
         let rate_limit = self.parsed(table, "rate_limit", "a rate such as \"10/s\"", parse_rate);
         let rate_limit_key = self.text(table, "rate_limit_key");
-        let max_in_flight = self.positive(table, "max_in_flight");
+        let max_in_flight = self.positive_up_to(table, "max_in_flight", MAX_CONCURRENCY);
         let batch_size = self.positive::<usize>(table, "batch_size");
         let timeout = self.parsed(table, "timeout", A_DURATION, parse_duration);
         let retry = self.retry(table);
@@ -398,7 +403,7 @@ impl Reader<'_> {
             max_queued: self.positive(table, "max_queued"),
             max_queued_per_source: self.positive(table, "max_queued_per_source"),
             max_concurrent_deliveries: self
-                .positive(table, "max_concurrent_deliveries")
+                .positive_up_to(table, "max_concurrent_deliveries", MAX_CONCURRENCY)
                 .unwrap_or(defaults.max_concurrent_deliveries),
         }
     }
@@ -606,11 +611,23 @@ impl Reader<'_> {
 
     /// An integer of at least 1 that fits `T`.
     fn positive<T: TryFrom<i64>>(&mut self, table: Section, key: &str) -> Option<T> {
+        self.positive_up_to(table, key, i64::MAX)
+    }
+
+    /// An integer from 1 to `max` that fits `T`.
+    fn positive_up_to<T: TryFrom<i64>>(
+        &mut self,
+        table: Section,
+        key: &str,
+        max: i64,
+    ) -> Option<T> {
         let number = self.get(table, key, "an integer", toml::Value::as_integer)?;
         let checked = if number < 1 {
-            Err("must be at least 1")
+            Err("must be at least 1".to_owned())
+        } else if number > max {
+            Err(format!("must be at most {max}"))
         } else {
-            T::try_from(number).map_err(|_| "is too large")
+            T::try_from(number).map_err(|_| "is too large".to_owned())
         };
         checked
             .map_err(|problem| {

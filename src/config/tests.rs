@@ -473,6 +473,37 @@ fn durations() {
     assert!(parse_duration("soon").is_err());
 }
 
+// `limits.max_concurrent_deliveries = 9223372036854775807` passed `switchyard check`, then
+// `serve` panicked at start: a semaphore cannot count that many permits.
+#[test]
+fn concurrency_past_a_hundred_thousand_is_refused_where_it_is_written() {
+    let text = r#"
+[limits]
+max_concurrent_deliveries = 9223372036854775807
+
+[[sources]]
+name = "app"
+write_key = "wk_app_1"
+
+[[destinations]]
+name = "hook"
+kind = "webhook"
+url = "http://127.0.0.1:9000/hook"
+max_in_flight = 100001
+"#;
+    assert_eq!(
+        errors(text),
+        [
+            "switchyard.toml:3:29: `limits.max_concurrent_deliveries` must be at most 100000",
+            "switchyard.toml:13:17: `max_in_flight` must be at most 100000",
+        ]
+    );
+    let fine = text
+        .replace("9223372036854775807", "100000")
+        .replace("100001", "100000");
+    assert_eq!(errors(&fine), Vec::<String>::new());
+}
+
 // A duration past any calendar passed `switchyard check`, and a destination with
 // `timeout = "5000000000d"` then made every claim fail ("timestamp out of range"): no
 // destination got anything. Such durations are refused where they are written.

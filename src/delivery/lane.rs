@@ -270,11 +270,17 @@ impl Lane {
     }
 
     /// A claim's lease: the rounds of requests its events need at the current concurrency,
-    /// each up to the request's timeout, plus room for the outcome to be written.
+    /// each up to the request's timeout, plus room for the outcome to be written. At most
+    /// [`config::MAX_DURATION`], so that `now()` plus it stays a time Postgres can hold.
     pub(super) fn lease(&self, events: usize) -> Duration {
         let per_round = self.config.batch_size.max(1) * self.concurrency_limit().max(1);
-        let rounds = events.div_ceil(per_round).max(1) as u32;
-        (self.config.timeout + Duration::from_secs(1)) * rounds + Duration::from_secs(30)
+        let rounds = u32::try_from(events.div_ceil(per_round).max(1)).unwrap_or(u32::MAX);
+        (self.config.timeout + Duration::from_secs(1))
+            .checked_mul(rounds)
+            .and_then(|lease| lease.checked_add(Duration::from_secs(30)))
+            .map_or(config::MAX_DURATION, |lease| {
+                lease.min(config::MAX_DURATION)
+            })
     }
 
     pub(super) fn note_error(&self, message: &str) {
