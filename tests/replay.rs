@@ -548,3 +548,71 @@ async fn a_live_event_is_sent_while_the_replays_requests_hold_their_slots() {
     assert_eq!(status, 200);
     sy.shutdown().await.unwrap();
 }
+
+/// A dead letter sent again is queued from a copy of its event in the archive. The copy is
+/// delivery's, not a second event received: the export listed the event twice and a replay
+/// sent it twice over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_sent_again_from_the_dead_letters_is_exported_and_replayed_once() {
+    let db = TestDatabase::create("replay_requeued").await;
+    let down = MockServer::scripted(|_, _| Reply::status(500)).await;
+    let other = MockServer::start().await;
+    let config = config(&[
+        destination("down", &down.url("/in"), "retry = { max_attempts = 1 }"),
+        destination("other", &other.url("/in"), ""),
+    ]);
+    let sy = Process::spawn(BIN, &config, &db.url).await;
+    let base = sy.base();
+    send(&base, "dl", "E", 5).await;
+    let dead = || async {
+        let (_, body) = admin(
+            &base,
+            reqwest::Method::GET,
+            "/admin/v1/dead-letters?destination=down",
+            None,
+        )
+        .await;
+        body["items"].as_array().map_or(0, Vec::len)
+    };
+    for _ in 0..100 {
+        if dead().await == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dead().await, 5);
+    let (status, body) = admin(
+        &base,
+        reqwest::Method::POST,
+        "/admin/v1/dead-letters/replay",
+        Some(json!({"destination": "down"})),
+    )
+    .await;
+    assert_eq!((status, &body["requeued"]), (200, &json!(5)), "{body}");
+    assert!(
+        down.wait_until(Duration::from_secs(20), |s| s.received().len() >= 10)
+            .await
+    );
+
+    let (from, to) = around_now();
+    let output = std::process::Command::new(BIN)
+        .args(["archive", "export", "--from", &from, "--to", &to])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let exported: Vec<String> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap()["messageId"].to_string())
+        .collect();
+    assert_eq!(exported.len(), 5, "each event once: {exported:?}");
+
+    let (status, body) = replay_everything(&base, "other").await;
+    assert_eq!((status, &body["events"]), (202, &json!(5)), "{body}");
+    let done = wait_state(&base, body["id"].as_i64().unwrap(), "done").await;
+    assert_eq!(done["delivered"], 5, "{done}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Five live, five replayed: each event twice, not three times.
+    assert_eq!(other.message_ids().len(), 10);
+}

@@ -63,12 +63,13 @@ const REPLAY_COLUMNS: &str = "r.id, r.destination_id, d.name AS destination, r.f
     r.delivered, r.failed, r.created_at, r.finished_at";
 
 /// Archived events after a cursor, in (day, id) order, within a time range and sources. (A
-/// row without a payload is a messageId kept for dedup only: not archived.)
+/// row without a payload is a messageId kept for dedup only: not archived. A `requeued` row is
+/// the copy a dead letter sent again is queued from: the event it copies was received once.)
 const ARCHIVE_PAGE: &str = r#"
 SELECT day, id, message_id, source_id, order_key, received_at, payload
 FROM events
 WHERE day BETWEEN $1 AND $2 AND (day, id) > ($3, $4)
-  AND received_at >= $5 AND received_at < $6 AND payload IS NOT NULL
+  AND received_at >= $5 AND received_at < $6 AND payload IS NOT NULL AND NOT requeued
   AND ($7::int[] IS NULL OR source_id = ANY($7))
 ORDER BY day, id
 LIMIT $8
@@ -87,7 +88,8 @@ impl Store {
     ) -> Result<Replay> {
         let events: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM events WHERE day BETWEEN $1 AND $2 \
-             AND received_at >= $3 AND received_at < $4 AND payload IS NOT NULL \
+             AND received_at >= $3 AND received_at < $4 \
+             AND payload IS NOT NULL AND NOT requeued \
              AND ($5::int[] IS NULL OR source_id = ANY($5))",
         )
         .bind(day_of(from))
