@@ -56,7 +56,8 @@ enum Command {
         path: Option<PathBuf>,
     },
     /// Replay archived events received in [--from, --to) to one destination (a running
-    /// `switchyard serve` on the same database delivers them; follow with --wait).
+    /// `switchyard serve` on the same database delivers them; follow with --wait). A --to
+    /// still ahead counts as now.
     Replay {
         /// The destination to deliver to.
         #[arg(long)]

@@ -616,3 +616,41 @@ async fn an_event_sent_again_from_the_dead_letters_is_exported_and_replayed_once
     // Five live, five replayed: each event twice, not three times.
     assert_eq!(other.message_ids().len(), 10);
 }
+
+/// A replay takes what was archived when it was asked for: events received later, with a `to`
+/// still ahead, are live traffic, not history (they went to the destination live, if it takes
+/// them). A replay whose destination was disabled waited, then sent the later ones as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_ending_in_the_future_takes_only_what_was_archived_when_it_began() {
+    let db = TestDatabase::create("replay_future").await;
+    let sink = MockServer::start().await;
+    let dir = std::env::temp_dir().join(format!("sy-replay-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("switchyard.toml");
+    let hook = |extra: &str| config(&[destination("hook", &sink.url("/in"), extra)]);
+    std::fs::write(&path, hook("enabled = false")).unwrap();
+    let sy = start_switchyard_from(&path, &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    send(&base, "before", "E", 20).await;
+    // The destination is off: the replay waits for it.
+    let (status, body) = replay_everything(&base, "hook").await;
+    assert_eq!((status, &body["events"]), (202, &json!(20)), "{body}");
+    // Received while the destination is off: neither queued for it nor, now, history.
+    send(&base, "after", "E", 10).await;
+    std::fs::write(&path, hook("")).unwrap();
+    let (status, body) = admin(&base, reqwest::Method::POST, "/admin/v1/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let done = wait_state(&base, body_id(&base).await, "done").await;
+    assert_eq!(done["delivered"], 20, "{done}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = sink.message_ids();
+    assert_eq!(got.len(), 20, "{got:?}");
+    assert!(got.iter().all(|id| id.starts_with("before-")), "{got:?}");
+    sy.shutdown().await.unwrap();
+}
+
+/// The newest replay's id.
+async fn body_id(base: &str) -> i64 {
+    let (_, list) = admin(base, reqwest::Method::GET, "/admin/v1/replays", None).await;
+    list["replays"][0]["id"].as_i64().unwrap()
+}

@@ -78,7 +78,8 @@ LIMIT $8
 impl Store {
     /// Records a replay of the archive in `[from, to)` (of `sources`, or all) to a destination;
     /// returns it with `events` the archived events in range (the destination's filters may
-    /// then select fewer).
+    /// then select fewer). A `to` still ahead is brought back to now: what arrives later is
+    /// live traffic, not history, and a replay that took it would send it twice.
     pub async fn create_replay(
         &self,
         destination_id: i32,
@@ -86,6 +87,7 @@ impl Store {
         to: OffsetDateTime,
         sources: Option<&[i32]>,
     ) -> Result<Replay> {
+        let to = to.min(OffsetDateTime::now_utc());
         let events: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM events WHERE day BETWEEN $1 AND $2 \
              AND received_at >= $3 AND received_at < $4 \

@@ -25,7 +25,7 @@ pub(in crate::http) struct ReplayArchiveRequest {
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     from: OffsetDateTime,
-    /// End of the range (RFC 3339), exclusive.
+    /// End of the range (RFC 3339), exclusive; a time still ahead counts as now.
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     to: OffsetDateTime,
