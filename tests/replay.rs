@@ -635,6 +635,20 @@ async fn a_replay_ending_in_the_future_takes_only_what_was_archived_when_it_bega
     // The destination is off: the replay waits for it.
     let (status, body) = replay_everything(&base, "hook").await;
     assert_eq!((status, &body["events"]), (202, &json!(20)), "{body}");
+    // Its dead letters cannot be sent while it is off, and the answer says so (it said "no
+    // destination `hook`" for a destination in the config).
+    let (status, body) = admin(
+        &base,
+        reqwest::Method::POST,
+        "/admin/v1/dead-letters/replay",
+        Some(json!({"destination": "hook"})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("destination_disabled")),
+        "{body}"
+    );
     // Received while the destination is off: neither queued for it nor, now, history.
     send(&base, "after", "E", 10).await;
     std::fs::write(&path, hook("")).unwrap();

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 
@@ -82,6 +83,7 @@ pub struct ReplayRequest {
         (status = 200, description = "How many were queued again", body = Replayed),
         (status = 400, description = "The body is not a replay request", body = Failure),
         (status = 404, description = "No such destination", body = Failure),
+        (status = 409, description = "The destination is disabled", body = Failure),
         AdminErrors,
     ),
     security(("adminToken" = [])),
@@ -101,7 +103,20 @@ pub(in crate::http) async fn replay(
         .lanes
         .iter()
         .find(|lane| lane.config.name == request.destination)
-        .ok_or_else(|| ApiError::not_found(format!("no destination `{}`", request.destination)))?;
+        .ok_or_else(
+            || match pipeline.destination_ids.contains_key(&request.destination) {
+                true => ApiError::new(
+                    StatusCode::CONFLICT,
+                    "destination_disabled",
+                    format!(
+                        "destination `{}` is disabled (`enabled = false`): enable it, then send \
+                     its dead letters again",
+                        request.destination
+                    ),
+                ),
+                false => ApiError::not_found(format!("no destination `{}`", request.destination)),
+            },
+        )?;
     let ids: Option<Vec<i64>> = request
         .ids
         .map(|ids| ids.iter().map(integral).collect::<Option<_>>())
