@@ -412,3 +412,64 @@ async fn gzip_amplification_is_bounded() {
         .unwrap();
     assert_eq!(valid.status(), 413, "a valid key does not make it fit");
 }
+
+/// An admin body past the 2 MB limit was answered by the framework, in plain text
+/// ("Failed to buffer the request body: length limit exceeded"): every admin endpoint that
+/// reads a body answers in JSON, like every other error.
+#[tokio::test]
+async fn an_oversized_admin_body_gets_a_json_error() {
+    let db = TestDatabase::create("admin_body").await;
+    let config = format!(
+        "{}\n[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:9/in\"\n",
+        source()
+    );
+    let sy = start_switchyard(&config, &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    let ids: Vec<u64> = (0..400_000).collect();
+    let huge = json!({"destination": "hook", "ids": ids, "event": {"ids": ids}});
+    for path in [
+        "/admin/v1/dead-letters/replay",
+        "/admin/v1/replays",
+        "/admin/v1/destinations/hook/test",
+    ] {
+        let (status, answer) =
+            testkit::admin(&base, reqwest::Method::POST, path, Some(huge.clone())).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (413, Some("too_large")),
+            "{path}: {answer}"
+        );
+    }
+    sy.shutdown().await.unwrap();
+}
+
+/// A method a route does not have was answered with an empty body: it gets a JSON error like
+/// any other bad request, and still the `Allow` header.
+#[tokio::test]
+async fn a_method_a_route_lacks_gets_a_json_error_and_allow() {
+    let db = TestDatabase::create("method_405").await;
+    let sy = start_switchyard(&source(), &db.url).await;
+    let client = reqwest::Client::new();
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/track"),
+        (reqwest::Method::DELETE, "/v1/batch"),
+        (reqwest::Method::PUT, "/admin/v1/replays"),
+        (reqwest::Method::POST, "/healthz"),
+    ] {
+        let response = client
+            .request(method.clone(), format!("http://{}{path}", sy.addr))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 405, "{method} {path}");
+        let allow = response.headers().get("allow").cloned();
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            answer["code"], "method_not_allowed",
+            "{method} {path}: {answer}"
+        );
+        assert!(allow.is_some_and(|a| !a.is_empty()), "{method} {path}");
+    }
+    sy.shutdown().await.unwrap();
+}

@@ -149,6 +149,7 @@ pub fn router(state: Arc<AppState>, roles: Roles) -> Router {
             .route("/v1/{call}", post(single));
     }
     app.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         // Around everything, so no route under /admin/v1/ can be left open, wherever it is
         // mounted: even an unknown one answers 401 before 404.
         .layer(middleware::from_fn_with_state(
@@ -217,6 +218,15 @@ fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
+}
+
+/// A route asked with a method it does not have (the framework adds `Allow`).
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("this endpoint does not take {method}; `Allow` lists what it takes"),
+    )
 }
 
 /// The process is alive.

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::PathRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::Json;
 use serde::Deserialize;
@@ -170,8 +170,9 @@ impl TryFrom<Map<String, Value>> for DestinationTest {
 pub(in crate::http) async fn test_destination(
     State(state): State<Arc<AppState>>,
     axum::extract::Path(name): axum::extract::Path<String>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Json<crate::filter::Preview>, ApiError> {
+    let body = body.map_err(super::body_error)?;
     let invalid = |message: String| ApiError::bad_request("invalid_body", message);
     // JSON first, then its shape: each has its own answer.
     let body: Value =

@@ -17,9 +17,9 @@ pub use replays::replay_json;
 
 use std::sync::Arc;
 
-use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Request, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post, MethodRouter};
@@ -118,4 +118,15 @@ fn path_error(rejection: PathRejection) -> ApiError {
 /// A query string that does not parse, as the admin API's 400.
 fn query_error(rejection: QueryRejection) -> ApiError {
     ApiError::bad_request("invalid_query", rejection.body_text())
+}
+
+/// A body that could not be read, as the admin API's JSON error (the framework's own answer
+/// is plain text).
+fn body_error(rejection: BytesRejection) -> ApiError {
+    match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::too_large("an admin request's body may be at most 2 MiB")
+        }
+        _ => ApiError::bad_request("invalid_body", rejection.body_text()),
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -52,8 +53,9 @@ pub(in crate::http) struct ReplayArchiveRequest {
 )]
 pub(in crate::http) async fn start_replay(
     State(state): State<Arc<AppState>>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<ArchiveReplayStarted>), ApiError> {
+    let body = body.map_err(super::body_error)?;
     let request: ReplayArchiveRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",
