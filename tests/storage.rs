@@ -122,6 +122,38 @@ async fn a_retention_longer_than_any_calendar_keeps_every_day() {
     }
 }
 
+// `"sources": ["web", "web", ...]` (100,000 times) was kept as it came, and every page of the
+// replay compared each archived event with each of them.
+#[tokio::test]
+async fn a_replay_keeps_each_of_its_sources_once() {
+    let db = TestDatabase::create("replay_sources").await;
+    let store = Store::connect(&db.url, 4).await.unwrap();
+    store.migrate().await.unwrap();
+    let destination = store
+        .name_ids(NameTable::Destinations, &["d".to_string()])
+        .await
+        .unwrap()["d"];
+    let now = time::OffsetDateTime::now_utc();
+    let repeated: Vec<i32> = [7, 3].repeat(50_000);
+    let replay = store
+        .create_replay(
+            destination,
+            now - time::Duration::hours(1),
+            now,
+            Some(&repeated),
+        )
+        .await
+        .unwrap();
+    let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let sources: Vec<i32> = sqlx::query_scalar("SELECT sources FROM replays WHERE id = $1")
+        .bind(replay.id)
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(sources.len(), 2, "each of 100,000 names kept");
+    assert_eq!(sources, [3, 7]);
+}
+
 /// Each archive day with its storage parameters and its columns' statistics targets
 /// (`column=target`, for those set).
 async fn archive_day_settings(db: &TestDatabase) -> Vec<(String, Vec<String>, Vec<String>)> {

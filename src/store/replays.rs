@@ -88,6 +88,14 @@ impl Store {
         sources: Option<&[i32]>,
     ) -> Result<Replay> {
         let to = to.min(OffsetDateTime::now_utc());
+        // Each source once: every page compares each event with each of them.
+        let sources = sources.map(|ids| {
+            let mut ids = ids.to_vec();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        });
+        let sources = sources.as_deref();
         let events: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM events WHERE day BETWEEN $1 AND $2 \
              AND received_at >= $3 AND received_at < $4 \
