@@ -269,18 +269,10 @@ impl Lane {
         (self.concurrency_limit() / 4).max(1)
     }
 
-    /// A claim's lease: the rounds of requests its events need at the current concurrency,
-    /// each up to the request's timeout, plus room for the outcome to be written. At most
-    /// [`config::MAX_DURATION`], so that `now()` plus it stays a time Postgres can hold.
+    /// A claim's lease for `events` at the current concurrency: see [`lease`].
     pub(super) fn lease(&self, events: usize) -> Duration {
         let per_round = self.config.batch_size.max(1) * self.concurrency_limit().max(1);
-        let rounds = u32::try_from(events.div_ceil(per_round).max(1)).unwrap_or(u32::MAX);
-        (self.config.timeout + Duration::from_secs(1))
-            .checked_mul(rounds)
-            .and_then(|lease| lease.checked_add(Duration::from_secs(30)))
-            .map_or(config::MAX_DURATION, |lease| {
-                lease.min(config::MAX_DURATION)
-            })
+        lease(self.config.timeout, per_round, events)
     }
 
     pub(super) fn note_error(&self, message: &str) {
@@ -340,4 +332,40 @@ pub fn gates(destinations: &[DestinationConfig]) -> HashMap<String, Arc<KeyGate>
         .into_iter()
         .map(|(key, limit)| (key.to_owned(), Arc::new(KeyGate::new(key, limit))))
         .collect()
+}
+
+/// A claim's lease: the rounds of requests its `events` need, `per_round` at a time, each up
+/// to the request's `timeout`, plus room for the outcome to be written. At most
+/// [`config::MAX_DURATION`], so that `now()` plus it stays a time Postgres can hold.
+fn lease(timeout: Duration, per_round: usize, events: usize) -> Duration {
+    let rounds = u32::try_from(events.div_ceil(per_round.max(1)).max(1)).unwrap_or(u32::MAX);
+    (timeout + Duration::from_secs(1))
+        .checked_mul(rounds)
+        .and_then(|lease| lease.checked_add(Duration::from_secs(30)))
+        .map_or(config::MAX_DURATION, |lease| {
+            lease.min(config::MAX_DURATION)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_covers_each_round_of_requests_and_stays_within_postgres_times() {
+        let ten = Duration::from_secs(10);
+        assert_eq!(lease(ten, 32, 0), Duration::from_secs(11 + 30));
+        assert_eq!(lease(ten, 32, 32), Duration::from_secs(11 + 30));
+        assert_eq!(lease(ten, 32, 33), Duration::from_secs(22 + 30));
+        // The longest timeout the config takes, one event a round: a hundred thousand rounds
+        // of a hundred years each would be past the year 294,276, Postgres's last.
+        assert_eq!(
+            lease(config::MAX_DURATION, 1, 100_000),
+            config::MAX_DURATION
+        );
+        assert_eq!(
+            lease(config::MAX_DURATION, 0, usize::MAX),
+            config::MAX_DURATION
+        );
+    }
 }
