@@ -100,8 +100,7 @@ async fn archive_days_past_retention_are_dropped_unless_a_run_needs_them() {
 #[tokio::test]
 async fn a_retention_longer_than_any_calendar_keeps_every_day() {
     let db = TestDatabase::create("retention_huge").await;
-    let store = Store::connect(&db.url, 4).await.unwrap();
-    store.migrate().await.unwrap();
+    let (store, _, _) = migrated_store(&db).await;
     let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
     let day = today();
     for old in [day - 400, day - 6] {
@@ -127,12 +126,7 @@ async fn a_retention_longer_than_any_calendar_keeps_every_day() {
 #[tokio::test]
 async fn a_replay_keeps_each_of_its_sources_once() {
     let db = TestDatabase::create("replay_sources").await;
-    let store = Store::connect(&db.url, 4).await.unwrap();
-    store.migrate().await.unwrap();
-    let destination = store
-        .name_ids(NameTable::Destinations, &["d".to_string()])
-        .await
-        .unwrap()["d"];
+    let (store, _, destination) = migrated_store(&db).await;
     let now = time::OffsetDateTime::now_utc();
     let repeated: Vec<i32> = [7, 3].repeat(50_000);
     let replay = store

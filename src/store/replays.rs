@@ -96,6 +96,7 @@ impl Store {
             ids
         });
         let sources = sources.as_deref();
+        // The events [`ARCHIVE_PAGE`] reads, counted.
         let events: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM events WHERE day BETWEEN $1 AND $2 \
              AND received_at >= $3 AND received_at < $4 \
