@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use switchyard::cli::bootstrap;
 use switchyard::cli::serve::{self, Role};
+use switchyard::cli::{bootstrap, OutputClosed};
 use switchyard::config::{self, Config};
+use switchyard::say;
 use switchyard::store::Store;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -157,6 +158,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         // Once, on stderr, ending with a newline (the log would repeat it).
+        Err(error) if error.is::<OutputClosed>() => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("switchyard: {}", describe(&error));
             ExitCode::FAILURE
@@ -191,16 +193,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|| PathBuf::from("switchyard.toml"));
             match config::load(&path) {
                 Ok(config) => {
-                    println!(
+                    say!(
                         "{}: ok ({} sources, {} destinations)",
                         path.display(),
                         config.sources.len(),
                         config.destinations.len()
-                    );
+                    )?;
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(errors) => {
-                    println!("{errors}");
+                    say!("{errors}")?;
                     Ok(ExitCode::from(2))
                 }
             }
@@ -229,17 +231,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let replay = store
                 .create_replay(destination_id, range.0, range.1, sources.as_deref())
                 .await?;
-            println!(
+            say!(
                 "{}",
                 serde_json::json!({ "id": replay.id, "events": replay.events })
-            );
+            )?;
             if wait {
                 loop {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     let Some(now) = store.replay(replay.id).await? else {
                         break;
                     };
-                    println!("{}", switchyard::http::server::replay_json(&now));
+                    say!("{}", switchyard::http::server::replay_json(&now))?;
                     if matches!(now.state.as_str(), "done" | "cancelled") {
                         break;
                     }
@@ -273,7 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = Store::connect(&database.url, 2).await?;
             store.migrate().await?;
             store.prepare_today().await?;
-            println!("migrations applied");
+            say!("migrations applied")?;
             if let Some(private) = database.private {
                 private.stop().await;
             }

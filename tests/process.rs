@@ -291,6 +291,11 @@ kind = "carrier-pigeon"
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(0));
+
+    // Its reader gone (`| true`), it stops quietly, as Unix tools do: no panic, no message.
+    switchyard::testkit::assert_quiet_when_its_reader_has_gone(
+        Command::new(BIN).args(["check", "--config"]).arg(&good),
+    );
 }
 
 async fn event_lookup(base: &str, message_id: &str) -> (u16, Value) {

@@ -347,6 +347,13 @@ async fn a_replay_resumes_after_a_restart_and_the_archive_exports_as_ndjson() {
         .iter()
         .all(|e| e["event"] == "E" && e.get("writeKey").is_none()));
     let _ = std::fs::remove_file(&file);
+
+    // To a reader that goes away (`| head`), it stops quietly: no panic, no broken pipe.
+    switchyard::testkit::assert_quiet_when_its_reader_has_gone(
+        std::process::Command::new(BIN)
+            .args(["archive", "export", "--from", &from, "--to", &to])
+            .env("DATABASE_URL", &db.url),
+    );
 }
 
 /// Live traffic first: live events to a destination that is replaying overtake the replay's

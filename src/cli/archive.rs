@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use time::OffsetDateTime;
 
+use super::output_error;
 use crate::store::Store;
 
 /// Events read per page.
@@ -40,8 +41,8 @@ pub async fn export(
     loop {
         let page = store.archive_page(range, sources, cursor, PAGE).await?;
         for event in &page {
-            sink.write_all(&event.payload)?;
-            sink.write_all(b"\n")?;
+            sink.write_all(&event.payload).map_err(output_error)?;
+            sink.write_all(b"\n").map_err(output_error)?;
         }
         written += page.len() as u64;
         match page.last() {
@@ -49,10 +50,14 @@ pub async fn export(
             _ => break,
         }
     }
-    match sink.into_inner().map_err(|e| e.into_error())? {
-        Output::Gzip(encoder) => encoder.finish()?.flush()?,
-        Output::Plain(mut plain) => plain.flush()?,
-    }
+    let finished = match sink
+        .into_inner()
+        .map_err(|e| output_error(e.into_error()))?
+    {
+        Output::Gzip(encoder) => encoder.finish().and_then(|mut plain| plain.flush()),
+        Output::Plain(mut plain) => plain.flush(),
+    };
+    finished.map_err(output_error)?;
     Ok(written)
 }
 

@@ -167,21 +167,21 @@ async fn show(
 ) -> anyhow::Result<()> {
     let base = format!("http://{}", running.addr);
     let client = reqwest::Client::new();
-    println!("Switchyard demo");
-    println!(
+    crate::say!("Switchyard demo")?;
+    crate::say!(
         "  database     {} (dropped at the end)",
         bootstrap::mask_password(database_url)
-    );
-    println!(
+    )?;
+    crate::say!(
         "  sink         http://{} (stands in for the vendors)",
         sink.addr
-    );
-    println!("  switchyard   {base}  source `demo`, write key `{WRITE_KEY}`");
-    println!();
+    )?;
+    crate::say!("  switchyard   {base}  source `demo`, write key `{WRITE_KEY}`")?;
+    crate::say!()?;
 
     let live = watch_live(&client, &base, admin_token).await;
 
-    println!("Sending events as an SDK would (HTTP Basic with the write key):");
+    crate::say!("Sending events as an SDK would (HTTP Basic with the write key):")?;
     let started = Instant::now();
     for (path, body) in sample_calls() {
         let response = client
@@ -194,7 +194,7 @@ async fn show(
             .with_context(|| format!("POST {path}"))?;
         let status = response.status();
         let answer = response.text().await.unwrap_or_default();
-        println!("  POST {path:<13} {} {answer}", status.as_u16());
+        crate::say!("  POST {path:<13} {} {answer}", status.as_u16())?;
         if !status.is_success() {
             bail!("Switchyard refused POST {path}: {status} {answer}");
         }
@@ -213,66 +213,66 @@ async fn show(
             DELIVERY_DEADLINE.as_secs()
         );
     }
-    println!(
+    crate::say!(
         "Every destination received its events {} ms after the first send.",
         started.elapsed().as_millis()
-    );
-    println!();
+    )?;
+    crate::say!()?;
 
     let expected_deliveries: usize = DESTINATIONS.iter().map(|d| d.expects).sum();
-    println!("What each destination received:");
+    crate::say!("What each destination received:")?;
     let received = sink.received();
     for destination in &DESTINATIONS {
         let requests: Vec<&Received> = received
             .iter()
             .filter(|r| r.path == destination.path)
             .collect();
-        println!(
+        crate::say!(
             "  {} ({}): {} request(s), {} event(s)",
             destination.name,
             destination.about,
             requests.len(),
             events_at(sink, destination.path)
-        );
+        )?;
         for request in requests {
-            println!("    {}", describe(request));
+            crate::say!("    {}", describe(request))?;
         }
     }
-    println!();
+    crate::say!()?;
 
     if let Some(mut live) = live {
         match tokio::time::timeout(Duration::from_secs(2), &mut live).await {
-            Ok(Ok(seen)) => println!(
+            Ok(Ok(seen)) => crate::say!(
                 "The live debugger (GET /admin/v1/live) streamed {seen} event(s) as they were \
                  accepted.\n"
-            ),
+            )?,
             _ => live.abort(),
         }
     }
-    print_metrics(&client, &base, expected_deliveries).await;
+    print_metrics(&client, &base, expected_deliveries).await?;
 
-    println!("Where to look (`switchyard serve` has the same):");
-    println!("  dashboard    {base}/admin   (admin token: {admin_token})");
-    println!(
+    crate::say!("Where to look (`switchyard serve` has the same):")?;
+    crate::say!("  dashboard    {base}/admin   (admin token: {admin_token})")?;
+    crate::say!(
         "  live events  curl -N -H 'Authorization: Bearer {admin_token}' {base}/admin/v1/live"
-    );
-    println!("  metrics      {base}/metrics");
-    println!("  API          {base}/openapi.json");
+    )?;
+    crate::say!("  metrics      {base}/metrics")?;
+    crate::say!("  API          {base}/openapi.json")?;
     if options.keep_running {
-        println!();
-        println!("Serving until Ctrl-C. Send your own events with:");
-        println!(
+        crate::say!()?;
+        crate::say!("Serving until Ctrl-C. Send your own events with:")?;
+        crate::say!(
             "  curl -u {WRITE_KEY}: -H 'content-type: application/json' \\\n    \
              -d '{{\"userId\":\"u1\",\"event\":\"Hello\"}}' {base}/v1/track"
-        );
+        )?;
         tokio::signal::ctrl_c()
             .await
             .context("waiting for Ctrl-C")?;
     } else {
-        println!("  (these stop with the demo; `switchyard demo --keep` serves until Ctrl-C)");
+        crate::say!("  (these stop with the demo; `switchyard demo --keep` serves until Ctrl-C)")?;
     }
-    println!();
-    println!("Done: the demo database is dropped and the sink is gone.");
+    crate::say!()?;
+    crate::say!("Done: the demo database is dropped and the sink is gone.")?;
     Ok(())
 }
 
@@ -412,12 +412,16 @@ async fn watch_live(
 
 /// The contract's delivery and ingest counters, as a scraper sees them. Outcomes are recorded
 /// just after the vendor answers, so this waits (briefly) until they add up.
-async fn print_metrics(client: &reqwest::Client, base: &str, deliveries: usize) {
+async fn print_metrics(
+    client: &reqwest::Client,
+    base: &str,
+    deliveries: usize,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut text = String::new();
     while Instant::now() < deadline {
         let Ok(response) = client.get(format!("{base}/metrics")).send().await else {
-            return;
+            return Ok(());
         };
         text = response.text().await.unwrap_or_default();
         let delivered: f64 = text
@@ -440,11 +444,12 @@ async fn print_metrics(client: &reqwest::Client, base: &str, deliveries: usize) 
         })
         .collect();
     if lines.is_empty() {
-        return;
+        return Ok(());
     }
-    println!("Metrics (GET /metrics):");
+    crate::say!("Metrics (GET /metrics):")?;
     for line in lines {
-        println!("  {line}");
+        crate::say!("  {line}")?;
     }
-    println!();
+    crate::say!()?;
+    Ok(())
 }

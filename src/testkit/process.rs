@@ -302,3 +302,20 @@ impl Drop for PrivateCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Runs `command` with its stdout a pipe whose reader has already gone (`| head` done
+/// reading: every write fails with EPIPE), and asserts that it stops quietly: exit 0, nothing
+/// on stderr.
+#[track_caller]
+pub fn assert_quiet_when_its_reader_has_gone(command: &mut std::process::Command) {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let output = command.stdout(writer).output().expect("the command runs");
+    assert_eq!(
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+        (Some(0), "".into())
+    );
+}
