@@ -97,6 +97,22 @@ pub async fn run(env: &Env) -> anyhow::Result<Row> {
     let switchyard = env
         .switchyard(scenario, &database, Role::All, &webhooks)
         .await?;
+    let range = json!({"destination": "target", "from": rfc3339(from)?, "to": rfc3339(to)?});
+    let sampling = Arc::new(AtomicBool::new(true));
+    let largest = tokio::spawn(sample_rss(switchyard.pid, sampling.clone()));
+
+    // Rate and memory: the whole archive with no live traffic, as `backlog-drain` drains.
+    let meter = env.meter(&[switchyard.pid], &database, Some(&sink));
+    let alone = replay(&switchyard, &sink, &range, archived_ns, async { 0 }).await?;
+    row.cpu = Some(meter.finish());
+    row.events_per_sec = alone.events_per_sec();
+    row.set("replay_events", alone.selected);
+    row.set("replayed", alone.arrived);
+    row.set("replay_seconds", round(alone.took.as_secs_f64(), 2));
+    row.set("replay_state", alone.state.clone());
+    row.set("replay_delivered", alone.delivered.clone());
+
+    // Live traffic first: live events before a second replay of it all and while it runs.
     // Warm up first (connections, the sink's and Postgres's caches): the first second of a
     // new process is slower than either phase and would stand for "without" in the p99.
     let failed = live(&switchyard, &sink, WARM_UP).await.failed;
@@ -104,49 +120,27 @@ pub async fn run(env: &Env) -> anyhow::Result<Row> {
     let mut without = live(&switchyard, &sink, LIVE_FOR).await;
     let failed = without.failed;
     ensure!(failed == 0, "{failed} live events failed before the replay");
-    let delivered_before = sink.delivered();
-
-    let meter = env.meter(&[switchyard.pid], &database, Some(&sink));
-    let posted_ns = timing::now_ns();
-    let (status, answer) = switchyard
-        .admin(
-            Method::POST,
-            "/admin/v1/replays",
-            &json!({"destination": "target", "from": rfc3339(from)?, "to": rfc3339(to)?}),
-        )
-        .await?;
-    ensure!(
-        status == 202,
-        "POST /admin/v1/replays answered {status}: {answer}"
-    );
-    let id = answer["id"].as_i64().context("the replay has no id")?;
-    let selected = answer["events"].as_u64().unwrap_or(0);
-    row.set("replay_events", selected);
-
-    let sampling = Arc::new(AtomicBool::new(true));
-    let largest = tokio::spawn(sample_rss(switchyard.pid, sampling.clone()));
-    let mut during = live(&switchyard, &sink, LIVE_FOR).await;
-    let (live_acked, failed) = (during.accepted, during.failed);
-    let finished = wait_until(REPLAY_LIMIT, || {
-        sink.delivered() >= delivered_before + events + live_acked
+    let mut during = None;
+    let shared = replay(&switchyard, &sink, &range, archived_ns, async {
+        let phase = live(&switchyard, &sink, LIVE_FOR).await;
+        let accepted = phase.accepted;
+        during = Some(phase);
+        accepted
     })
-    .await;
+    .await?;
     sampling.store(false, Ordering::Relaxed);
-    let cpu = meter.finish();
-    let replayed: Vec<u64> = sink
-        .arrivals(0)
-        .iter()
-        .filter(|a| a.sent_ns < archived_ns)
-        .map(|a| a.at_ns)
-        .collect();
-    let last_ns = replayed.iter().copied().max().unwrap_or(posted_ns);
-    let took = Duration::from_nanos(last_ns.saturating_sub(posted_ns));
-    row.events_per_sec = per_sec(replayed.len() as u64, took);
-    row.cpu = Some(cpu);
-    row.set("replayed", replayed.len());
-    row.set("replay_seconds", round(took.as_secs_f64(), 2));
+    let mut during = during.context("no live phase ran during the replay")?;
+    // The replay's own pace while it makes way for live traffic.
+    row.set(
+        "replay_with_live_events_per_sec",
+        round(shared.events_per_sec(), 1),
+    );
+    row.set(
+        "replay_with_live_seconds",
+        round(shared.took.as_secs_f64(), 2),
+    );
     row.set("live_events_per_sec", LIVE_RATE);
-    row.set("live_events_during_replay", live_acked);
+    row.set("live_events_during_replay", during.accepted);
     (row.p50_ms, row.p99_ms) = during.delivered.p50_p99();
     let (_, p99_without) = without.delivered.p50_p99();
     // How much of the live latency is the commit: under a replay that takes the machine, the
@@ -166,31 +160,100 @@ pub async fn run(env: &Env) -> anyhow::Result<Row> {
             round((with / without.max(0.001) - 1.0) * 100.0, 1),
         );
     }
-    if failed > 0 {
-        row.set("live_failures_during_replay", failed);
-    }
-    if let Ok((200, state)) = switchyard
-        .admin(
-            Method::GET,
-            &format!("/admin/v1/replays/{id}"),
-            &json!(null),
-        )
-        .await
-    {
-        row.set("replay_state", state["state"].clone());
-        row.set("replay_delivered", state["delivered"].clone());
+    if during.failed > 0 {
+        row.set("live_failures_during_replay", during.failed);
     }
     row.set("max_rss_mb_sampled", round(largest.await.unwrap_or(0.0), 1));
-    if !finished || (replayed.len() as u64) < events || selected != events {
-        row.error = Some(format!(
-            "archived {events}, the replay selected {selected} and {} arrived within \
-             {REPLAY_LIMIT:?}",
-            replayed.len()
-        ));
+    for (name, run) in [("alone", &alone), ("with live traffic", &shared)] {
+        if !run.finished || run.arrived < events || run.selected != events {
+            row.error = Some(format!(
+                "archived {events}, the replay {name} selected {} and {} arrived within \
+                 {REPLAY_LIMIT:?}",
+                run.selected, run.arrived
+            ));
+        }
+    }
+    // The live phase must fall within the replay, or "during" is partly without one.
+    if shared.took < LIVE_FOR {
+        row.set("replay_ended_before_live_phase", true);
     }
     note_log(&mut row, &switchyard);
     row.peak_rss_mb = switchyard.stop().await?;
     Ok(row)
+}
+
+/// One replay of the archive, as its destination saw it.
+struct Replayed {
+    selected: u64,
+    /// Archived events that reached the sink after the replay was asked for.
+    arrived: u64,
+    /// From the `POST` to the last of them at the sink.
+    took: Duration,
+    finished: bool,
+    state: serde_json::Value,
+    delivered: serde_json::Value,
+}
+
+impl Replayed {
+    fn events_per_sec(&self) -> f64 {
+        per_sec(self.arrived, self.took)
+    }
+}
+
+/// Replays `range` (every archived event, received before `archived_ns`) to its destination
+/// and waits until all of them reached the sink, running `meanwhile` as it starts (it returns
+/// how many events of its own it had the sink expect).
+async fn replay(
+    switchyard: &Switchyard,
+    sink: &Sink,
+    range: &serde_json::Value,
+    archived_ns: u64,
+    meanwhile: impl std::future::Future<Output = u64>,
+) -> anyhow::Result<Replayed> {
+    let before = sink.delivered();
+    let posted_ns = timing::now_ns();
+    let (status, answer) = switchyard
+        .admin(Method::POST, "/admin/v1/replays", range)
+        .await?;
+    ensure!(
+        status == 202,
+        "POST /admin/v1/replays answered {status}: {answer}"
+    );
+    let id = answer["id"].as_i64().context("the replay has no id")?;
+    let selected = answer["events"].as_u64().unwrap_or(0);
+    let others = meanwhile.await;
+    let finished = wait_until(REPLAY_LIMIT, || {
+        sink.delivered() >= before + selected + others
+    })
+    .await;
+    let arrivals: Vec<u64> = sink
+        .arrivals(0)
+        .iter()
+        .filter(|a| a.at_ns >= posted_ns && a.sent_ns < archived_ns)
+        .map(|a| a.at_ns)
+        .collect();
+    let last_ns = arrivals.iter().copied().max().unwrap_or(posted_ns);
+    // Done once its outcomes are written too: until then its work would fall in what follows.
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let (state, delivered) = loop {
+        let path = format!("/admin/v1/replays/{id}");
+        let (state, delivered) = match switchyard.admin(Method::GET, &path, &json!(null)).await {
+            Ok((200, state)) => (state["state"].clone(), state["delivered"].clone()),
+            _ => (json!(null), json!(null)),
+        };
+        if state == "done" || tokio::time::Instant::now() >= deadline {
+            break (state, delivered);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    Ok(Replayed {
+        selected,
+        arrived: arrivals.len() as u64,
+        took: Duration::from_nanos(last_ns.saturating_sub(posted_ns)),
+        finished,
+        state,
+        delivered,
+    })
 }
 
 /// What one phase of live events saw.
