@@ -2,16 +2,18 @@
 //! archived through a `--role ingest` process that has no destination at all, so nothing is
 //! queued. A `--role all` process then starts with a destination added, `target` (a webhook with
 //! `batch_size` 100, like `backlog-drain`'s), and `POST /admin/v1/replays` sends it the whole
-//! archived range.
+//! archived range, twice.
 //!
-//! - **Rate:** replayed events over the time from the POST to the last of them at the sink,
-//!   compared with the same run's `backlog-drain`.
+//! - **Rate:** the first replay, with no live traffic (as `backlog-drain` drains): replayed
+//!   events over the time from the POST to the last of them at the sink, compared with the same
+//!   run's `backlog-drain`. A replay makes way for live traffic, so one timed while live events
+//!   flow measures how far it stands back, not how fast it streams; that pace is reported too.
 //! - **Memory:** the process's peak RSS (it is the one that streams the archive).
 //! - **Live traffic first:** single `/v1/track` events to `target` on a fixed schedule
-//!   ([`LIVE_RATE`] for [`LIVE_FOR`]), once before the replay (after [`WARM_UP`] unmeasured) and
-//!   once while it runs, timed from the scheduled send to the sink; `p99_ms` is during the
-//!   replay, the increase is over the p99 without it; `live_ack_p99_ms` (and `_without_ms`)
-//!   time the same events to their `200`, the commit's share.
+//!   ([`LIVE_RATE`] for [`LIVE_FOR`]), once before the second replay (after [`WARM_UP`]
+//!   unmeasured) and once while it runs, timed from the scheduled send to the sink; `p99_ms` is
+//!   during the replay, the increase is over the p99 without it; `live_ack_p99_ms` (and
+//!   `_without_ms`) time the same events to their `200`, the commit's share.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
