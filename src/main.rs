@@ -202,7 +202,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(errors) => {
-                    say!("{errors}")?;
+                    // Exit 2 says it even to a reader that has gone.
+                    let _ = say!("{errors}");
                     Ok(ExitCode::from(2))
                 }
             }

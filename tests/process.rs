@@ -258,6 +258,16 @@ kind = "carrier-pigeon"
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
+    // Exit 2 even when nothing reads what it prints (`check bad.toml | true`).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&file)
+        .stdout(writer)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
     let printed = String::from_utf8_lossy(&output.stdout);
     let path = file.display();
     let lines: Vec<&str> = printed.lines().collect();

@@ -9,8 +9,8 @@ pub mod private_postgres;
 pub mod serve;
 pub mod shutdown;
 
-/// The output (stdout, or a FIFO) was closed by its reader (`| head`): the command stops quietly, as Unix
-/// tools do, rather than panicking in `println!` or reporting a broken pipe.
+/// The output (stdout, or a FIFO) was closed by its reader (`| head`): the command stops
+/// quietly, as Unix tools do, rather than panicking in `println!` or reporting a broken pipe.
 #[derive(Debug, thiserror::Error)]
 #[error("the output was closed by its reader")]
 pub struct OutputClosed;
