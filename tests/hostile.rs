@@ -443,6 +443,49 @@ async fn an_oversized_admin_body_gets_a_json_error() {
     sy.shutdown().await.unwrap();
 }
 
+/// An unknown name of a megabyte (destination, source, event type) was sent back whole in the
+/// error message: it is echoed by its start.
+#[tokio::test]
+async fn an_unknown_name_of_a_megabyte_is_not_echoed_back_whole() {
+    let db = TestDatabase::create("long_names").await;
+    let config = format!(
+        "{}\n[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:9/in\"\n",
+        source()
+    );
+    let sy = start_switchyard(&config, &db.url).await;
+    let base = format!("http://{}", sy.addr);
+    let long = "x".repeat(1_000_000);
+    let (from, to) = ("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z");
+    for (path, body) in [
+        (
+            "/admin/v1/replays",
+            json!({"destination": long, "from": from, "to": to}),
+        ),
+        (
+            "/admin/v1/replays",
+            json!({"destination": "hook", "from": from, "to": to, "sources": [long]}),
+        ),
+        (
+            "/admin/v1/dead-letters/replay",
+            json!({"destination": long}),
+        ),
+        (
+            "/admin/v1/destinations/hook/test",
+            json!({"event": {"type": long}}),
+        ),
+    ] {
+        let (status, answer) = testkit::admin(&base, reqwest::Method::POST, path, Some(body)).await;
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(
+            matches!(status, 400 | 404) && message.contains("xxx…") && message.len() < 500,
+            "{path}: {status}, a message of {} bytes: {}",
+            message.len(),
+            &message[..message.len().min(200)]
+        );
+    }
+    sy.shutdown().await.unwrap();
+}
+
 /// A method a route does not have was answered with an empty body: it gets a JSON error like
 /// any other bad request, and still the `Allow` header.
 #[tokio::test]

@@ -23,6 +23,18 @@ pub struct ApiError {
 
 pub use crate::ingest::Rejection;
 
+/// Characters of a caller's name (a destination, a source, a message id) an error echoes.
+const SHOWN: usize = 100;
+
+/// A name the caller sent, as an error message echoes it: whole up to [`SHOWN`] characters,
+/// else its start and `…`, so that a megabyte of name is not sent back.
+pub fn shown(name: &str) -> std::borrow::Cow<'_, str> {
+    match name.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{}…", &name[..end]).into(),
+        None => name.into(),
+    }
+}
+
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
@@ -140,5 +152,18 @@ impl std::fmt::Display for ApiError {
 impl From<crate::store::StoreError> for ApiError {
     fn from(_: crate::store::StoreError) -> ApiError {
         ApiError::unavailable("the database is unavailable")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_name_is_shown_by_its_start_cut_between_characters() {
+        assert_eq!(shown("hook"), "hook");
+        let hundred = "é".repeat(SHOWN);
+        assert_eq!(shown(&hundred), hundred);
+        assert_eq!(shown(&"é".repeat(1_000_000)), format!("{hundred}…"));
     }
 }

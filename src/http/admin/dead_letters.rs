@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::query_error;
-use crate::http::error::ApiError;
+use crate::http::error::{shown, ApiError};
 use crate::http::openapi::{AdminErrors, DeadLetter, DeadLetters, Failure, Replayed};
 use crate::http::server::AppState;
 
@@ -112,10 +112,12 @@ pub(in crate::http) async fn replay(
                     format!(
                         "destination `{}` is disabled (`enabled = false`): enable it, then send \
                      its dead letters again",
-                        request.destination
+                        shown(&request.destination)
                     ),
                 ),
-                false => ApiError::not_found(format!("no destination `{}`", request.destination)),
+                false => {
+                    ApiError::not_found(format!("no destination `{}`", shown(&request.destination)))
+                }
             },
         )?;
     let ids: Option<Vec<i64>> = request

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::path_error;
-use crate::http::error::ApiError;
+use crate::http::error::{shown, ApiError};
 use crate::http::openapi::{
     AdminErrors, DestinationStatus, DestinationTestResult, Failure, PauseState,
 };
@@ -119,7 +119,7 @@ async fn set_paused(
         .destination_ids
         .get(&name)
         .copied()
-        .ok_or_else(|| ApiError::not_found(format!("no destination `{name}`")))?;
+        .ok_or_else(|| ApiError::not_found(format!("no destination `{}`", shown(&name))))?;
     state.store.set_paused(id, paused).await?;
     // This process's lane stops before the answer (others follow the notice within moments).
     if let Some(lane) = pipeline.lanes.iter().find(|lane| lane.id == id) {
@@ -185,13 +185,14 @@ pub(in crate::http) async fn test_destination(
         .lanes
         .iter()
         .find(|lane| lane.config.name == name)
-        .ok_or_else(|| ApiError::not_found(format!("no enabled destination `{name}`")))?;
+        .ok_or_else(|| ApiError::not_found(format!("no enabled destination `{}`", shown(&name))))?;
     let route = pipeline
         .routes
         .find(&name)
-        .ok_or_else(|| ApiError::not_found(format!("no enabled destination `{name}`")))?;
+        .ok_or_else(|| ApiError::not_found(format!("no enabled destination `{}`", shown(&name))))?;
     let kind = event.get("type").and_then(Value::as_str).unwrap_or("track");
-    let call = Call::parse(kind).ok_or_else(|| invalid(format!("unknown type `{kind}`")))?;
+    let call =
+        Call::parse(kind).ok_or_else(|| invalid(format!("unknown type `{}`", shown(kind))))?;
     event.insert("type".into(), Value::from(call.as_str()));
     let message_id = match event.get("messageId").and_then(Value::as_str) {
         Some(id) => id.to_owned(),

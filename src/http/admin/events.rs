@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::{path_error, query_error};
 use crate::filter::Reason;
-use crate::http::error::ApiError;
+use crate::http::error::{shown, ApiError};
 use crate::http::openapi::{
     AdminErrors, EventAttempt, EventPath, EventRoute, EventSearch, Failure,
 };
@@ -47,8 +47,9 @@ pub(in crate::http) async fn event_path(
     }
     let unknown = || {
         ApiError::not_found(format!(
-            "no recent event `{message_id}` in this process (each process keeps the last {} \
-             events it routed: `[server] event_trail`)",
+            "no recent event `{}` in this process (each process keeps the last {} events it \
+             routed: `[server] event_trail`)",
+            shown(&message_id),
             trail.capacity()
         ))
     };

@@ -9,7 +9,7 @@ use axum::Json;
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::http::error::ApiError;
+use crate::http::error::{shown, ApiError};
 use crate::http::openapi::{
     AdminErrors, ArchiveReplay, ArchiveReplayStarted, ArchiveReplays, Failure,
 };
@@ -74,7 +74,9 @@ pub(in crate::http) async fn start_replay(
     let destination_id = *pipeline
         .destination_ids
         .get(&request.destination)
-        .ok_or_else(|| ApiError::not_found(format!("no destination `{}`", request.destination)))?;
+        .ok_or_else(|| {
+            ApiError::not_found(format!("no destination `{}`", shown(&request.destination)))
+        })?;
     let sources = match &request.sources {
         None => None,
         Some(names) => {
@@ -83,7 +85,7 @@ pub(in crate::http) async fn start_replay(
                 let id = pipeline
                     .sources
                     .id_of(name)
-                    .ok_or_else(|| ApiError::not_found(format!("no source `{name}`")))?;
+                    .ok_or_else(|| ApiError::not_found(format!("no source `{}`", shown(name))))?;
                 ids.push(id);
             }
             Some(ids)
