@@ -13,6 +13,14 @@ fn source() -> String {
     format!("[[sources]]\nname = \"web\"\nwrite_key = \"{KEY}\"\n")
 }
 
+/// [`source`] and a webhook `hook` to a port nothing listens on, with `extra` lines.
+fn with_hook(extra: &str) -> String {
+    format!(
+        "{}\n[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:9/in\"\n{extra}",
+        source()
+    )
+}
+
 async fn send_batch(addr: std::net::SocketAddr, events: &[Value]) {
     let response = reqwest::Client::new()
         .post(format!("http://{addr}/v1/batch"))
@@ -85,10 +93,7 @@ retry.max_backoff = "2s"
 #[tokio::test]
 async fn made_up_methods_and_paths_add_no_metric_series() {
     let db = TestDatabase::create("labels").await;
-    let config = format!(
-        "{}\n[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:9/in\"\nenabled = false\n",
-        source()
-    );
+    let config = with_hook("enabled = false\n");
     let sy = start_switchyard(&config, &db.url).await;
     let client = reqwest::Client::new();
     for i in 0..60 {
@@ -356,10 +361,7 @@ fn memory_mb(pid: u32, field: &str) -> f64 {
 async fn gzip_amplification_is_bounded() {
     use std::io::Write;
     let db = TestDatabase::create("amplify").await;
-    let config = format!(
-        "{}\n[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:9/in\"\nenabled = false\n",
-        source()
-    );
+    let config = with_hook("enabled = false\n");
     let sy =
         switchyard::testkit::Process::spawn(env!("CARGO_BIN_EXE_switchyard"), &config, &db.url)
             .await;
@@ -419,10 +421,7 @@ async fn gzip_amplification_is_bounded() {
 #[tokio::test]
 async fn an_oversized_admin_body_gets_a_json_error() {
     let db = TestDatabase::create("admin_body").await;
-    let config = format!(
-        "{}\n[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:9/in\"\n",
-        source()
-    );
+    let config = with_hook("");
     let sy = start_switchyard(&config, &db.url).await;
     let base = format!("http://{}", sy.addr);
     let ids: Vec<u64> = (0..400_000).collect();
@@ -448,10 +447,7 @@ async fn an_oversized_admin_body_gets_a_json_error() {
 #[tokio::test]
 async fn an_unknown_name_of_a_megabyte_is_not_echoed_back_whole() {
     let db = TestDatabase::create("long_names").await;
-    let config = format!(
-        "{}\n[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:9/in\"\n",
-        source()
-    );
+    let config = with_hook("");
     let sy = start_switchyard(&config, &db.url).await;
     let base = format!("http://{}", sy.addr);
     let long = "x".repeat(1_000_000);

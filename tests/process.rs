@@ -259,12 +259,10 @@ kind = "carrier-pigeon"
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     // Exit 2 even when nothing reads what it prints (`check bad.toml | true`).
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
     let status = Command::new(BIN)
         .args(["check", "--config"])
         .arg(&file)
-        .stdout(writer)
+        .stdout(switchyard::testkit::closed_pipe())
         .status()
         .unwrap();
     assert_eq!(status.code(), Some(2));

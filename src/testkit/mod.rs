@@ -11,7 +11,7 @@ mod process;
 
 pub use client::{admin, admin_ok, send_batch};
 pub use mock::{MockServer, Received, Reply};
-pub use process::{assert_quiet_when_its_reader_has_gone, PrivateCluster, Process};
+pub use process::{assert_quiet_when_its_reader_has_gone, closed_pipe, PrivateCluster, Process};
 
 use std::time::Duration;
 

@@ -308,9 +308,10 @@ impl Drop for PrivateCluster {
 /// on stderr.
 #[track_caller]
 pub fn assert_quiet_when_its_reader_has_gone(command: &mut std::process::Command) {
-    let (reader, writer) = std::io::pipe().expect("a pipe");
-    drop(reader);
-    let output = command.stdout(writer).output().expect("the command runs");
+    let output = command
+        .stdout(closed_pipe())
+        .output()
+        .expect("the command runs");
     assert_eq!(
         (
             output.status.code(),
@@ -318,4 +319,11 @@ pub fn assert_quiet_when_its_reader_has_gone(command: &mut std::process::Command
         ),
         (Some(0), "".into())
     );
+}
+
+/// The writing end of a pipe whose reader has already gone: every write fails with EPIPE.
+pub fn closed_pipe() -> std::io::PipeWriter {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    writer
 }

@@ -105,7 +105,7 @@ pub async fn run(env: &Env) -> anyhow::Result<Row> {
 
     // Rate and memory: the whole archive with no live traffic, as `backlog-drain` drains.
     let meter = env.meter(&[switchyard.pid], &database, Some(&sink));
-    let alone = replay(&switchyard, &sink, &range, archived_ns, async { 0 }).await?;
+    let (alone, _) = replay(&switchyard, &sink, &range, archived_ns, async { None }).await?;
     row.cpu = Some(meter.finish());
     row.events_per_sec = alone.events_per_sec();
     row.set("replay_events", alone.selected);
@@ -122,12 +122,8 @@ pub async fn run(env: &Env) -> anyhow::Result<Row> {
     let mut without = live(&switchyard, &sink, LIVE_FOR).await;
     let failed = without.failed;
     ensure!(failed == 0, "{failed} live events failed before the replay");
-    let mut during = None;
-    let shared = replay(&switchyard, &sink, &range, archived_ns, async {
-        let phase = live(&switchyard, &sink, LIVE_FOR).await;
-        let accepted = phase.accepted;
-        during = Some(phase);
-        accepted
+    let (shared, during) = replay(&switchyard, &sink, &range, archived_ns, async {
+        Some(live(&switchyard, &sink, LIVE_FOR).await)
     })
     .await?;
     sampling.store(false, Ordering::Relaxed);
@@ -203,15 +199,15 @@ impl Replayed {
 }
 
 /// Replays `range` (every archived event, received before `archived_ns`) to its destination
-/// and waits until all of them reached the sink, running `meanwhile` as it starts (it returns
-/// how many events of its own it had the sink expect).
+/// and waits until all of them reached the sink, with the live phase `meanwhile` (if any)
+/// running as it starts.
 async fn replay(
     switchyard: &Switchyard,
     sink: &Sink,
     range: &serde_json::Value,
     archived_ns: u64,
-    meanwhile: impl std::future::Future<Output = u64>,
-) -> anyhow::Result<Replayed> {
+    meanwhile: impl std::future::Future<Output = Option<Live>>,
+) -> anyhow::Result<(Replayed, Option<Live>)> {
     let before = sink.delivered();
     let posted_ns = timing::now_ns();
     let (status, answer) = switchyard
@@ -223,7 +219,8 @@ async fn replay(
     );
     let id = answer["id"].as_i64().context("the replay has no id")?;
     let selected = answer["events"].as_u64().unwrap_or(0);
-    let others = meanwhile.await;
+    let live = meanwhile.await;
+    let others = live.as_ref().map_or(0, |phase| phase.accepted);
     let finished = wait_until(REPLAY_LIMIT, || {
         sink.delivered() >= before + selected + others
     })
@@ -237,8 +234,8 @@ async fn replay(
     let last_ns = arrivals.iter().copied().max().unwrap_or(posted_ns);
     // Done once its outcomes are written too: until then its work would fall in what follows.
     let deadline = tokio::time::Instant::now() + SETTLE;
+    let path = format!("/admin/v1/replays/{id}");
     let (state, delivered) = loop {
-        let path = format!("/admin/v1/replays/{id}");
         let (state, delivered) = match switchyard.admin(Method::GET, &path, &json!(null)).await {
             Ok((200, state)) => (state["state"].clone(), state["delivered"].clone()),
             _ => (json!(null), json!(null)),
@@ -248,14 +245,15 @@ async fn replay(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    Ok(Replayed {
+    let replayed = Replayed {
         selected,
         arrived: arrivals.len() as u64,
         took: Duration::from_nanos(last_ns.saturating_sub(posted_ns)),
         finished,
         state,
         delivered,
-    })
+    };
+    Ok((replayed, live))
 }
 
 /// What one phase of live events saw.
