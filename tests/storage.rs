@@ -6,8 +6,8 @@ use serde_json::json;
 use sqlx::Connection;
 use switchyard::store::commit::GroupCommit;
 use switchyard::store::{
-    today, Ask, ClaimedEvent, Fate, JobsNotice, Lane, NameTable, NewEvent, Replay, ReplayStep,
-    RunOutcome, Store, Target,
+    today, ArchivedEvent, Ask, ClaimedEvent, Fate, JobsNotice, Lane, NameTable, NewEvent, Replay,
+    ReplayStep, RunOutcome, Store, Target,
 };
 use switchyard::testkit::{start_switchyard, MockServer, Reply, TestDatabase};
 
@@ -1147,7 +1147,8 @@ async fn queue_replay(
         .create_replay(destination, range.0, range.1, None)
         .await
         .unwrap();
-    let page = selector.replay_page(&replay, 100).await.unwrap();
+    let mut page = selector.replay_page(&replay, 100).await.unwrap();
+    page.iter_mut().for_each(ArchivedEvent::unpack);
     let last = page.last().unwrap();
     let step = ReplayStep {
         runs: page
