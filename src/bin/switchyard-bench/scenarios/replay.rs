@@ -13,7 +13,9 @@
 //!   ([`LIVE_RATE`] for [`LIVE_FOR`]), once before the second replay (after [`WARM_UP`]
 //!   unmeasured) and once while it runs, timed from the scheduled send to the sink; `p99_ms` is
 //!   during the replay, the increase is over the p99 without it; `live_ack_p99_ms` (and
-//!   `_without_ms`) time the same events to their `200`, the commit's share.
+//!   `_without_ms`) time the same events to their `200`, the commit's share. The replay's pace
+//!   while they flow is `replay_beside_live_events_per_sec`. A third phase, after the replay,
+//!   gives `live_p99_after_ms`: how far two phases without a replay differ on this machine.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -126,13 +128,22 @@ pub async fn run(env: &Env) -> anyhow::Result<Row> {
         Some(live(&switchyard, &sink, LIVE_FOR).await)
     })
     .await?;
-    sampling.store(false, Ordering::Relaxed);
     let mut during = during.context("no live phase ran during the replay")?;
+    let mut after = live(&switchyard, &sink, LIVE_FOR).await;
+    sampling.store(false, Ordering::Relaxed);
+    let failed = after.failed;
+    ensure!(failed == 0, "{failed} live events failed after the replay");
+    if let (_, Some(p99)) = after.delivered.p50_p99() {
+        row.set("live_p99_after_ms", round(p99, 2));
+    }
     // The replay's own pace while it makes way for live traffic.
     row.set(
         "replay_with_live_events_per_sec",
         round(shared.events_per_sec(), 1),
     );
+    if let Some(pace) = shared.beside_live {
+        row.set("replay_beside_live_events_per_sec", round(pace, 1));
+    }
     row.set(
         "replay_with_live_seconds",
         round(shared.took.as_secs_f64(), 2),
@@ -190,6 +201,8 @@ struct Replayed {
     finished: bool,
     state: serde_json::Value,
     delivered: serde_json::Value,
+    /// Its events a second at the sink while the live phase ran, if one did.
+    beside_live: Option<f64>,
 }
 
 impl Replayed {
@@ -232,6 +245,14 @@ async fn replay(
         .map(|a| a.at_ns)
         .collect();
     let last_ns = arrivals.iter().copied().max().unwrap_or(posted_ns);
+    let beside_live = live.as_ref().map(|phase| {
+        let (from, to) = phase.window_ns;
+        let arrived = arrivals.iter().filter(|&&at| at >= from && at < to).count();
+        per_sec(
+            arrived as u64,
+            Duration::from_nanos(to.saturating_sub(from)),
+        )
+    });
     // Done once its outcomes are written too: until then its work would fall in what follows.
     let deadline = tokio::time::Instant::now() + SETTLE;
     let path = format!("/admin/v1/replays/{id}");
@@ -252,6 +273,7 @@ async fn replay(
         finished,
         state,
         delivered,
+        beside_live,
     };
     Ok((replayed, live))
 }
@@ -265,6 +287,8 @@ struct Live {
     acked: Latencies,
     accepted: u64,
     failed: u64,
+    /// When it began and ended sending.
+    window_ns: (u64, u64),
 }
 
 /// Live single events to the sink at [`LIVE_RATE`] for `duration`.
@@ -287,6 +311,7 @@ async fn live(switchyard: &Switchyard, sink: &Sink, duration: Duration) -> Live 
         delivered: latencies,
         acked: report.latencies,
         accepted: report.acked,
+        window_ns: (from, to),
     }
 }
 
