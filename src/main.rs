@@ -111,6 +111,7 @@ impl ArchiveRange {
         Option<Vec<i32>>,
     )> {
         let range = (rfc3339(&self.from, "--from")?, rfc3339(&self.to, "--to")?);
+        anyhow::ensure!(range.0 < range.1, "--from must be before --to");
         Ok((range, source_ids(store, &self.sources).await?))
     }
 }
@@ -224,7 +225,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let store = open_store(database_url).await?;
             let (range, sources) = range.resolve(&store).await?;
-            anyhow::ensure!(range.0 < range.1, "--from must be before --to");
             let destination_id = store
                 .destination_id(&destination)
                 .await?

@@ -354,6 +354,18 @@ async fn a_replay_resumes_after_a_restart_and_the_archive_exports_as_ndjson() {
             .args(["archive", "export", "--from", &from, "--to", &to])
             .env("DATABASE_URL", &db.url),
     );
+
+    // A range given the wrong way round is refused, as `replay` refuses it, not exported as
+    // an archive with nothing in it.
+    let output = std::process::Command::new(BIN)
+        .args(["archive", "export", "--from", &to, "--to", &from])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(said.contains("--from must be before --to"), "{said}");
+    assert!(output.stdout.is_empty());
 }
 
 /// Live traffic first: live events to a destination that is replaying overtake the replay's
