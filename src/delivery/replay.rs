@@ -87,7 +87,7 @@ async fn step_all(store: &Store, pipeline: &ArcSwap<Pipeline>) -> store::Result<
         .await;
         let (replay, planned) = match planned {
             Ok((replay, Some(planned))) => (replay, planned),
-            // Not met: the destination is in this same pipeline, as looked at above.
+            // Not configured: it waits, as above (the same pipeline, so not met here).
             Ok((_, None)) => continue,
             Err(error) => {
                 tracing::error!(%error, "selecting a replay page failed");
