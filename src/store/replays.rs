@@ -69,18 +69,27 @@ const REPLAY_COLUMNS: &str = "r.id, r.destination_id, d.name AS destination, r.f
     r.sources, r.state, r.events, r.selected, r.selection_done, r.cursor_day, r.cursor_id, \
     r.delivered, r.failed, r.created_at, r.finished_at";
 
-/// Archived events after a cursor, in (day, id) order, within a time range and sources. (A
-/// row without a payload is a messageId kept for dedup only: not archived. A `requeued` row is
-/// the copy a dead letter sent again is queued from: the event it copies was received once.)
-const ARCHIVE_PAGE: &str = r#"
-SELECT day, id, message_id, source_id, order_key, received_at, payload
-FROM events
-WHERE day BETWEEN $1 AND $2 AND (day, id) > ($3, $4)
-  AND received_at >= $5 AND received_at < $6 AND payload IS NOT NULL AND NOT requeued
-  AND ($7::int[] IS NULL OR source_id = ANY($7))
-ORDER BY day, id
-LIMIT $8
-"#;
+/// The archived events received in [`$3`, `$4`) (days `$1` to `$2`) of the sources `$5` (all
+/// when null). A row without a payload is a messageId kept for dedup only: not archived. A
+/// `requeued` row is the copy a dead letter sent again is queued from: the event it copies was
+/// received once.
+macro_rules! archived_in_range {
+    () => {
+        "day BETWEEN $1 AND $2 AND received_at >= $3 AND received_at < $4 \
+         AND payload IS NOT NULL AND NOT requeued \
+         AND ($5::int[] IS NULL OR source_id = ANY($5))"
+    };
+}
+
+/// Archived events in a range after the cursor (`$6`, `$7`), in (day, id) order, `$8` at most.
+const ARCHIVE_PAGE: &str = concat!(
+    "SELECT day, id, message_id, source_id, order_key, received_at, payload FROM events WHERE ",
+    archived_in_range!(),
+    " AND (day, id) > ($6, $7) ORDER BY day, id LIMIT $8"
+);
+
+/// How many events a replay of a range will read, before the destination's filters.
+const COUNT_ARCHIVED: &str = concat!("SELECT count(*) FROM events WHERE ", archived_in_range!());
 
 impl Store {
     /// Records a replay of the archive in `[from, to)` (of `sources`, or all) to a destination;
@@ -103,20 +112,14 @@ impl Store {
             ids
         });
         let sources = sources.as_deref();
-        // The events [`ARCHIVE_PAGE`] reads, counted.
-        let events: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM events WHERE day BETWEEN $1 AND $2 \
-             AND received_at >= $3 AND received_at < $4 \
-             AND payload IS NOT NULL AND NOT requeued \
-             AND ($5::int[] IS NULL OR source_id = ANY($5))",
-        )
-        .bind(day_of(from))
-        .bind(day_of(to))
-        .bind(from)
-        .bind(to)
-        .bind(sources)
-        .fetch_one(&self.pool)
-        .await?;
+        let events: i64 = sqlx::query_scalar(COUNT_ARCHIVED)
+            .bind(day_of(from))
+            .bind(day_of(to))
+            .bind(from)
+            .bind(to)
+            .bind(sources)
+            .fetch_one(&self.pool)
+            .await?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO replays (destination_id, from_at, to_at, sources, events, cursor_day) \
              VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
@@ -206,11 +209,11 @@ impl Store {
         let page: Vec<ArchivedEvent> = sqlx::query_as(ARCHIVE_PAGE)
             .bind(day_of(range.0))
             .bind(day_of(range.1))
-            .bind(cursor.0)
-            .bind(cursor.1)
             .bind(range.0)
             .bind(range.1)
             .bind(sources)
+            .bind(cursor.0)
+            .bind(cursor.1)
             .bind(limit)
             .fetch_all(&mut *tx)
             .await?;
