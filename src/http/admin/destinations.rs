@@ -181,15 +181,13 @@ pub(in crate::http) async fn test_destination(
         invalid("expected {\"event\": {...}}: the event to try, as an SDK would send it".into())
     })?;
     let pipeline = state.pipeline.load_full();
+    let unknown = || ApiError::not_found(format!("no enabled destination `{}`", shown(&name)));
     let lane = pipeline
         .lanes
         .iter()
         .find(|lane| lane.config.name == name)
-        .ok_or_else(|| ApiError::not_found(format!("no enabled destination `{}`", shown(&name))))?;
-    let route = pipeline
-        .routes
-        .find(&name)
-        .ok_or_else(|| ApiError::not_found(format!("no enabled destination `{}`", shown(&name))))?;
+        .ok_or_else(unknown)?;
+    let route = pipeline.routes.find(&name).ok_or_else(unknown)?;
     let kind = event.get("type").and_then(Value::as_str).unwrap_or("track");
     let call =
         Call::parse(kind).ok_or_else(|| invalid(format!("unknown type `{}`", shown(kind))))?;
